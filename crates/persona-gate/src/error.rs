@@ -1,0 +1,79 @@
+//! The library's error type. Every variant names the problem in words a user can act on; the binary
+//! prints the `Display` form as one line and exits non-zero.
+
+use std::path::PathBuf;
+
+/// Errors raised by persona-gate. Kept as values (no panics across the API) so the CLI, the server and
+/// the Python bindings can each decide how to report them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: not a model file: {reason}")]
+    NotAModel { path: PathBuf, reason: String },
+
+    #[error("{path}: truncated or corrupt model file: {reason}")]
+    CorruptModel { path: PathBuf, reason: String },
+
+    #[error("unknown architecture '{0}' (supported: llama, mistral, qwen2, gemma3)")]
+    UnknownArchitecture(String),
+
+    #[error("model is missing {what}")]
+    MissingMetadata { what: String },
+
+    #[error("missing tensor '{0}' in the model weights")]
+    MissingTensor(String),
+
+    #[error("no tokenizer found: {0}")]
+    MissingTokenizer(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error("layer {layer} is out of range: the model has {n_layers} layers (0..={max})", max = n_layers.saturating_sub(1))]
+    LayerOutOfRange { layer: usize, n_layers: usize },
+
+    #[error("direction has width {got}, but the model's residual stream has width {want}")]
+    WidthMismatch { got: usize, want: usize },
+
+    #[error("invalid value: {0}")]
+    InvalidValue(String),
+
+    #[error("invalid spec '{spec}': {reason}")]
+    InvalidSpec { spec: String, reason: String },
+
+    #[error("empty input: {0}")]
+    Empty(String),
+
+    #[error("model '{repo}' is not available offline and could not be downloaded: {reason}")]
+    Hub { repo: String, reason: String },
+
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Attach a path to an I/O error.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! persona-gate: measure and control how a chat model's persona gates its refusal.
+//!
+//! The crate is the engine and the science; the `pgate` binary only parses arguments.
+//! - [`model`]: GGUF / safetensors / hf-hub loading and one shared decoder with per-family data.
+//! - [`tokenize`]: tokenizers from GGUF metadata or tokenizer.json, and the model's own chat template.
+//! - [`intervene`]: residual-stream hooks and intervention plans (add, ablate, cap).
+//! - [`generate`]: batched decoding with KV cache, sampling and per-sequence plans.
+
+pub mod bench;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod hash;
+pub mod intervene;
+pub mod model;
+pub mod tokenize;
+
+pub use error::{Error, Result};

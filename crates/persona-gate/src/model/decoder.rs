@@ -1,0 +1,490 @@
+//! The one decoder shared by every family: pre-norm blocks with grouped-query attention, RoPE and a
+//! gated MLP, and a hook point after each block. Family differences come from [`ModelConfig`].
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{Activation, ModelConfig};
+use super::kv_cache::KvCache;
+use super::weights::{Embedding, Linear, WeightLoader};
+use crate::intervene::hook::{HookCtx, ResidualHook, RowCtx};
+use crate::{Error, Result};
+
+/// RMSNorm with the weight as stored (gemma's `1 + w` is folded in at load time).
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
+    }
+}
+
+/// cos/sin tables for one RoPE base.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool,
+}
+
+impl Rope {
+    fn new(
+        cfg: &ModelConfig,
+        theta: f32,
+        linear: Option<f32>,
+        freq_factors: Option<&[f32]>,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let mut inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        if let Some(ff) = freq_factors {
+            for (f, d) in inv.iter_mut().zip(ff) {
+                *f /= d;
+            }
+        } else if let Some(l3) = &cfg.rope_llama3 {
+            let low_wl = l3.original_max_position as f32 / l3.low_freq_factor;
+            let high_wl = l3.original_max_position as f32 / l3.high_freq_factor;
+            for f in inv.iter_mut() {
+                let wl = 2.0 * std::f32::consts::PI / *f;
+                if wl > low_wl {
+                    *f /= l3.factor;
+                } else if wl >= high_wl {
+                    let smooth = (l3.original_max_position as f32 / wl - l3.low_freq_factor)
+                        / (l3.high_freq_factor - l3.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / l3.factor + smooth * *f;
+                }
+            }
+        }
+        let scale = linear.unwrap_or(1.0);
+        let n = cfg.max_position.min(32768);
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &inv {
+                let a = (p as f32 / scale) * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (n, half), dev)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n, half), dev)?.to_dtype(dtype)?,
+            interleaved: cfg.rope_interleaved,
+        })
+    }
+
+    /// Rotate `x` (`[b, h, l, d]`) at `positions` (`[b*l]` u32).
+    fn apply(&self, x: &Tensor, positions: &Tensor, b: usize, l: usize) -> Result<Tensor> {
+        let half = self.cos.dim(1)?;
+        let cos = self.cos.index_select(positions, 0)?.reshape((b, l, half))?;
+        let sin = self.sin.index_select(positions, 0)?.reshape((b, l, half))?;
+        let x = x.contiguous()?;
+        Ok(if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    post_attn_norm: Option<RmsNorm>,
+    ffn_norm: RmsNorm,
+    post_ffw_norm: Option<RmsNorm>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    sliding: bool,
+}
+
+/// Per-forward inputs shared by all blocks.
+struct StepInputs<'a> {
+    positions: Tensor,
+    mask_global: Option<Tensor>,
+    mask_local: Option<Tensor>,
+    b: usize,
+    l: usize,
+    cfg: &'a ModelConfig,
+}
+
+/// Which positions' logits a forward returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// `[batch, vocab]` at each row's last position.
+    Last,
+    /// `[batch, chunk_len, vocab]`.
+    All,
+    /// No logits (activation capture only).
+    None,
+}
+
+/// The shared decoder.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub cfg: ModelConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    final_norm: RmsNorm,
+    lm_head: Linear,
+    rope_global: Rope,
+    rope_local: Option<Rope>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Decoder {
+    pub fn load(cfg: ModelConfig, w: &WeightLoader) -> Result<Self> {
+        cfg.validate()?;
+        let dtype = w.mode.activation_dtype();
+        let eps = cfg.rms_eps as f32;
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: w.norm(name)?,
+                eps,
+            })
+        };
+        let opt_norm = |name: &str| -> Result<Option<RmsNorm>> {
+            if w.has(name) {
+                Ok(Some(norm(name)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let embed = w.embedding("token_embd.weight")?;
+        if embed.d != cfg.d_model {
+            return Err(Error::InvalidValue(format!(
+                "token embedding width {} differs from d_model {}",
+                embed.d, cfg.d_model
+            )));
+        }
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let bias = |s: &str| cfg.qkv_bias.then(|| p(s));
+            blocks.push(Block {
+                attn_norm: norm(&p("attn_norm.weight"))?,
+                q: w.linear(&p("attn_q.weight"), bias("attn_q.bias").as_deref())?,
+                k: w.linear(&p("attn_k.weight"), bias("attn_k.bias").as_deref())?,
+                v: w.linear(&p("attn_v.weight"), bias("attn_v.bias").as_deref())?,
+                o: w.linear(&p("attn_output.weight"), None)?,
+                q_norm: if cfg.qk_norm {
+                    opt_norm(&p("attn_q_norm.weight"))?
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm {
+                    opt_norm(&p("attn_k_norm.weight"))?
+                } else {
+                    None
+                },
+                post_attn_norm: if cfg.sandwich_norms {
+                    Some(norm(&p("post_attention_norm.weight"))?)
+                } else {
+                    None
+                },
+                ffn_norm: norm(&p("ffn_norm.weight"))?,
+                post_ffw_norm: if cfg.sandwich_norms {
+                    Some(norm(&p("post_ffw_norm.weight"))?)
+                } else {
+                    None
+                },
+                gate: w.linear(&p("ffn_gate.weight"), None)?,
+                up: w.linear(&p("ffn_up.weight"), None)?,
+                down: w.linear(&p("ffn_down.weight"), None)?,
+                sliding: cfg.is_sliding(i),
+            });
+        }
+        let final_norm = norm("output_norm.weight")?;
+        let lm_head = if !cfg.tied_embeddings && w.has("output.weight") {
+            w.linear("output.weight", None)?
+        } else {
+            embed.as_linear()?
+        };
+        let freq_factors = if w.has("rope_freqs.weight") {
+            Some(
+                w.dense("rope_freqs.weight")?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            )
+        } else {
+            None
+        };
+        let dev = w.device.clone();
+        // RoPE tables in f32 except in half modes, where the kernels want matching dtypes.
+        let rope_global = Rope::new(
+            &cfg,
+            cfg.rope_theta,
+            cfg.rope_linear_factor,
+            freq_factors.as_deref(),
+            dtype,
+            &dev,
+        )?;
+        let rope_local = match cfg.rope_local_theta {
+            Some(t) => Some(Rope::new(&cfg, t, None, None, dtype, &dev)?),
+            None => None,
+        };
+        Ok(Self {
+            cfg,
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            rope_global,
+            rope_local,
+            dtype,
+            device: dev,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.cfg.n_layers
+    }
+
+    /// Run one chunk of tokens through the model.
+    ///
+    /// `tokens` is `[batch, chunk_len]`. For a fresh cache, rows may carry leading padding
+    /// (`rows[b].chunk_pad`); an existing cache is extended by `chunk_len` slots for every row.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        rows: &[RowCtx],
+        cache: &mut KvCache,
+        mut hook: Option<&mut dyn ResidualHook>,
+        logits_at: LogitsAt,
+    ) -> Result<Option<Tensor>> {
+        let (b, l) = tokens.dims2()?;
+        if rows.len() != b {
+            return Err(Error::InvalidValue(format!(
+                "{} row contexts for a batch of {b}",
+                rows.len()
+            )));
+        }
+        if cache.is_empty() {
+            cache.start(&rows.iter().map(|r| r.chunk_pad).collect::<Vec<_>>());
+        } else if cache.batch() != b || rows.iter().any(|r| r.chunk_pad != 0) {
+            return Err(Error::InvalidValue(
+                "extending a cache needs the same rows and no padding".into(),
+            ));
+        }
+        let t0 = cache.len();
+        let total = t0 + l;
+        let pads = cache.pads().to_vec();
+
+        // Positions and masks on the host: O(b * l * total) bytes, small next to the matmuls.
+        let mut pos = Vec::with_capacity(b * l);
+        for &p in pads.iter() {
+            for i in 0..l {
+                pos.push((t0 + i).saturating_sub(p) as u32);
+            }
+        }
+        let positions = Tensor::from_vec(pos, b * l, &self.device)?;
+        let window = self.cfg.sliding_window;
+        let any_local = self.blocks.iter().any(|bl| bl.sliding);
+        let mask_global = self.build_mask(&pads, t0, l, None)?;
+        let mask_local = if any_local && window.is_some_and(|w| total > w) {
+            self.build_mask(&pads, t0, l, window)?
+        } else {
+            mask_global.clone()
+        };
+        let step = StepInputs {
+            positions,
+            mask_global,
+            mask_local,
+            b,
+            l,
+            cfg: &self.cfg,
+        };
+
+        let mut h = self.embed.forward(tokens, self.dtype)?;
+        if let Some(s) = self.cfg.embed_scale {
+            h = (h * s as f64)?;
+        }
+        for (li, block) in self.blocks.iter().enumerate() {
+            h = self.block_forward(li, block, &h, &step, cache)?;
+            if let Some(hk) = hook.as_deref_mut() {
+                if hk.wants(li) {
+                    let ctx = HookCtx {
+                        layer: li,
+                        rows,
+                        chunk_len: l,
+                    };
+                    if let Some(new) = hk.on_block_output(&h, &ctx)? {
+                        if new.dims() != h.dims() {
+                            return Err(Error::InvalidValue(format!(
+                                "hook at layer {li} returned shape {:?}, expected {:?}",
+                                new.dims(),
+                                h.dims()
+                            )));
+                        }
+                        h = new;
+                    }
+                }
+            }
+        }
+        cache.advance(l);
+        let out = match logits_at {
+            LogitsAt::None => return Ok(None),
+            LogitsAt::Last => h.narrow(1, l - 1, 1)?,
+            LogitsAt::All => h,
+        };
+        let out = self.final_norm.forward(&out)?;
+        let mut logits = self.lm_head.forward(&out)?.to_dtype(DType::F32)?;
+        if let Some(cap) = self.cfg.final_logit_softcap {
+            logits = ((logits / cap as f64)?.tanh()? * cap as f64)?;
+        }
+        Ok(Some(match logits_at {
+            LogitsAt::Last => logits.squeeze(1)?,
+            _ => logits,
+        }))
+    }
+
+    /// Additive mask `[b, 1, 1, l, total]`, or `None` when nothing is masked.
+    fn build_mask(
+        &self,
+        pads: &[usize],
+        t0: usize,
+        l: usize,
+        window: Option<usize>,
+    ) -> Result<Option<Tensor>> {
+        let total = t0 + l;
+        let b = pads.len();
+        let mut m = vec![0f32; b * l * total];
+        let mut any = false;
+        for (bi, &pad) in pads.iter().enumerate() {
+            for i in 0..l {
+                let q = t0 + i;
+                let row = &mut m[(bi * l + i) * total..(bi * l + i + 1) * total];
+                for (k, v) in row.iter_mut().enumerate() {
+                    let ok = if q < pad {
+                        // A padding query attends to itself only, so its softmax stays finite.
+                        k == q
+                    } else {
+                        k >= pad && k <= q && window.is_none_or(|w| q - k < w)
+                    };
+                    if !ok {
+                        *v = f32::NEG_INFINITY;
+                        any = true;
+                    }
+                }
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        Ok(Some(
+            Tensor::from_vec(m, (b, 1, 1, l, total), &self.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    fn block_forward(
+        &self,
+        li: usize,
+        bl: &Block,
+        x: &Tensor,
+        s: &StepInputs,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let cfg = s.cfg;
+        let (b, l) = (s.b, s.l);
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let xn = bl.attn_norm.forward(x)?;
+        let q = bl.q.forward(&xn)?.reshape((b, l, nh, hd))?;
+        let k = bl.k.forward(&xn)?.reshape((b, l, nkv, hd))?;
+        let v = bl.v.forward(&xn)?.reshape((b, l, nkv, hd))?;
+        let (q, k) = match (&bl.q_norm, &bl.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            _ => (q, k),
+        };
+        let q = q.transpose(1, 2)?;
+        let k = k.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let rope = if bl.sliding {
+            self.rope_local.as_ref().unwrap_or(&self.rope_global)
+        } else {
+            &self.rope_global
+        };
+        let q = rope.apply(&q, &s.positions, b, l)?;
+        let k = rope.apply(&k, &s.positions, b, l)?;
+        let (k_all, v_all) = cache.append(li, &k, &v)?;
+        let total = k_all.dim(2)?;
+
+        // Grouped-query attention without copying K/V per head: the n_rep query heads of one KV
+        // head become extra rows of one matmul.
+        let n_rep = nh / nkv;
+        let q = q.reshape((b, nkv, n_rep * l, hd))?;
+        let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale())?;
+        let mask = if bl.sliding {
+            &s.mask_local
+        } else {
+            &s.mask_global
+        };
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, nkv, n_rep, l, total))?
+                .broadcast_add(m)?
+                .reshape((b, nkv, n_rep * l, total))?,
+            None => scores,
+        };
+        let probs = if scores.dtype() == DType::F32 {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(scores.dtype())?
+        };
+        let attn = probs.matmul(&v_all)?; // [b, nkv, n_rep*l, hd]
+        let attn = attn
+            .reshape((b, nh, l, hd))?
+            .transpose(1, 2)?
+            .reshape((b, l, nh * hd))?;
+        let mut a = bl.o.forward(&attn)?;
+        if let Some(n) = &bl.post_attn_norm {
+            a = n.forward(&a)?;
+        }
+        let h = (x + a)?;
+
+        let hn = bl.ffn_norm.forward(&h)?;
+        let g = bl.gate.forward(&hn)?;
+        let g = match cfg.activation {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        let mut m = bl.down.forward(&(g * bl.up.forward(&hn)?)?)?;
+        if let Some(n) = &bl.post_ffw_norm {
+            m = n.forward(&m)?;
+        }
+        Ok((h + m)?)
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Decoder>();
+    let _ = D::Minus1;
+}

@@ -1,0 +1,198 @@
+//! Left-padded batch KV cache.
+//!
+//! Every row of a batch shares one time axis of `len` slots. Row `b` starts at slot `pads[b]`: the
+//! slots before it are padding that attention masks out. Rows join (by [`KvCache::merge`], after
+//! their own prefill) and leave (by [`KvCache::select`]) between decode steps, which is how a batch
+//! refills and shrinks as sequences finish. Storage is preallocated along time and grows by doubling,
+//! so a decode step writes one slot instead of copying the whole cache.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Per layer: (k, v), each `[batch, n_kv_heads, capacity, head_dim]`.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    pads: Vec<usize>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+            len: 0,
+            pads: Vec::new(),
+        }
+    }
+
+    /// Number of time slots in use (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn batch(&self) -> usize {
+        self.pads.len()
+    }
+
+    /// Leading padding slots of each row.
+    pub fn pads(&self) -> &[usize] {
+        &self.pads
+    }
+
+    /// Position (as seen by RoPE) of the next token of row `b`.
+    pub fn next_position(&self, b: usize) -> usize {
+        self.len - self.pads[b]
+    }
+
+    /// Declare the rows of a fresh cache (with their leading padding in the first chunk).
+    pub(crate) fn start(&mut self, pads: &[usize]) {
+        debug_assert!(self.len == 0);
+        self.pads = pads.to_vec();
+    }
+
+    /// Append `k`, `v` (`[b, h, l, d]`) for `layer` at slot `self.len`; returns the views of all
+    /// `len + l` slots. [`KvCache::advance`] commits the new length once every layer has appended.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, h, l, d) = k.dims4()?;
+        let need = self.len + l;
+        let have = self.capacity_of(layer);
+        if self.layers[layer].is_none() || need > have {
+            let cap = need.max(have * 2).max(64).next_multiple_of(64);
+            let grow = |old: Option<&Tensor>, dtype: DType, dev: &Device| -> Result<Tensor> {
+                let t = Tensor::zeros((b, h, cap, d), dtype, dev)?;
+                if let Some(old) = old {
+                    if self.len > 0 {
+                        t.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                Ok(t)
+            };
+            let old = self.layers[layer].take();
+            let nk = grow(old.as_ref().map(|x| &x.0), k.dtype(), k.device())?;
+            let nv = grow(old.as_ref().map(|x| &x.1), v.dtype(), v.device())?;
+            self.layers[layer] = Some((nk, nv));
+        }
+        let (ck, cv) = self.layers[layer].as_ref().expect("allocated above");
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?))
+    }
+
+    fn capacity_of(&self, layer: usize) -> usize {
+        self.layers[layer]
+            .as_ref()
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn advance(&mut self, l: usize) {
+        self.len += l;
+    }
+
+    /// Keep only `rows` (in that order). Leading slots that became padding for every kept row are
+    /// dropped, so a long-finished sequence does not keep the time axis long.
+    pub fn select(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.is_empty() {
+            *self = Self::new(self.layers.len());
+            return Ok(());
+        }
+        let trim = rows.iter().map(|&r| self.pads[r]).min().unwrap_or(0);
+        let new_len = self.len - trim;
+        let dev = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.device().clone());
+        if let Some(dev) = dev {
+            let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
+            for slot in self.layers.iter_mut() {
+                if let Some((k, v)) = slot.take() {
+                    let pick = |t: &Tensor| -> Result<Tensor> {
+                        let t = t.index_select(&idx, 0)?;
+                        let (b, h, _, d) = t.dims4()?;
+                        let cap = new_len.max(64).next_multiple_of(64);
+                        let out = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
+                        if new_len > 0 {
+                            out.slice_set(&t.narrow(2, trim, new_len)?.contiguous()?, 2, 0)?;
+                        }
+                        Ok(out)
+                    };
+                    *slot = Some((pick(&k)?, pick(&v)?));
+                }
+            }
+        }
+        self.pads = rows.iter().map(|&r| self.pads[r] - trim).collect();
+        self.len = new_len;
+        Ok(())
+    }
+
+    /// Append the rows of `other` after ours. The shorter cache is left-padded so both share one
+    /// time axis.
+    pub fn merge(&mut self, other: KvCache) -> Result<()> {
+        if self.batch() == 0 {
+            *self = other;
+            return Ok(());
+        }
+        if other.batch() == 0 {
+            return Ok(());
+        }
+        let len = self.len.max(other.len);
+        let cap = (len + 64).next_multiple_of(64);
+        let (sa, sb) = (len - self.len, len - other.len);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (a, b) in self.layers.iter().zip(other.layers.iter()) {
+            match (a, b) {
+                (Some((ka, va)), Some((kb, vb))) => {
+                    // Shift each side right by its padding so both end at slot `len`.
+                    let align = |x: &Tensor, xl: usize, shift: usize| -> Result<Tensor> {
+                        let (bx, h, _, d) = x.dims4()?;
+                        let t = Tensor::zeros((bx, h, len, d), x.dtype(), x.device())?;
+                        if xl > 0 {
+                            t.slice_set(&x.narrow(2, 0, xl)?.contiguous()?, 2, shift)?;
+                        }
+                        Ok(t)
+                    };
+                    let join = |x: &Tensor,
+                                xl: usize,
+                                xs: usize,
+                                y: &Tensor,
+                                yl: usize,
+                                ys: usize|
+                     -> Result<Tensor> {
+                        let both = Tensor::cat(&[&align(x, xl, xs)?, &align(y, yl, ys)?], 0)?;
+                        let (b, h, _, d) = both.dims4()?;
+                        let out = Tensor::zeros((b, h, cap, d), both.dtype(), both.device())?;
+                        out.slice_set(&both, 2, 0)?;
+                        Ok(out)
+                    };
+                    layers.push(Some((
+                        join(ka, self.len, sa, kb, other.len, sb)?,
+                        join(va, self.len, sa, vb, other.len, sb)?,
+                    )));
+                }
+                _ => layers.push(None),
+            }
+        }
+        self.layers = layers;
+        self.pads = self
+            .pads
+            .iter()
+            .map(|p| p + sa)
+            .chain(other.pads.iter().map(|p| p + sb))
+            .collect();
+        self.len = len;
+        Ok(())
+    }
+}

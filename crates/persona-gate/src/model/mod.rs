@@ -1,0 +1,259 @@
+//! Loading chat models: GGUF files, Hugging Face safetensors directories, and hub repo ids.
+//!
+//! All three end in the same place: a [`WeightLoader`] over the weights, a [`ModelConfig`] from the
+//! family file, a [`ChatTokenizer`], and the shared [`Decoder`].
+
+pub mod config;
+pub mod decoder;
+pub mod gemma3;
+pub mod kv_cache;
+pub mod llama;
+pub mod meta;
+pub mod qwen2;
+pub mod source;
+pub mod weights;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::Device;
+use serde::Serialize;
+
+pub use config::{Family, ModelConfig};
+pub use decoder::{Decoder, LogitsAt};
+pub use kv_cache::KvCache;
+pub use source::ModelSource;
+pub use weights::DTypeMode;
+
+use crate::tokenize::ChatTokenizer;
+use crate::{Error, Result};
+use meta::{GgufMeta, HfConfig};
+use weights::{GgufWeights, SafetensorsWeights, WeightFile, WeightLoader};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DTypeMode,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DTypeMode::Q,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// What `pgate inspect` prints and receipts record.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub source: String,
+    pub format: String,
+    pub files: Vec<PathBuf>,
+    pub architecture: String,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub d_ff: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    /// tensor type -> number of tensors
+    pub tensor_types: BTreeMap<String, usize>,
+    pub n_params: u64,
+    pub chat_template: bool,
+    pub dtype: String,
+}
+
+/// A loaded chat model: decoder, tokenizer and description.
+pub struct Model {
+    pub decoder: Decoder,
+    pub tokenizer: ChatTokenizer,
+    pub info: ModelInfo,
+}
+
+impl Model {
+    /// Load from a path (GGUF file, HF directory), a cached short name, or a hub repo id.
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        let src = ModelSource::resolve(spec)?;
+        Self::load_source(&src, opts)
+    }
+
+    pub fn load_source(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        match src {
+            ModelSource::Gguf(path) => load_gguf(path, src, opts),
+            ModelSource::HfDir(dir) => load_hf_dir(dir, src, opts),
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.decoder.cfg
+    }
+
+    /// Error unless `layer` is a valid block index.
+    pub fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.decoder.cfg.n_layers {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                n_layers: self.decoder.cfg.n_layers,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn file_name(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn load_gguf(path: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> Result<Model> {
+    let g = GgufWeights::open(path)?;
+    let md = &g.content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| Error::MissingMetadata {
+            what: "GGUF key 'general.architecture'".into(),
+        })?;
+    let family = Family::parse(&arch).ok_or_else(|| Error::UnknownArchitecture(arch.clone()))?;
+    let meta = GgufMeta {
+        md,
+        arch: arch.clone(),
+    };
+    let emb = g
+        .content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
+    let vocab = emb.shape.dims()[0];
+    let tied = !g.content.tensor_infos.contains_key("output.weight");
+    let cfg = match family {
+        Family::Llama | Family::Mistral => llama::from_gguf(&meta, family, vocab, tied)?,
+        Family::Qwen2 => qwen2::from_gguf(&meta, vocab, tied)?,
+        Family::Gemma3 => gemma3::from_gguf(&meta, vocab)?,
+    };
+    let tokenizer = ChatTokenizer::from_gguf_metadata(md)?;
+    let mut tensor_types = BTreeMap::new();
+    let mut n_params = 0u64;
+    for info in g.content.tensor_infos.values() {
+        *tensor_types
+            .entry(format!("{:?}", info.ggml_dtype))
+            .or_insert(0) += 1;
+        n_params += info.shape.elem_count() as u64;
+    }
+    let name = md
+        .get("general.name")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| file_name(path));
+    let info = ModelInfo {
+        name,
+        source: src.describe(),
+        format: "gguf".into(),
+        files: vec![path.to_path_buf()],
+        architecture: family.name().into(),
+        n_layers: cfg.n_layers,
+        d_model: cfg.d_model,
+        n_heads: cfg.n_heads,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+        d_ff: cfg.d_ff,
+        vocab_size: cfg.vocab_size,
+        context_length: cfg.max_position,
+        tensor_types,
+        n_params,
+        chat_template: tokenizer.has_chat_template(),
+        dtype: opts.dtype.name().into(),
+    };
+    let loader = WeightLoader {
+        file: WeightFile::Gguf(g),
+        mode: opts.dtype,
+        device: opts.device.clone(),
+        sandwich: cfg.sandwich_norms,
+    };
+    let decoder = Decoder::load(cfg, &loader)?;
+    Ok(Model {
+        decoder,
+        tokenizer,
+        info,
+    })
+}
+
+fn load_hf_dir(dir: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> Result<Model> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::NotAModel {
+        path: cfg_path.clone(),
+        reason: format!("config.json is not valid JSON ({e})"),
+    })?;
+    let c = HfConfig(&json);
+    let arch = c
+        .opt_str("model_type")
+        .map(str::to_string)
+        .or_else(|| {
+            json.get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
+        .ok_or_else(|| Error::MissingMetadata {
+            what: "config.json key 'model_type'".into(),
+        })?;
+    let family = Family::parse(&arch).ok_or_else(|| Error::UnknownArchitecture(arch.clone()))?;
+    let cfg = match family {
+        Family::Llama | Family::Mistral => llama::from_hf(&c, family)?,
+        Family::Qwen2 => qwen2::from_hf(&c)?,
+        Family::Gemma3 => gemma3::from_hf(&c)?,
+    };
+    let files = source::safetensors_files(dir)?;
+    let norm_offset = if family == Family::Gemma3 { 1.0 } else { 0.0 };
+    let st = SafetensorsWeights::open(&files, norm_offset)?;
+    let tokenizer = ChatTokenizer::from_hf_dir(dir)?;
+    let mut tensor_types = BTreeMap::new();
+    let mut n_params = 0u64;
+    for f in &files {
+        let (types, n) = source::safetensors_summary(f)?;
+        for (k, v) in types {
+            *tensor_types.entry(k).or_insert(0) += v;
+        }
+        n_params += n;
+    }
+    let info = ModelInfo {
+        name: file_name(dir),
+        source: src.describe(),
+        format: "safetensors".into(),
+        files: files.clone(),
+        architecture: family.name().into(),
+        n_layers: cfg.n_layers,
+        d_model: cfg.d_model,
+        n_heads: cfg.n_heads,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+        d_ff: cfg.d_ff,
+        vocab_size: cfg.vocab_size,
+        context_length: cfg.max_position,
+        tensor_types,
+        n_params,
+        chat_template: tokenizer.has_chat_template(),
+        dtype: opts.dtype.name().into(),
+    };
+    let loader = WeightLoader {
+        file: WeightFile::Safetensors(st),
+        mode: opts.dtype,
+        device: opts.device.clone(),
+        sandwich: cfg.sandwich_norms,
+    };
+    let decoder = Decoder::load(cfg, &loader)?;
+    Ok(Model {
+        decoder,
+        tokenizer,
+        info,
+    })
+}

@@ -1,0 +1,406 @@
+//! `pgate`: the persona-gate command line. Parses arguments, calls the library, prints results.
+//! Errors print as one line (`error: ...`) with a non-zero exit code.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use persona_gate::generate::{generate_chat, ChatPrompt, GenSettings, Sampling};
+use persona_gate::intervene::InterventionPlan;
+use persona_gate::model::{DTypeMode, LoadOptions, Model, ModelSource};
+
+#[derive(Parser)]
+#[command(
+    name = "pgate",
+    version,
+    about = "Measure and control how a chat model's persona gates its refusal"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Model: a .gguf file, a Hugging Face model directory, a short name fetched by
+    /// scripts/setup-models.sh (smollm2, q05, q15, gemma3), or a hub repo id (org/name).
+    model: String,
+    /// Numeric mode: f32 (reference), bf16, f16, or q (quantized matmuls, fast on CPU).
+    #[arg(long, default_value = "q")]
+    dtype: String,
+    /// Run on CUDA device N (needs a build with --features cuda).
+    #[arg(long)]
+    cuda: Option<usize>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Model> {
+        let dtype = DTypeMode::parse(&self.dtype)?;
+        let device = match self.cuda {
+            None => candle_device_cpu(),
+            Some(i) => persona_gate::device::cuda(i)?,
+        };
+        Ok(Model::load(&self.model, &LoadOptions { dtype, device })?)
+    }
+}
+
+fn candle_device_cpu() -> persona_gate::device::Device {
+    persona_gate::device::Device::Cpu
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Describe a model: architecture, shape, tensor types, chat template, file sha256.
+    ///
+    /// Example: pgate inspect q15
+    Inspect {
+        /// Model file, directory, short name or hub repo id.
+        model: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Skip hashing the model files (fast on large files).
+        #[arg(long)]
+        no_hash: bool,
+    },
+    /// Chat-generate for one or more prompts, in batches.
+    ///
+    /// Example: pgate generate q15 --prompt "How do I bake cookies?" --max-tokens 64
+    Generate {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// A user message (repeatable).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// System prompt for every conversation (the template's default applies when absent).
+        #[arg(long)]
+        system: Option<String>,
+        /// JSONL file of prompts: {"prompt"|"user"|"instruction"|"forbidden_prompt": ..., "system"?: ..., "id"?: ...}.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Intervention plan (JSON) applied to every sequence.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Write one JSON line per completion here (as each finishes).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Prefill and decode throughput at several batch sizes.
+    ///
+    /// Example: pgate bench q15 --dtype q --batches 1,16
+    Bench {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, default_value = "1,16", value_delimiter = ',')]
+        batches: Vec<usize>,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// Prompt length in tokens (default: the chat-rendered benchmark prompt).
+        #[arg(long)]
+        prompt_tokens: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        reps: usize,
+        /// Intervention plan (JSON) applied during the benchmark.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Inspect {
+            model,
+            json,
+            no_hash,
+        } => inspect(&model, json, no_hash),
+        Cmd::Generate {
+            m,
+            prompt,
+            system,
+            prompts,
+            max_tokens,
+            batch_size,
+            temperature,
+            top_p,
+            seed,
+            plan,
+            out,
+        } => {
+            let mut list: Vec<ChatPrompt> = prompt
+                .into_iter()
+                .map(|p| ChatPrompt::new(p).with_system(system.clone()))
+                .collect();
+            if let Some(f) = &prompts {
+                list.extend(read_prompts(f, system.as_deref())?);
+            }
+            if list.is_empty() {
+                bail!("no prompts: give --prompt TEXT or --prompts FILE.jsonl");
+            }
+            let model = m.load()?;
+            let plan = load_plan(plan.as_deref(), &model)?;
+            let settings = GenSettings {
+                max_new_tokens: max_tokens,
+                sampling: Sampling {
+                    temperature,
+                    top_p,
+                    seed,
+                },
+                batch_size,
+            };
+            let mut out_file = match &out {
+                Some(p) => Some(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
+                )),
+                None => None,
+            };
+            let bar = (prompts.is_some() || list.len() > 4).then(|| {
+                let b = indicatif::ProgressBar::new(list.len() as u64);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:40} {pos}/{len} prompts  {elapsed_precise} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b
+            });
+            let print_each = out.is_none();
+            let (_, stats) = generate_chat(&model, &list, &settings, plan, |_, c| {
+                if let Some(f) = out_file.as_mut() {
+                    serde_json::to_writer(&mut *f, c).map_err(persona_gate::Error::from)?;
+                    writeln!(f)
+                        .and_then(|_| f.flush())
+                        .map_err(|e| persona_gate::Error::io("--out", e))?;
+                }
+                if let Some(b) = &bar {
+                    b.inc(1);
+                }
+                if print_each {
+                    let line = |s: &str| {
+                        if let Some(b) = &bar {
+                            b.println(s)
+                        } else {
+                            println!("{s}")
+                        }
+                    };
+                    line(&format!("### {}", c.user));
+                    line(&format!("{}\n", c.text.trim()));
+                }
+                Ok(())
+            })?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            eprintln!(
+                "[pgate] {} prompts, {} new tokens, prefill {:.1} tok/s, decode {:.1} tok/s",
+                list.len(),
+                stats.decode_tokens + list.len(),
+                stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
+                stats.decode_tokens as f64 / stats.decode_secs.max(1e-9)
+            );
+            Ok(())
+        }
+        Cmd::Bench {
+            m,
+            batches,
+            new_tokens,
+            prompt_tokens,
+            reps,
+            plan,
+            json,
+        } => {
+            let model = m.load()?;
+            let plan = load_plan(plan.as_deref(), &model)?;
+            let rows = persona_gate::bench::run(
+                &model,
+                &persona_gate::bench::BenchConfig {
+                    batches,
+                    new_tokens,
+                    prompt_tokens,
+                    reps,
+                    plan,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "model {} ({}, dtype {}, {} threads)",
+                    model.info.name,
+                    model.info.architecture,
+                    m.dtype,
+                    rayon_threads()
+                );
+                println!(
+                    "{:>6} {:>8} {:>8} {:>14} {:>14} {:>12}",
+                    "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "ms/step"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>6} {:>8} {:>8} {:>14.1} {:>14.2} {:>12.2}",
+                        r.batch,
+                        r.prompt_tokens,
+                        r.new_tokens,
+                        r.prefill_tok_s,
+                        r.decode_tok_s,
+                        r.decode_ms_per_step
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn load_plan(
+    path: Option<&std::path::Path>,
+    model: &Model,
+) -> Result<Option<Arc<persona_gate::intervene::CompiledPlan>>> {
+    let Some(p) = path else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("reading plan {}", p.display()))?;
+    let plan: InterventionPlan = serde_json::from_str(&text)
+        .with_context(|| format!("plan {} is not a valid intervention plan", p.display()))?;
+    let cfg = model.config();
+    let compiled = plan.compile(
+        cfg.n_layers,
+        cfg.d_model,
+        model.decoder.dtype(),
+        model.decoder.device(),
+    )?;
+    Ok(Some(Arc::new(compiled)))
+}
+
+fn read_prompts(path: &std::path::Path, system: Option<&str>) -> Result<Vec<ChatPrompt>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not valid JSON", path.display(), n + 1))?;
+        let user = match &v {
+            serde_json::Value::String(s) => s.clone(),
+            _ => ["prompt", "user", "instruction", "forbidden_prompt"]
+                .iter()
+                .find_map(|k| v.get(k).and_then(|x| x.as_str()))
+                .map(str::to_string)
+                .with_context(|| {
+                    format!(
+                        "{}:{}: no prompt/user/instruction field",
+                        path.display(),
+                        n + 1
+                    )
+                })?,
+        };
+        let sys = v
+            .get("system")
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+            .or(system.map(str::to_string));
+        let id = v.get("id").map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| x.to_string())
+        });
+        out.push(ChatPrompt {
+            id: id.or(Some(format!("{}", n + 1))),
+            system: sys,
+            user,
+        });
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts in file", path.display());
+    }
+    Ok(out)
+}
+
+fn inspect(spec: &str, json: bool, no_hash: bool) -> Result<()> {
+    let src = ModelSource::resolve(spec)?;
+    // Loading in q mode keeps memory low and checks every tensor is readable.
+    let model = Model::load_source(&src, &LoadOptions::default())?;
+    let mut info = serde_json::to_value(&model.info)?;
+    if !no_hash {
+        let mut hashes = serde_json::Map::new();
+        for f in &model.info.files {
+            hashes.insert(
+                f.display().to_string(),
+                persona_gate::hash::sha256_file(f)?.into(),
+            );
+        }
+        info["sha256"] = hashes.into();
+    }
+    info["chat_template_sha256"] = model.tokenizer.chat_template_sha256().into();
+    info["stop_tokens"] = model.tokenizer.stop_token_ids().into();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    let i = &model.info;
+    println!("name           {}", i.name);
+    println!("source         {}", i.source);
+    println!("format         {}", i.format);
+    println!("architecture   {}", i.architecture);
+    println!("layers         {}", i.n_layers);
+    println!("width          {} (d_model)", i.d_model);
+    println!(
+        "heads          {} query, {} kv, head_dim {}",
+        i.n_heads, i.n_kv_heads, i.head_dim
+    );
+    println!("mlp            {}", i.d_ff);
+    println!("vocab          {}", i.vocab_size);
+    println!("context        {}", i.context_length);
+    println!("parameters     {:.1} M", i.n_params as f64 / 1e6);
+    let types: Vec<String> = i
+        .tensor_types
+        .iter()
+        .map(|(k, v)| format!("{k} x{v}"))
+        .collect();
+    println!("tensor types   {}", types.join(", "));
+    println!(
+        "chat template  {}",
+        if i.chat_template {
+            "present"
+        } else {
+            "absent (base model)"
+        }
+    );
+    if let Some(h) = info.get("sha256").and_then(|h| h.as_object()) {
+        for (f, s) in h {
+            println!("sha256         {} {}", s.as_str().unwrap_or(""), f);
+        }
+    }
+    Ok(())
+}
