@@ -84,7 +84,7 @@ enum Backend {
     /// The `tokenizers` pipeline: byte-level BPE rebuilt from GGUF, or any `tokenizer.json`.
     Hf(Box<tokenizers::Tokenizer>),
     /// SentencePiece BPE over a GGUF's scored pieces.
-    Spm(SpmTokenizer),
+    Spm(Box<SpmTokenizer>),
 }
 
 struct Inner {
@@ -141,7 +141,7 @@ impl ChatTokenizer {
         let v = GgufVocab::from_metadata(md)?;
         let backend = match v.model.as_str() {
             "gpt2" => Backend::Hf(Box::new(gguf_vocab::byte_level_bpe(&v)?)),
-            "llama" => Backend::Spm(SpmTokenizer::from_gguf(&v)?),
+            "llama" => Backend::Spm(Box::new(SpmTokenizer::from_gguf(&v)?)),
             other => {
                 return Err(Error::Unsupported(format!(
                     "GGUF tokenizer model '{other}' (supported: gpt2, llama); load the tokenizer \
@@ -527,6 +527,13 @@ mod tests {
             md.insert("tokenizer.chat_template".into(), s(t));
         }
         md
+    }
+
+    #[test]
+    fn shareable_across_threads() {
+        fn check<T: Clone + Send + Sync>() {}
+        check::<ChatTokenizer>();
+        check::<DecodeStream>();
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub(crate) struct SpmTokenizer {
     /// Pieces a merge may produce: normal ones only. Control, byte and user-defined pieces are
     /// never the result of joining characters (the last are cut out of the text beforehand).
     mergeable: HashMap<String, u32>,
+    /// Every other piece (control, user-defined, byte, ...), for lookups by name.
+    others: HashMap<String, u32>,
     byte_ids: [Option<u32>; 256],
     unk_id: Option<u32>,
     /// Control and unknown tokens, matched in the raw text (like Hugging Face's non-normalized
@@ -113,18 +115,19 @@ impl SpmTokenizer {
             .map(|(t, k)| respell(t, *k))
             .collect();
         let mut mergeable = HashMap::with_capacity(pieces.len());
+        let mut others = HashMap::new();
         let mut byte_ids = [None; 256];
         for (id, (p, k)) in pieces.iter().zip(&v.kinds).enumerate() {
-            match k {
-                TokenKind::Normal => {
-                    mergeable.entry(p.clone()).or_insert(id as u32);
+            let id = id as u32;
+            if *k == TokenKind::Normal {
+                mergeable.entry(p.clone()).or_insert(id);
+                continue;
+            }
+            others.entry(p.clone()).or_insert(id);
+            if *k == TokenKind::Byte {
+                if let Some(b) = byte_piece(p) {
+                    byte_ids[b as usize].get_or_insert(id);
                 }
-                TokenKind::Byte => {
-                    if let Some(b) = byte_piece(p) {
-                        byte_ids[b as usize].get_or_insert(id as u32);
-                    }
-                }
-                _ => {}
             }
         }
         let matcher = |want: fn(TokenKind) -> bool| {
@@ -144,6 +147,7 @@ impl SpmTokenizer {
             kinds: v.kinds.clone(),
             scores,
             mergeable,
+            others,
             byte_ids,
             unk_id: v.unk_id,
             specials,
@@ -157,12 +161,10 @@ impl SpmTokenizer {
     }
 
     pub(crate) fn token_to_id(&self, tok: &str) -> Option<u32> {
-        // Byte and special pieces are not in the merge map; a linear scan is fine for them (this
-        // is a lookup by name, not the encoding path).
         self.mergeable
             .get(tok)
+            .or_else(|| self.others.get(tok))
             .copied()
-            .or_else(|| self.pieces.iter().position(|p| p == tok).map(|i| i as u32))
     }
 
     pub(crate) fn kind(&self, id: u32) -> Option<TokenKind> {
