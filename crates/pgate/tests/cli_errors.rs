@@ -7,7 +7,10 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 fn pgate(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgate")).args(args).output().expect("run pgate");
+    let out = Command::new(env!("CARGO_BIN_EXE_pgate"))
+        .args(args)
+        .output()
+        .expect("run pgate");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -26,12 +29,19 @@ fn models_dir() -> PathBuf {
         return PathBuf::from(p);
     }
     let home = PathBuf::from(std::env::var_os("HOME").expect("HOME"));
-    std::env::var_os("PGATE_CACHE").map(PathBuf::from).unwrap_or(home.join(".cache/persona-gate")).join("models")
+    std::env::var_os("PGATE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or(home.join(".cache/persona-gate"))
+        .join("models")
 }
 
 fn smollm2() -> PathBuf {
     let p = models_dir().join("smollm2.gguf");
-    assert!(p.exists(), "{} missing: run scripts/setup-models.sh smollm2", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/setup-models.sh smollm2",
+        p.display()
+    );
     p
 }
 
@@ -62,8 +72,14 @@ fn truncated_gguf() {
     let bytes = std::fs::read(smollm2()).unwrap();
     let p = tmp("truncated.gguf");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    assert_one_line_error(&["inspect", p.to_str().unwrap(), "--no-hash"], &["truncated"]);
-    assert_one_line_error(&["generate", p.to_str().unwrap(), "--prompt", "hi"], &["truncated"]);
+    assert_one_line_error(
+        &["inspect", p.to_str().unwrap(), "--no-hash"],
+        &["truncated"],
+    );
+    assert_one_line_error(
+        &["generate", p.to_str().unwrap(), "--prompt", "hi"],
+        &["truncated"],
+    );
 }
 
 #[test]
@@ -75,14 +91,26 @@ fn file_that_is_not_a_model() {
 
 #[test]
 fn missing_file() {
-    assert_one_line_error(&["inspect", "/nonexistent/model.gguf"], &["/nonexistent/model.gguf"]);
+    assert_one_line_error(
+        &["inspect", "/nonexistent/model.gguf"],
+        &["/nonexistent/model.gguf"],
+    );
 }
 
 #[test]
 fn unknown_architecture() {
     let p = tmp("mamba.gguf");
-    write_gguf(&p, &[("general.architecture", gguf_file::Value::String("mamba9".into()))]);
-    assert_one_line_error(&["inspect", p.to_str().unwrap(), "--no-hash"], &["unknown architecture", "mamba9"]);
+    write_gguf(
+        &p,
+        &[(
+            "general.architecture",
+            gguf_file::Value::String("mamba9".into()),
+        )],
+    );
+    assert_one_line_error(
+        &["inspect", p.to_str().unwrap(), "--no-hash"],
+        &["unknown architecture", "mamba9"],
+    );
 }
 
 #[test]
@@ -100,7 +128,10 @@ fn missing_tokenizer() {
             ("llama.context_length", U32(128)),
         ],
     );
-    assert_one_line_error(&["inspect", p.to_str().unwrap(), "--no-hash"], &["tokenizer"]);
+    assert_one_line_error(
+        &["inspect", p.to_str().unwrap(), "--no-hash"],
+        &["tokenizer"],
+    );
 }
 
 #[test]
@@ -111,7 +142,14 @@ fn hook_layer_out_of_range() {
     std::fs::write(&p, plan.to_string()).unwrap();
     let m = smollm2();
     assert_one_line_error(
-        &["generate", m.to_str().unwrap(), "--prompt", "hi", "--plan", p.to_str().unwrap()],
+        &[
+            "generate",
+            m.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--plan",
+            p.to_str().unwrap(),
+        ],
         &["layer 99 is out of range", "30 layers"],
     );
 }
@@ -123,21 +161,46 @@ fn direction_of_wrong_width_and_nan_coefficient() {
     let p = tmp("plan_width.json");
     std::fs::write(&p, plan.to_string()).unwrap();
     assert_one_line_error(
-        &["generate", m.to_str().unwrap(), "--prompt", "hi", "--plan", p.to_str().unwrap()],
+        &[
+            "generate",
+            m.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--plan",
+            p.to_str().unwrap(),
+        ],
         &["width 100", "576"],
     );
     // JSON has no NaN literal; a malformed plan is reported with its path.
     let p = tmp("plan_bad.json");
-    std::fs::write(&p, r#"{"ops": [{"op": "add", "coeff": NaN, "layers": "3", "direction": []}]}"#).unwrap();
+    std::fs::write(
+        &p,
+        r#"{"ops": [{"op": "add", "coeff": NaN, "layers": "3", "direction": []}]}"#,
+    )
+    .unwrap();
     assert_one_line_error(
-        &["generate", m.to_str().unwrap(), "--prompt", "hi", "--plan", p.to_str().unwrap()],
+        &[
+            "generate",
+            m.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--plan",
+            p.to_str().unwrap(),
+        ],
         &["not a valid intervention plan"],
     );
     let plan = serde_json::json!({"ops": [{"op": "add", "coeff": 1.0, "layers": "3-1", "direction": vec![0.1f32; 576]}]});
     let p = tmp("plan_range.json");
     std::fs::write(&p, plan.to_string()).unwrap();
     assert_one_line_error(
-        &["generate", m.to_str().unwrap(), "--prompt", "hi", "--plan", p.to_str().unwrap()],
+        &[
+            "generate",
+            m.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--plan",
+            p.to_str().unwrap(),
+        ],
         &["backwards"],
     );
 }
@@ -148,20 +211,52 @@ fn empty_prompts() {
     assert_one_line_error(&["generate", m.to_str().unwrap()], &["no prompts"]);
     let p = tmp("empty.jsonl");
     std::fs::write(&p, "\n\n").unwrap();
-    assert_one_line_error(&["generate", m.to_str().unwrap(), "--prompts", p.to_str().unwrap()], &["no prompts"]);
-    assert_one_line_error(&["generate", m.to_str().unwrap(), "--prompt", "  "], &["empty"]);
+    assert_one_line_error(
+        &[
+            "generate",
+            m.to_str().unwrap(),
+            "--prompts",
+            p.to_str().unwrap(),
+        ],
+        &["no prompts"],
+    );
+    assert_one_line_error(
+        &["generate", m.to_str().unwrap(), "--prompt", "  "],
+        &["empty"],
+    );
 }
 
 #[test]
 fn bad_dtype() {
-    assert_one_line_error(&["generate", smollm2().to_str().unwrap(), "--dtype", "int3", "--prompt", "x"], &["int3"]);
+    assert_one_line_error(
+        &[
+            "generate",
+            smollm2().to_str().unwrap(),
+            "--dtype",
+            "int3",
+            "--prompt",
+            "x",
+        ],
+        &["int3"],
+    );
 }
 
 #[test]
 fn inspect_describes_a_real_model() {
     let (code, out, err) = pgate(&["inspect", smollm2().to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    for needle in ["llama", "30", "576", "49152", "Q4_1", "present", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"] {
-        assert!(out.contains(needle), "inspect output lacks {needle}:\n{out}");
+    for needle in [
+        "llama",
+        "30",
+        "576",
+        "49152",
+        "Q4_1",
+        "present",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ] {
+        assert!(
+            out.contains(needle),
+            "inspect output lacks {needle}:\n{out}"
+        );
     }
 }
