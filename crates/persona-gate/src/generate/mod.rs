@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use chat::{encode_chat, generate_chat, ChatPrompt, Completion, GenSettings};
 pub use sampling::{Sampler, Sampling};
 
+use crate::intervene::hook::reborrow;
 use crate::intervene::{CompiledPlan, HookChain, PlanHook, ResidualHook, RowCtx};
 use crate::model::{Decoder, KvCache, LogitsAt};
 use crate::{Error, Result};
@@ -315,14 +316,6 @@ impl<'m> Generator<'m> {
             .collect();
         let toks = pick_with(logits, idx, reqs, samplers.iter_mut().collect())?;
         Ok(toks.into_iter().zip(samplers).collect())
-    }
-}
-
-/// Shorten the trait object's lifetime for one call (`as_deref_mut` would pin it to the whole run).
-fn reborrow<'a>(h: &'a mut Option<&mut dyn ResidualHook>) -> Option<&'a mut dyn ResidualHook> {
-    match h {
-        Some(h) => Some(&mut **h),
-        None => None,
     }
 }
 

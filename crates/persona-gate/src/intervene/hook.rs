@@ -63,7 +63,31 @@ pub trait ResidualHook {
 
     /// `h` is `[batch, chunk_len, d_model]`. Return `Some(new_h)` to replace it.
     fn on_block_output(&mut self, h: &Tensor, ctx: &HookCtx<'_>) -> Result<Option<Tensor>>;
+
+    /// Whether to see the embedding output (the input of block 0). Ablating a direction there as
+    /// well as after every block is what weight orthogonalization does permanently.
+    fn wants_embedding(&self) -> bool {
+        false
+    }
+
+    /// Called with the (scaled) token embeddings, `ctx.layer == EMBEDDING_LAYER`.
+    fn on_embedding(&mut self, _h: &Tensor, _ctx: &HookCtx<'_>) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Whether to see `resid_mid` of block `layer`: the stream after the attention residual add,
+    /// before the MLP.
+    fn wants_mid(&self, _layer: usize) -> bool {
+        false
+    }
+
+    fn on_mid(&mut self, _h: &Tensor, _ctx: &HookCtx<'_>) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
+
+/// `HookCtx::layer` value for the embedding output.
+pub const EMBEDDING_LAYER: usize = usize::MAX;
 
 /// Runs several hooks in order at each layer (e.g. an intervention, then a capture).
 pub struct HookChain<'a>(pub Vec<&'a mut dyn ResidualHook>);
@@ -84,5 +108,48 @@ impl ResidualHook for HookChain<'_> {
             }
         }
         Ok(cur)
+    }
+
+    fn wants_embedding(&self) -> bool {
+        self.0.iter().any(|h| h.wants_embedding())
+    }
+
+    fn on_embedding(&mut self, h: &Tensor, ctx: &HookCtx<'_>) -> Result<Option<Tensor>> {
+        let mut cur: Option<Tensor> = None;
+        for hook in self.0.iter_mut() {
+            if hook.wants_embedding() {
+                let input = cur.as_ref().unwrap_or(h);
+                if let Some(new) = hook.on_embedding(input, ctx)? {
+                    cur = Some(new);
+                }
+            }
+        }
+        Ok(cur)
+    }
+
+    fn wants_mid(&self, layer: usize) -> bool {
+        self.0.iter().any(|h| h.wants_mid(layer))
+    }
+
+    fn on_mid(&mut self, h: &Tensor, ctx: &HookCtx<'_>) -> Result<Option<Tensor>> {
+        let mut cur: Option<Tensor> = None;
+        for hook in self.0.iter_mut() {
+            if hook.wants_mid(ctx.layer) {
+                let input = cur.as_ref().unwrap_or(h);
+                if let Some(new) = hook.on_mid(input, ctx)? {
+                    cur = Some(new);
+                }
+            }
+        }
+        Ok(cur)
+    }
+}
+
+/// Reborrow an optional hook for one call. `Option::as_deref_mut` would tie the trait object's
+/// lifetime to the whole loop it is called in.
+pub fn reborrow<'a>(h: &'a mut Option<&mut dyn ResidualHook>) -> Option<&'a mut dyn ResidualHook> {
+    match h {
+        Some(h) => Some(&mut **h),
+        None => None,
     }
 }

@@ -9,5 +9,5 @@ pub mod plan;
 pub use capture::{LastTokenCapture, MeanCapture};
 pub use hook::{HookChain, HookCtx, PositionKind, ResidualHook, RowCtx};
 pub use plan::{
-    CompiledPlan, Intervention, InterventionPlan, LayerSet, OpKind, PlanHook, Positions,
+    CompiledPlan, Intervention, InterventionPlan, LayerSet, OpKind, PlanHook, Positions, Sites,
 };

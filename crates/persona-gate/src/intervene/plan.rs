@@ -136,6 +136,29 @@ pub struct Intervention {
     pub direction_name: String,
     /// The direction's values (width d_model).
     pub direction: Vec<f32>,
+    /// Where in each listed block to act (see [`Sites`]).
+    #[serde(default, skip_serializing_if = "Sites::is_output")]
+    pub sites: Sites,
+}
+
+/// Residual-stream sites an operation acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sites {
+    /// The output of each listed block (`resid_post`), the convention of steering work.
+    #[default]
+    Output,
+    /// `resid_pre`, `resid_mid` and `resid_post` of each listed block. Ablating a direction at all
+    /// sites of every block is exactly what weight orthogonalization bakes into the weights (the
+    /// MLP otherwise reads the direction that attention wrote). Only for `ablate` and `cap`, which
+    /// are idempotent where sites coincide.
+    All,
+}
+
+impl Sites {
+    fn is_output(&self) -> bool {
+        *self == Sites::Output
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -156,6 +179,7 @@ impl InterventionPlan {
             positions: Positions::All,
             direction_name: String::new(),
             direction,
+            sites: Sites::Output,
         });
         self
     }
@@ -167,6 +191,7 @@ impl InterventionPlan {
             positions: Positions::All,
             direction_name: String::new(),
             direction,
+            sites: Sites::Output,
         });
         self
     }
@@ -184,6 +209,7 @@ impl InterventionPlan {
             positions: Positions::All,
             direction_name: String::new(),
             direction,
+            sites: Sites::Output,
         });
         self
     }
@@ -258,6 +284,11 @@ impl InterventionPlan {
                     0.0,
                 ),
             };
+            if op.sites == Sites::All && matches!(op.kind, OpKind::Add { .. }) {
+                return Err(Error::InvalidValue(
+                    "sites = \"all\" is for ablate and cap; an add would apply several times per block".into(),
+                ));
+            }
             if let OpKind::Cap { lo, hi } = op.kind {
                 if lo.is_none() && hi.is_none() {
                     return Err(Error::InvalidValue("cap needs lo, hi or both".into()));
@@ -279,6 +310,7 @@ impl InterventionPlan {
                 kind: op.kind.clone(),
                 layers: op.layers.clone(),
                 positions: op.positions,
+                sites: op.sites,
                 col: v.reshape((d_model, 1))?,
                 row: v.reshape((1, 1, d_model))?,
             });
@@ -295,9 +327,25 @@ struct CompiledOp {
     kind: OpKind,
     layers: LayerSet,
     positions: Positions,
+    sites: Sites,
     /// For add: the vector to add (already scaled). For ablate/cap: the unit direction.
     col: Tensor,
     row: Tensor,
+}
+
+impl CompiledOp {
+    /// At the output of block `layer`: listed, or (all sites) `resid_pre` of the next block.
+    fn at_output(&self, layer: usize) -> bool {
+        self.layers.contains(layer) || (self.sites == Sites::All && self.layers.contains(layer + 1))
+    }
+
+    fn at_embedding(&self) -> bool {
+        self.sites == Sites::All && self.layers.contains(0)
+    }
+
+    fn at_mid(&self, layer: usize) -> bool {
+        self.sites == Sites::All && self.layers.contains(layer)
+    }
 }
 
 /// A plan checked against one model, vectors on its device.
@@ -309,7 +357,15 @@ pub struct CompiledPlan {
 
 impl CompiledPlan {
     pub fn touches(&self, layer: usize) -> bool {
-        self.ops.iter().any(|o| o.layers.contains(layer))
+        self.ops.iter().any(|o| o.at_output(layer))
+    }
+
+    pub fn touches_embedding(&self) -> bool {
+        self.ops.iter().any(|o| o.at_embedding())
+    }
+
+    pub fn touches_mid(&self, layer: usize) -> bool {
+        self.ops.iter().any(|o| o.at_mid(layer))
     }
 }
 
@@ -318,6 +374,8 @@ impl CompiledPlan {
 pub struct PlanHook<'a> {
     plans: &'a [Option<Arc<CompiledPlan>>],
     layers: Vec<bool>,
+    mids: Vec<bool>,
+    embedding: bool,
 }
 
 impl<'a> PlanHook<'a> {
@@ -325,12 +383,21 @@ impl<'a> PlanHook<'a> {
         let layers = (0..n_layers)
             .map(|l| plans.iter().flatten().any(|p| p.touches(l)))
             .collect();
-        Self { plans, layers }
+        let mids = (0..n_layers)
+            .map(|l| plans.iter().flatten().any(|p| p.touches_mid(l)))
+            .collect();
+        let embedding = plans.iter().flatten().any(|p| p.touches_embedding());
+        Self {
+            plans,
+            layers,
+            mids,
+            embedding,
+        }
     }
 
     /// Whether any plan does anything (so the caller can skip the hook entirely).
     pub fn is_active(&self) -> bool {
-        self.layers.iter().any(|x| *x)
+        self.embedding || self.layers.iter().chain(&self.mids).any(|x| *x)
     }
 }
 
@@ -340,6 +407,34 @@ impl ResidualHook for PlanHook<'_> {
     }
 
     fn on_block_output(&mut self, h: &Tensor, ctx: &HookCtx<'_>) -> Result<Option<Tensor>> {
+        self.apply(h, ctx, |op| op.at_output(ctx.layer))
+    }
+
+    fn wants_mid(&self, layer: usize) -> bool {
+        self.mids.get(layer).copied().unwrap_or(false)
+    }
+
+    fn on_mid(&mut self, h: &Tensor, ctx: &HookCtx<'_>) -> Result<Option<Tensor>> {
+        self.apply(h, ctx, |op| op.at_mid(ctx.layer))
+    }
+
+    fn wants_embedding(&self) -> bool {
+        self.embedding
+    }
+
+    fn on_embedding(&mut self, h: &Tensor, ctx: &HookCtx<'_>) -> Result<Option<Tensor>> {
+        self.apply(h, ctx, |op| op.at_embedding())
+    }
+}
+
+impl PlanHook<'_> {
+    /// Apply, in plan order, every op `selected` picks to the rows carrying each plan.
+    fn apply(
+        &self,
+        h: &Tensor,
+        ctx: &HookCtx<'_>,
+        selected: impl Fn(&CompiledOp) -> bool,
+    ) -> Result<Option<Tensor>> {
         let (b, l, _) = h.dims3()?;
         // Distinct plans present in this batch (by identity), in first-seen order.
         let mut groups: Vec<&Arc<CompiledPlan>> = Vec::new();
@@ -353,7 +448,7 @@ impl ResidualHook for PlanHook<'_> {
         let mut h = h.clone();
         let mut changed = false;
         for plan in groups {
-            for op in plan.ops.iter().filter(|o| o.layers.contains(ctx.layer)) {
+            for op in plan.ops.iter().filter(|o| selected(o)) {
                 // Mask [b, l, 1]: 1 where this row carries `plan` and the position kind matches.
                 let mut mask = vec![0f32; b * l];
                 let mut all = true;

@@ -325,8 +325,28 @@ impl Decoder {
         if let Some(s) = self.cfg.embed_scale {
             h = (h * s as f64)?;
         }
+        if let Some(hk) = hook.as_deref_mut() {
+            if hk.wants_embedding() {
+                let ctx = HookCtx {
+                    layer: crate::intervene::hook::EMBEDDING_LAYER,
+                    rows,
+                    chunk_len: l,
+                };
+                if let Some(new) = hk.on_embedding(&h, &ctx)? {
+                    h = new;
+                }
+            }
+        }
         for (li, block) in self.blocks.iter().enumerate() {
-            h = self.block_forward(li, block, &h, &step, cache)?;
+            h = self.block_forward(
+                li,
+                block,
+                &h,
+                &step,
+                cache,
+                crate::intervene::hook::reborrow(&mut hook),
+                rows,
+            )?;
             if let Some(hk) = hook.as_deref_mut() {
                 if hk.wants(li) {
                     let ctx = HookCtx {
@@ -402,6 +422,7 @@ impl Decoder {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
         li: usize,
@@ -409,6 +430,8 @@ impl Decoder {
         x: &Tensor,
         s: &StepInputs,
         cache: &mut KvCache,
+        hook: Option<&mut dyn ResidualHook>,
+        rows: &[RowCtx],
     ) -> Result<Tensor> {
         let cfg = s.cfg;
         let (b, l) = (s.b, s.l);
@@ -466,7 +489,19 @@ impl Decoder {
         if let Some(n) = &bl.post_attn_norm {
             a = n.forward(&a)?;
         }
-        let h = (x + a)?;
+        let mut h = (x + a)?;
+        if let Some(hk) = hook {
+            if hk.wants_mid(li) {
+                let ctx = HookCtx {
+                    layer: li,
+                    rows,
+                    chunk_len: s.l,
+                };
+                if let Some(new) = hk.on_mid(&h, &ctx)? {
+                    h = new;
+                }
+            }
+        }
 
         let hn = bl.ffn_norm.forward(&h)?;
         let g = bl.gate.forward(&hn)?;

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod export;
 pub mod gemma3;
 pub mod kv_cache;
 pub mod llama;
@@ -84,10 +85,13 @@ impl Model {
     }
 
     pub fn load_source(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
-        match src {
-            ModelSource::Gguf(path) => load_gguf(path, src, opts),
-            ModelSource::HfDir(dir) => load_hf_dir(dir, src, opts),
-        }
+        let opened = open(src, opts)?;
+        let decoder = Decoder::load(opened.config, &opened.weights)?;
+        Ok(Model {
+            decoder,
+            tokenizer: opened.tokenizer,
+            info: opened.info,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -112,7 +116,23 @@ fn file_name(p: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-fn load_gguf(path: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> Result<Model> {
+/// A model's parts before the decoder is built: what loading and exporting share.
+pub struct OpenedModel {
+    pub config: ModelConfig,
+    pub weights: WeightLoader,
+    pub tokenizer: ChatTokenizer,
+    pub info: ModelInfo,
+}
+
+/// Read config, tokenizer and a weight loader for `src` without loading any tensor.
+pub fn open(src: &ModelSource, opts: &LoadOptions) -> Result<OpenedModel> {
+    match src {
+        ModelSource::Gguf(path) => open_gguf(path, src, opts),
+        ModelSource::HfDir(dir) => open_hf_dir(dir, src, opts),
+    }
+}
+
+fn open_gguf(path: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> Result<OpenedModel> {
     let g = GgufWeights::open(path)?;
     let md = &g.content.metadata;
     let arch = md
@@ -178,15 +198,19 @@ fn load_gguf(path: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> R
         device: opts.device.clone(),
         sandwich: cfg.sandwich_norms,
     };
-    let decoder = Decoder::load(cfg, &loader)?;
-    Ok(Model {
-        decoder,
+    Ok(OpenedModel {
+        config: cfg,
+        weights: loader,
         tokenizer,
         info,
     })
 }
 
-fn load_hf_dir(dir: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> Result<Model> {
+fn open_hf_dir(
+    dir: &std::path::Path,
+    src: &ModelSource,
+    opts: &LoadOptions,
+) -> Result<OpenedModel> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::NotAModel {
@@ -250,9 +274,9 @@ fn load_hf_dir(dir: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> 
         device: opts.device.clone(),
         sandwich: cfg.sandwich_norms,
     };
-    let decoder = Decoder::load(cfg, &loader)?;
-    Ok(Model {
-        decoder,
+    Ok(OpenedModel {
+        config: cfg,
+        weights: loader,
         tokenizer,
         info,
     })

@@ -232,39 +232,8 @@ impl SafetensorsWeights {
         })
     }
 
-    /// Map a GGUF-style name to the HF name.
     fn hf_name(&self, gguf: &str, sandwich: bool) -> String {
-        let p = &self.prefix;
-        match gguf {
-            "token_embd.weight" => return format!("{p}embed_tokens.weight"),
-            "output_norm.weight" => return format!("{p}norm.weight"),
-            "output.weight" => return "lm_head.weight".into(),
-            _ => {}
-        }
-        if let Some(rest) = gguf.strip_prefix("blk.") {
-            if let Some((layer, tail)) = rest.split_once('.') {
-                let (stem, kind) = tail.rsplit_once('.').unwrap_or((tail, "weight"));
-                let hf = match stem {
-                    "attn_norm" => "input_layernorm",
-                    "ffn_norm" if sandwich => "pre_feedforward_layernorm",
-                    "ffn_norm" => "post_attention_layernorm",
-                    "post_attention_norm" => "post_attention_layernorm",
-                    "post_ffw_norm" => "post_feedforward_layernorm",
-                    "attn_q" => "self_attn.q_proj",
-                    "attn_k" => "self_attn.k_proj",
-                    "attn_v" => "self_attn.v_proj",
-                    "attn_output" => "self_attn.o_proj",
-                    "attn_q_norm" => "self_attn.q_norm",
-                    "attn_k_norm" => "self_attn.k_norm",
-                    "ffn_gate" => "mlp.gate_proj",
-                    "ffn_up" => "mlp.up_proj",
-                    "ffn_down" => "mlp.down_proj",
-                    other => other,
-                };
-                return format!("{p}layers.{layer}.{hf}.{kind}");
-            }
-        }
-        gguf.to_string()
+        hf_name(&self.prefix, gguf, sandwich)
     }
 
     fn load(&self, hf: &str, device: &Device) -> Result<Tensor> {
@@ -299,6 +268,41 @@ impl SafetensorsWeights {
             device,
         )?)
     }
+}
+
+/// Map a GGUF-style tensor name to its Hugging Face name (`prefix` is `model.` for text models).
+/// `sandwich` (gemma) changes what `ffn_norm` is called.
+pub fn hf_name(p: &str, gguf: &str, sandwich: bool) -> String {
+    match gguf {
+        "token_embd.weight" => return format!("{p}embed_tokens.weight"),
+        "output_norm.weight" => return format!("{p}norm.weight"),
+        "output.weight" => return "lm_head.weight".into(),
+        _ => {}
+    }
+    if let Some(rest) = gguf.strip_prefix("blk.") {
+        if let Some((layer, tail)) = rest.split_once('.') {
+            let (stem, kind) = tail.rsplit_once('.').unwrap_or((tail, "weight"));
+            let hf = match stem {
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" if sandwich => "pre_feedforward_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                "post_attention_norm" => "post_attention_layernorm",
+                "post_ffw_norm" => "post_feedforward_layernorm",
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "attn_q_norm" => "self_attn.q_norm",
+                "attn_k_norm" => "self_attn.k_norm",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                other => other,
+            };
+            return format!("{p}layers.{layer}.{hf}.{kind}");
+        }
+    }
+    gguf.to_string()
 }
 
 /// Loads tensors in the representation a [`DTypeMode`] asks for.
@@ -384,7 +388,8 @@ impl WeightLoader {
         }
     }
 
-    fn dense_f32(&self, name: &str) -> Result<Tensor> {
+    /// A tensor dequantized to f32 as stored (no norm offset).
+    pub fn dense_f32(&self, name: &str) -> Result<Tensor> {
         Ok(match &self.file {
             WeightFile::Gguf(g) => g.qtensor(name, &self.device)?.dequantize(&self.device)?,
             WeightFile::Safetensors(s) => s

@@ -267,6 +267,41 @@ impl ChatTokenizer {
         }
     }
 
+    /// Write `tokenizer.json` and `tokenizer_config.json` (chat template, BOS/EOS) into `dir`, so
+    /// an exported model directory loads with [`ChatTokenizer::from_hf_dir`] and with transformers.
+    /// SentencePiece vocabularies read from GGUF have no `tokenizer.json` form here yet.
+    pub fn save_hf_files(&self, dir: &Path) -> Result<()> {
+        let tok = match &self.inner.backend {
+            Backend::Hf(t) => t,
+            Backend::Spm(_) => {
+                return Err(Error::Unsupported(
+                    "writing tokenizer.json for a SentencePiece (gemma) vocabulary".into(),
+                ))
+            }
+        };
+        let path = dir.join("tokenizer.json");
+        tok.save(&path, false)
+            .map_err(|e| Error::Tokenizer(format!("writing {}: {e}", path.display())))?;
+        let tt = &self.inner.template_tokens;
+        let mut cfg = serde_json::json!({
+            "add_bos_token": self.inner.add_bos,
+            "bos_token": tt.bos,
+            "eos_token": tt.eos,
+            "unk_token": tt.unk,
+            "pad_token": tt.pad,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        if let Some(t) = self.chat_template_source() {
+            cfg["chat_template"] = t.into();
+        }
+        let path = dir.join("tokenizer_config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&cfg)?)
+            .map_err(|e| Error::io(&path, e))?;
+        let gen = serde_json::json!({ "eos_token_id": self.inner.stop_ids });
+        let path = dir.join("generation_config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&gen)?).map_err(|e| Error::io(&path, e))
+    }
+
     /// Token ids of `text`. Adds no BOS; special tokens written in the text (`<|im_start|>`,
     /// `<bos>`, `<start_of_turn>`) become their single ids, as with Hugging Face's
     /// `encode(text, add_special_tokens=False)`.
