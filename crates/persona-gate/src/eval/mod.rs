@@ -1,0 +1,14 @@
+//! Evaluation: prompt sets, labels for outputs, and the statistics of label rates.
+//!
+//! - [`prompts`]: prompt sets from StrongREJECT CSV, JSON lists, JSONL, by path or by name from the
+//!   cache (downloaded from the canonical URLs when online).
+//! - [`labels`]: `refusal` / `bypass` / `degenerate` by documented, measurable rules.
+//! - [`stats`]: rates with Wilson 95% intervals.
+
+pub mod labels;
+pub mod prompts;
+pub mod stats;
+
+pub use labels::{label_output, Label, RuleLabel};
+pub use prompts::{PromptItem, PromptSet};
+pub use stats::{wilson, Rate};
