@@ -68,6 +68,23 @@ fetch() {
   echo "[setup] $name: ok -> $dest"
 }
 
+# Seed the data cache from a local copy of the public data sets (../shared/data next to the
+# repository, or $PGATE_SHARED/data), so named prompt sets work offline. Copies only what is missing.
+seed_data() {
+  local src="${PGATE_SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}/data"
+  [[ -d "$src" ]] || return 0
+  for f in strongreject/strongreject_dataset.csv strongreject/strongreject.json \
+           refusal_splits/harmful_train.json refusal_splits/harmful_val.json \
+           refusal_splits/harmless_train.json refusal_splits/harmless_val.json; do
+    if [[ -f "$src/$f" && ! -f "$CACHE/data/$f" ]]; then
+      mkdir -p "$(dirname "$CACHE/data/$f")"
+      cp "$src/$f" "$CACHE/data/$f"
+    fi
+  done
+  echo "[setup] data sets cached in $CACHE/data"
+}
+seed_data
+
 targets=("$@")
 [[ ${#targets[@]} -eq 0 || "${targets[0]}" == all ]] && targets=(smollm2 q05 q15 gemma3)
 for t in "${targets[@]}"; do fetch "$t"; done

@@ -1,0 +1,307 @@
+//! Choosing the refusal direction, following Arditi et al. (2024), "Refusal in Language Models Is
+//! Mediated by a Single Direction".
+//!
+//! Candidates are differences in means between harmful and harmless instructions at every layer
+//! (and the chosen template positions). Each candidate `r` from layer `l` is scored on held-out
+//! prompts by three forward passes (no generation):
+//! - **bypass**: mean refusal score on harmful prompts with `r` ablated everywhere (all sites of
+//!   every block): lower means ablating it removes refusal;
+//! - **induce**: mean refusal score on harmless prompts with `r` (as is, not normalized) added at
+//!   layer `l` at every position: higher means adding it brings refusal;
+//! - **KL**: mean KL divergence of the next-token distribution on harmless prompts between the
+//!   plain model and the ablated one: small means ablation leaves ordinary behaviour alone.
+//!
+//! Candidates from the last `discard_last_frac` of layers are discarded (too close to the unembedding
+//! to be a "reason" for refusal), as are those with induce <= 0 or KL above `kl_max`; the lowest
+//! bypass score wins.
+//!
+//! **Refusal score** (documented, logit-based): with `R` the set of first tokens of refusal openings
+//! for this tokenizer ("I", "As", "Sorry", "Unfortunately", ...; see [`refusal_tokens`]) and `p` the
+//! next-token distribution after the generation prompt, `score = log(p(R)) - log(1 - p(R))`: the
+//! log-odds that the answer opens like a refusal.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::directions::{refusal_candidates, CaptureOptions, DirectionSet, Position};
+use crate::generate::{encode_chat, ChatPrompt};
+use crate::intervene::{CompiledPlan, InterventionPlan, LayerSet, OpKind, PlanHook, RowCtx, Sites};
+use crate::model::{KvCache, LogitsAt, Model};
+use crate::{Error, Result};
+
+/// Openings whose first token counts as "refusing" in the refusal score.
+pub const REFUSAL_OPENINGS: &[&str] = &[
+    "I",
+    "As",
+    "Sorry",
+    "I'm",
+    "Unfortunately",
+    "I cannot",
+    "I apologize",
+];
+
+/// First-token ids of [`REFUSAL_OPENINGS`] for this model's tokenizer.
+pub fn refusal_tokens(model: &Model) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for o in REFUSAL_OPENINGS {
+        if let Some(&t) = model.tokenizer.encode(o)?.first() {
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Tokenizer(
+            "no refusal opening tokenizes to a token".into(),
+        ));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SelectOptions {
+    /// Template positions to draw candidates from (Arditi et al. use the post-instruction tokens).
+    pub positions: Vec<Position>,
+    pub discard_last_frac: f64,
+    pub kl_max: f64,
+    pub batch_size: usize,
+    /// Consider every `layer_stride`-th layer (1 = all).
+    pub layer_stride: usize,
+}
+
+impl Default for SelectOptions {
+    fn default() -> Self {
+        Self {
+            positions: vec![Position::LAST],
+            discard_last_frac: 0.2,
+            kl_max: 0.1,
+            batch_size: 16,
+            layer_stride: 1,
+        }
+    }
+}
+
+/// Scores of one candidate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CandidateScore {
+    pub layer: usize,
+    pub position: String,
+    pub norm: f64,
+    pub bypass: f64,
+    pub induce: f64,
+    pub kl: f64,
+    /// Why it was filtered out, if it was.
+    pub filtered: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Selection {
+    /// The candidate set of the chosen position (all layers); `meta.extra` names the chosen layer.
+    #[serde(skip)]
+    pub direction: DirectionSet,
+    pub layer: usize,
+    pub position: String,
+    pub baseline_harmful: f64,
+    pub baseline_harmless: f64,
+    pub scores: Vec<CandidateScore>,
+}
+
+/// Next-token logits after each prompt (batched, left-padded), under an optional plan.
+pub fn last_logits(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    plan: Option<&Arc<CompiledPlan>>,
+    batch: usize,
+) -> Result<Tensor> {
+    let dec = &model.decoder;
+    let mut outs = Vec::new();
+    for chunk in prompts.chunks(batch.max(1)) {
+        let lmax = chunk.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(chunk.len() * lmax);
+        let mut rows = Vec::with_capacity(chunk.len());
+        for (i, p) in chunk.iter().enumerate() {
+            if p.is_empty() {
+                return Err(Error::Empty("a prompt has no tokens".into()));
+            }
+            let pad = lmax - p.len();
+            ids.extend(std::iter::repeat_n(p[0], pad));
+            ids.extend_from_slice(p);
+            rows.push(RowCtx {
+                seq: i,
+                chunk_pad: pad,
+                start_pos: 0,
+                prompt_len: p.len(),
+            });
+        }
+        let tokens = Tensor::from_vec(ids, (chunk.len(), lmax), dec.device())?;
+        let plans: Vec<Option<Arc<CompiledPlan>>> = vec![plan.cloned(); chunk.len()];
+        let mut hook = PlanHook::new(&plans, dec.n_layers());
+        let mut cache = KvCache::new(dec.n_layers());
+        let hook_ref: Option<&mut dyn crate::intervene::ResidualHook> = if hook.is_active() {
+            Some(&mut hook)
+        } else {
+            None
+        };
+        let l = dec
+            .forward(&tokens, &rows, &mut cache, hook_ref, LogitsAt::Last)?
+            .ok_or_else(|| Error::InvalidValue("no logits".into()))?;
+        outs.push(l.to_device(&Device::Cpu)?);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// Mean refusal score of `logits` (`[n, vocab]`).
+pub fn refusal_score(logits: &Tensor, refusal: &[u32]) -> Result<f64> {
+    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let idx = Tensor::new(refusal, logits.device())?;
+    let p = lp.index_select(&idx, 1)?.exp()?.sum(1)?.to_vec1::<f32>()?;
+    let eps = 1e-8f64;
+    Ok(p.iter()
+        .map(|&p| {
+            let p = (p as f64).clamp(eps, 1.0 - eps);
+            p.ln() - (1.0 - p).ln()
+        })
+        .sum::<f64>()
+        / p.len().max(1) as f64)
+}
+
+/// Mean KL(p || q) over rows of two logit matrices.
+pub fn mean_kl(p_logits: &Tensor, q_logits: &Tensor) -> Result<f64> {
+    let lp = candle_nn::ops::log_softmax(p_logits, D::Minus1)?;
+    let lq = candle_nn::ops::log_softmax(q_logits, D::Minus1)?;
+    let kl = (lp.exp()? * (lp - lq)?)?.sum(1)?.to_vec1::<f32>()?;
+    Ok(kl.iter().map(|x| *x as f64).sum::<f64>() / kl.len().max(1) as f64)
+}
+
+/// A plan ablating `v` at every site of every block (the run-time twin of orthogonalization).
+pub fn ablate_everywhere(model: &Model, v: &[f32]) -> Result<Arc<CompiledPlan>> {
+    let c = model.config();
+    let mut plan = InterventionPlan::new().ablate(LayerSet((0..c.n_layers).collect()), v.to_vec());
+    plan.ops[0].sites = Sites::All;
+    plan.ops[0].direction_name = "refusal".into();
+    Ok(Arc::new(plan.compile(
+        c.n_layers,
+        c.d_model,
+        model.decoder.dtype(),
+        model.decoder.device(),
+    )?))
+}
+
+/// A plan adding `v` as given (raw) at `layer`, all positions.
+pub fn add_raw(model: &Model, v: &[f32], layer: usize, coeff: f32) -> Result<Arc<CompiledPlan>> {
+    let c = model.config();
+    let mut plan = InterventionPlan::new().add(LayerSet::single(layer), v.to_vec(), coeff);
+    plan.ops[0].kind = OpKind::Add { coeff, raw: true };
+    plan.ops[0].direction_name = "refusal".into();
+    Ok(Arc::new(plan.compile(
+        c.n_layers,
+        c.d_model,
+        model.decoder.dtype(),
+        model.decoder.device(),
+    )?))
+}
+
+/// Extract candidates from `harmful_train` / `harmless_train` and select on the validation sets.
+pub fn select_refusal_direction(
+    model: &Model,
+    harmful_train: &[String],
+    harmless_train: &[String],
+    harmful_val: &[String],
+    harmless_val: &[String],
+    opts: &SelectOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<Selection> {
+    if harmful_val.is_empty() || harmless_val.is_empty() {
+        return Err(Error::Empty(
+            "refusal selection needs harmful and harmless validation prompts".into(),
+        ));
+    }
+    let n_layers = model.config().n_layers;
+    progress("extracting candidates (difference in means)");
+    let cands = refusal_candidates(
+        model,
+        harmful_train,
+        harmless_train,
+        &opts.positions,
+        &CaptureOptions {
+            batch_size: opts.batch_size,
+            ..Default::default()
+        },
+    )?;
+    let enc = |v: &[String]| -> Result<Vec<Vec<u32>>> {
+        v.iter()
+            .map(|p| encode_chat(model, &ChatPrompt::new(p.clone())))
+            .collect()
+    };
+    let hv = enc(harmful_val)?;
+    let sv = enc(harmless_val)?;
+    let rt = refusal_tokens(model)?;
+    let base_h = last_logits(model, &hv, None, opts.batch_size)?;
+    let base_s = last_logits(model, &sv, None, opts.batch_size)?;
+    let baseline_harmful = refusal_score(&base_h, &rt)?;
+    let baseline_harmless = refusal_score(&base_s, &rt)?;
+    let max_layer = ((1.0 - opts.discard_last_frac) * n_layers as f64).floor() as usize;
+    let mut scores = Vec::new();
+    let mut best: Option<(f64, usize, usize)> = None;
+    for (ci, set) in cands.iter().enumerate() {
+        let pos = opts.positions[ci].name();
+        for layer in (0..max_layer.min(n_layers)).step_by(opts.layer_stride.max(1)) {
+            progress(&format!("scoring layer {layer} position {pos}"));
+            let v = set.layer(layer)?.to_vec();
+            let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            if norm == 0.0 || !norm.is_finite() {
+                continue;
+            }
+            let abl = ablate_everywhere(model, &v)?;
+            let bypass =
+                refusal_score(&last_logits(model, &hv, Some(&abl), opts.batch_size)?, &rt)?;
+            let abl_s = last_logits(model, &sv, Some(&abl), opts.batch_size)?;
+            let kl = mean_kl(&base_s, &abl_s)?;
+            let add = add_raw(model, &v, layer, 1.0)?;
+            let induce =
+                refusal_score(&last_logits(model, &sv, Some(&add), opts.batch_size)?, &rt)?;
+            let filtered = if induce <= 0.0 {
+                Some(format!("induce score {induce:.2} <= 0"))
+            } else if kl > opts.kl_max {
+                Some(format!("KL {kl:.3} > {}", opts.kl_max))
+            } else {
+                None
+            };
+            if filtered.is_none() && best.is_none_or(|(b, _, _)| bypass < b) {
+                best = Some((bypass, ci, layer));
+            }
+            scores.push(CandidateScore {
+                layer,
+                position: pos.clone(),
+                norm,
+                bypass,
+                induce,
+                kl,
+                filtered,
+            });
+        }
+    }
+    let (_, ci, layer) = best.ok_or_else(|| {
+        Error::InvalidValue("no refusal-direction candidate passed the filters (induce > 0, KL below the limit); try more prompts or a higher --kl-max".into())
+    })?;
+    let mut direction = cands[ci].clone();
+    direction
+        .meta
+        .extra
+        .insert("selected_layer".into(), layer.to_string());
+    direction.meta.extra.insert(
+        "selection".into(),
+        "arditi2024: min bypass s.t. induce > 0, KL < max, layer < 80%".into(),
+    );
+    direction.meta.position = opts.positions[ci].name();
+    Ok(Selection {
+        direction,
+        layer,
+        position: opts.positions[ci].name(),
+        baseline_harmful,
+        baseline_harmless,
+        scores,
+    })
+}
