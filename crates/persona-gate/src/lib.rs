@@ -5,14 +5,19 @@
 //! - [`tokenize`]: tokenizers from GGUF metadata or tokenizer.json, and the model's own chat template.
 //! - [`intervene`]: residual-stream hooks and intervention plans (add, ablate, cap).
 //! - [`generate`]: batched decoding with KV cache, sampling and per-sequence plans.
+//! - [`directions`]: refusal and persona directions: capture, extraction, files, controls, geometry.
 
 pub mod bench;
 pub mod device;
+pub mod directions;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod hash;
 pub mod intervene;
 pub mod model;
+pub mod refusal;
+pub mod study;
 pub mod tokenize;
 
 pub use error::{Error, Result};

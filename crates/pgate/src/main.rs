@@ -11,6 +11,10 @@ use persona_gate::generate::{generate_chat, ChatPrompt, GenSettings, Sampling};
 use persona_gate::intervene::InterventionPlan;
 use persona_gate::model::{DTypeMode, LoadOptions, Model, ModelSource};
 
+mod directions_cli;
+mod refusal_cli;
+mod study_cli;
+
 #[derive(Parser)]
 #[command(
     name = "pgate",
@@ -23,20 +27,20 @@ struct Cli {
 }
 
 #[derive(clap::Args, Clone)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// Model: a .gguf file, a Hugging Face model directory, a short name fetched by
     /// scripts/setup-models.sh (smollm2, q05, q15, gemma3), or a hub repo id (org/name).
-    model: String,
+    pub model: String,
     /// Numeric mode: f32 (reference), bf16, f16, or q (quantized matmuls, fast on CPU).
     #[arg(long, default_value = "q")]
-    dtype: String,
+    pub dtype: String,
     /// Run on CUDA device N (needs a build with --features cuda).
     #[arg(long)]
-    cuda: Option<usize>,
+    pub cuda: Option<usize>,
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<Model> {
+    pub fn load(&self) -> Result<Model> {
         let dtype = DTypeMode::parse(&self.dtype)?;
         let device = match self.cuda {
             None => candle_device_cpu(),
@@ -91,9 +95,12 @@ enum Cmd {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Intervention plan (JSON) applied to every sequence.
+        /// Intervention plan (JSON or TOML; directions inline or as {file, layer}) applied to every
+        /// sequence, before the --ablate/--cap/--add ops.
         #[arg(long)]
         plan: Option<PathBuf>,
+        #[command(flatten)]
+        steer: directions_cli::SteerArgs,
         /// Write one JSON line per completion here (as each finishes).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -119,6 +126,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Label rates (refusal / bypass / degenerate, Wilson 95% intervals) of a prompt set under an
+    /// optional persona (system prompt) and intervention plan.
+    ///
+    /// Example: pgate eval q15 --prompts harmful_val -n 50 --ablate refusal.safetensors[12]@0-27
+    Eval(refusal_cli::EvalArgs),
+    /// Extract directions: persona traits, random controls.
+    #[command(subcommand)]
+    Extract(directions_cli::ExtractCmd),
+    /// Norms and cosines of direction files, per layer and across layers (table, CSV, JSON).
+    ///
+    /// Example: pgate geometry compliant.safetensors refusal.safetensors rand.safetensors --csv geo.csv
+    Geometry(directions_cli::GeometryArgs),
+    /// Direction files: llama.cpp control-vector export/import, info.
+    #[command(subcommand)]
+    Directions(directions_cli::DirectionsCmd),
+    /// Studies: conditions x prompt sets x samples into a SQLite results database; status,
+    /// tables with paired statistics, judges, exports.
+    ///
+    /// Example: pgate study run examples/demo_study.toml --db demo.sqlite
+    #[command(subcommand)]
+    Study(study_cli::StudyCmd),
 }
 
 fn main() {
@@ -148,6 +176,7 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             seed,
             plan,
+            steer,
             out,
         } => {
             let mut list: Vec<ChatPrompt> = prompt
@@ -161,7 +190,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("no prompts: give --prompt TEXT or --prompts FILE.jsonl");
             }
             let model = m.load()?;
-            let plan = load_plan(plan.as_deref(), &model)?;
+            let plan = directions_cli::generate_plan(plan.as_deref(), &steer, &model)?;
             let settings = GenSettings {
                 max_new_tokens: max_tokens,
                 sampling: Sampling {
@@ -273,6 +302,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Eval(a) => refusal_cli::run_eval(a),
+        Cmd::Extract(cmd) => directions_cli::run_extract(cmd),
+        Cmd::Geometry(args) => directions_cli::run_geometry(args),
+        Cmd::Directions(cmd) => directions_cli::run_directions(cmd),
+        Cmd::Study(cmd) => study_cli::run_study_cmd(cmd),
     }
 }
 

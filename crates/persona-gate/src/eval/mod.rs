@@ -4,8 +4,15 @@
 //!   cache (downloaded from the canonical URLs when online).
 //! - [`labels`]: `refusal` / `bypass` / `degenerate` by documented, measurable rules.
 //! - [`stats`]: rates with Wilson 95% intervals.
+//! - [`paired`]: paired comparisons of two conditions (McNemar exact / mid-p, paired bootstrap).
+//! - [`judge`]: judges beyond the rules (StrongREJECT rubric, Llama-Guard-style safety, leakage),
+//!   over HTTP ([`judge_http`]) or with a local model ([`judge_local`]).
 
+pub mod judge;
+pub mod judge_http;
+pub mod judge_local;
 pub mod labels;
+pub mod paired;
 pub mod prompts;
 pub mod stats;
 

@@ -1,0 +1,42 @@
+//! Directions in the residual stream: how they are found, stored, compared and applied.
+//!
+//! A *direction* here is one vector per layer, `[layers, d_model]`, read at the output of each
+//! decoder block (`resid[l]`, the hook point of [`crate::intervene`]). The module covers the whole
+//! life of one:
+//!
+//! - [`capture`]: residual activations over a prompt set at every layer, at the last prompt token, as
+//!   the mean over the post-instruction template tokens, or as the mean over generated response tokens
+//!   (batched, left-padded).
+//! - [`extract`]: difference in means between a positive and a negative prompt set (the refusal
+//!   direction of Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single Direction";
+//!   the persona vectors of Chen et al. 2025, "Persona Vectors"), optionally the first principal
+//!   component of paired differences; [`extract::refusal_candidates`] for harmful-vs-harmless.
+//! - [`traits`]: persona trait files (`instruction` pos/neg system prompts, `questions`,
+//!   `eval_prompt`, the persona-vectors / assistant-axis format) and the built-in ones.
+//! - [`random`]: seeded random controls, optionally orthogonal to and norm-matched with a direction.
+//! - [`set`]: [`DirectionSet`], the value type: vectors, metadata, arithmetic, safetensors files.
+//! - [`gguf`]: llama.cpp control-vector GGUF export and import.
+//! - [`geometry`]: norms and cosines between directions and across layers.
+//! - [`spec`]: intervention plans built from direction files (`--add FILE:COEFF@LAYERS`, TOML plans).
+
+pub mod capture;
+pub mod extract;
+pub mod geometry;
+pub mod gguf;
+pub mod random;
+pub mod set;
+pub mod spec;
+pub mod traits;
+mod util;
+
+pub use capture::{capture_prompts, capture_spans, Activations, CaptureOptions, Position};
+pub use extract::{
+    diff_in_means, diff_in_means_prompts, extract_trait, paired_pc1, prompt_set_sha256,
+    refusal_candidates, Method, TraitExtraction, TraitOptions,
+};
+pub use geometry::{cosine, GeometryReport};
+pub use gguf::{export_control_vector, import_control_vector, ExportOptions, ExportSummary};
+pub use random::{random_directions, RandomOptions};
+pub use set::{Direction, DirectionMeta, DirectionSet};
+pub use spec::{DirectionSpec, PlanBuilder};
+pub use traits::{InstructionPair, TraitSpec, BUILTIN_TRAITS};

@@ -1,0 +1,813 @@
+//! The results store: one SQLite file (WAL mode) per study directory or per project.
+//!
+//! Tables:
+//! - `meta(key, value)`: `schema_version`.
+//! - `studies(hash, name, source_path, toml, canonical, baseline, created_at, last_run_at)`: every
+//!   study ever run against this file; the TOML is kept so `status`, `table` and `judge` work
+//!   without the study file.
+//! - `conditions(hash, spec)`: a condition's JSON description (what its hash covers, names, specs).
+//! - `study_conditions(study_hash, ord, name, condition_hash, vars)`: a study's names for them.
+//! - `prompt_sets(hash, source, n_items)`, `study_prompt_sets(study_hash, name, prompt_set_hash,
+//!   skip, n)`, `prompts(prompt_set, prompt_id, ord, text, category)`.
+//! - `work(study_hash, condition_hash, set_name, prompt_set, prompt_id, sample, seed, item_hash)`:
+//!   what a study needs; `status` is `work LEFT JOIN results`.
+//! - `results`: one row per `(condition_hash, prompt_set, prompt_id, sample)` (UNIQUE): the full
+//!   output, token counts, finish reason, rule label with its measurements (JSON), the rule-based
+//!   leakage, seed and timestamps. Results belong to conditions, not studies: a second study with
+//!   an identical condition reuses its rows.
+//! - `verdicts`: one row per `(result_id, judge)` (UNIQUE): ok flag, attempts, error, raw answer,
+//!   parsed verdict (JSON) and its scores. A failure never touches the result row.
+//!
+//! Every result is its own transaction, committed as its sequence finishes, and inserted with
+//! `INSERT OR IGNORE`: a run killed at any point (SIGKILL included) loses at most the sequences in
+//! flight, and a second run skips what is stored and cannot duplicate it. Timestamps are
+//! milliseconds since the Unix epoch (UTC).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use super::plan::Study;
+use crate::eval::judge::JudgeOutcome;
+use crate::{Error, Result};
+
+pub const SCHEMA_VERSION: &str = "1";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+  hash TEXT PRIMARY KEY, name TEXT NOT NULL, source_path TEXT, toml TEXT NOT NULL,
+  canonical TEXT NOT NULL, baseline TEXT NOT NULL, created_at INTEGER NOT NULL,
+  last_run_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS conditions (hash TEXT PRIMARY KEY, spec TEXT NOT NULL,
+  created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS study_conditions (
+  study_hash TEXT NOT NULL REFERENCES studies(hash), ord INTEGER NOT NULL, name TEXT NOT NULL,
+  condition_hash TEXT NOT NULL REFERENCES conditions(hash), vars TEXT NOT NULL,
+  PRIMARY KEY (study_hash, name));
+CREATE TABLE IF NOT EXISTS prompt_sets (hash TEXT PRIMARY KEY, source TEXT NOT NULL,
+  n_items INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS study_prompt_sets (
+  study_hash TEXT NOT NULL REFERENCES studies(hash), name TEXT NOT NULL,
+  prompt_set_hash TEXT NOT NULL REFERENCES prompt_sets(hash), skip INTEGER NOT NULL,
+  n INTEGER NOT NULL, PRIMARY KEY (study_hash, name));
+CREATE TABLE IF NOT EXISTS prompts (
+  prompt_set TEXT NOT NULL, prompt_id TEXT NOT NULL, ord INTEGER NOT NULL, text TEXT NOT NULL,
+  category TEXT, PRIMARY KEY (prompt_set, prompt_id));
+CREATE TABLE IF NOT EXISTS work (
+  study_hash TEXT NOT NULL, condition_hash TEXT NOT NULL, set_name TEXT NOT NULL,
+  prompt_set TEXT NOT NULL, prompt_id TEXT NOT NULL, sample INTEGER NOT NULL,
+  seed INTEGER NOT NULL, item_hash TEXT NOT NULL,
+  PRIMARY KEY (study_hash, condition_hash, set_name, prompt_id, sample)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results (
+  id INTEGER PRIMARY KEY,
+  condition_hash TEXT NOT NULL, prompt_set TEXT NOT NULL, prompt_id TEXT NOT NULL,
+  sample INTEGER NOT NULL, item_hash TEXT NOT NULL, seed INTEGER NOT NULL,
+  output TEXT NOT NULL, n_tokens INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+  finish TEXT NOT NULL, label TEXT NOT NULL, rule_json TEXT NOT NULL,
+  leakage REAL NOT NULL, leakage_json TEXT NOT NULL,
+  started_at INTEGER NOT NULL, finished_at INTEGER NOT NULL,
+  UNIQUE (condition_hash, prompt_set, prompt_id, sample));
+CREATE TABLE IF NOT EXISTS verdicts (
+  result_id INTEGER NOT NULL REFERENCES results(id), judge TEXT NOT NULL, mode TEXT NOT NULL,
+  ok INTEGER NOT NULL, attempts INTEGER NOT NULL, error TEXT, raw TEXT, verdict_json TEXT,
+  refused INTEGER, convincing INTEGER, specific INTEGER, strongreject REAL, is_unsafe INTEGER,
+  categories TEXT, leakage REAL, judged_at INTEGER NOT NULL,
+  UNIQUE (result_id, judge));
+";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `2025-01-31T12:34:56.789Z` from milliseconds since the epoch (civil-from-days, no time zones).
+pub fn iso_utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let milli = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Howard Hinnant's days_from_civil inverse.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    )
+}
+
+/// One result to store.
+#[derive(Debug, Clone)]
+pub struct NewResult<'a> {
+    pub condition_hash: &'a str,
+    pub prompt_set: &'a str,
+    pub prompt_id: &'a str,
+    pub sample: usize,
+    pub item_hash: &'a str,
+    pub seed: u64,
+    pub output: &'a str,
+    pub n_tokens: usize,
+    pub prompt_tokens: usize,
+    pub finish: &'a str,
+    pub label: &'a str,
+    pub rule_json: String,
+    pub leakage: f64,
+    pub leakage_json: String,
+    pub started_at: i64,
+    pub finished_at: i64,
+}
+
+/// A stored study.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StudyRecord {
+    pub hash: String,
+    pub name: String,
+    pub source_path: Option<String>,
+    pub toml: String,
+    pub baseline: String,
+    pub created_at: i64,
+    pub last_run_at: i64,
+}
+
+/// Progress of one condition on one prompt set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusRow {
+    pub condition: String,
+    pub condition_hash: String,
+    pub prompt_set: String,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// A stored verdict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerdictRow {
+    pub judge: String,
+    pub mode: String,
+    pub ok: bool,
+    pub attempts: u32,
+    pub error: Option<String>,
+    pub raw: Option<String>,
+    pub verdict: Option<serde_json::Value>,
+    pub refused: Option<bool>,
+    pub convincing: Option<i64>,
+    pub specific: Option<i64>,
+    pub strongreject: Option<f64>,
+    pub is_unsafe: Option<bool>,
+    pub categories: Option<String>,
+    pub leakage: Option<f64>,
+    pub judged_at: i64,
+}
+
+/// A result row of a study, joined with its names, prompt and verdicts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RowView {
+    pub result_id: i64,
+    pub condition_ord: i64,
+    pub condition: String,
+    pub condition_hash: String,
+    pub prompt_set: String,
+    pub prompt_set_hash: String,
+    pub prompt_id: String,
+    pub prompt_ord: i64,
+    pub category: Option<String>,
+    pub prompt: String,
+    pub sample: i64,
+    pub seed: i64,
+    pub item_hash: String,
+    pub output: String,
+    pub n_tokens: i64,
+    pub prompt_tokens: i64,
+    pub finish: String,
+    pub label: String,
+    pub rule: serde_json::Value,
+    pub leakage: f64,
+    pub leakage_parts: serde_json::Value,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub verdicts: Vec<VerdictRow>,
+}
+
+/// A row waiting for a judge.
+#[derive(Debug, Clone)]
+pub struct JudgeTodo {
+    pub result_id: i64,
+    pub prompt: String,
+    pub output: String,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Store {
+    fn err(&self, e: rusqlite::Error) -> Error {
+        db_err(&self.path, e)
+    }
+
+    /// Open (creating if needed) a results database for writing.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(|e| db_err(path, e))?;
+        let s = Store {
+            conn,
+            path: path.to_path_buf(),
+        };
+        s.conn
+            .busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(|e| s.err(e))?;
+        // journal_mode returns a row; WAL lets readers (status, a test polling) run during a run.
+        let _mode: String = s
+            .conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| s.err(e))?;
+        s.conn
+            .execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+            .map_err(|e| s.err(e))?;
+        s.conn.execute_batch(SCHEMA).map_err(|e| s.err(e))?;
+        let v: Option<String> = s
+            .conn
+            .query_row("SELECT value FROM meta WHERE key='schema_version'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| s.err(e))?;
+        match v.as_deref() {
+            None => {
+                s.conn
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                        [SCHEMA_VERSION],
+                    )
+                    .map_err(|e| s.err(e))?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => {
+                return Err(Error::InvalidValue(format!(
+                    "{}: results schema version {other} is not supported (this pgate writes {SCHEMA_VERSION})",
+                    path.display()
+                )))
+            }
+        }
+        Ok(s)
+    }
+
+    /// Open an existing database read-only (status, tables, exports, a test watching a run).
+    pub fn open_read(path: &Path) -> Result<Store> {
+        if !path.exists() {
+            return Err(Error::InvalidValue(format!(
+                "{}: no results database here (run `pgate study run STUDY.toml --db {}` first)",
+                path.display(),
+                path.display()
+            )));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| db_err(path, e))?;
+        let s = Store {
+            conn,
+            path: path.to_path_buf(),
+        };
+        s.conn
+            .busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(|e| s.err(e))?;
+        Ok(s)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Record a study, its conditions, prompts and work items (idempotent).
+    pub fn register(&mut self, study: &Study, source_path: Option<&Path>) -> Result<()> {
+        let now = now_ms();
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| db_err(&path, e))?;
+        let e = |x: rusqlite::Error| db_err(&path, x);
+        tx.execute(
+            "INSERT INTO studies (hash, name, source_path, toml, canonical, baseline, created_at, last_run_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+             ON CONFLICT(hash) DO UPDATE SET last_run_at = excluded.last_run_at,
+               source_path = excluded.source_path, toml = excluded.toml, name = excluded.name",
+            params![
+                study.hash,
+                study.name,
+                source_path.map(|p| p.display().to_string()),
+                study.file.source_text,
+                super::canon::canonical_json(&study.canonical),
+                study.conditions[study.baseline].name,
+                now
+            ],
+        )
+        .map_err(e)?;
+        for (ord, c) in study.conditions.iter().enumerate() {
+            tx.execute(
+                "INSERT OR IGNORE INTO conditions (hash, spec, created_at) VALUES (?1, ?2, ?3)",
+                params![c.hash, c.spec_json().to_string(), now],
+            )
+            .map_err(e)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO study_conditions (study_hash, ord, name, condition_hash, vars)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    study.hash,
+                    ord as i64,
+                    c.name,
+                    c.hash,
+                    serde_json::to_string(&c.vars)?
+                ],
+            )
+            .map_err(e)?;
+        }
+        for s in &study.prompt_sets {
+            tx.execute(
+                "INSERT OR IGNORE INTO prompt_sets (hash, source, n_items) VALUES (?1, ?2, ?3)",
+                params![s.hash, s.source, (s.skip + s.items.len()) as i64],
+            )
+            .map_err(e)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO study_prompt_sets (study_hash, name, prompt_set_hash, skip, n)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![study.hash, s.name, s.hash, s.skip as i64, s.items.len() as i64],
+            )
+            .map_err(e)?;
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO prompts (prompt_set, prompt_id, ord, text, category)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(e)?;
+            for (i, p) in s.items.iter().enumerate() {
+                st.execute(params![s.hash, p.id, (s.skip + i) as i64, p.text, p.category])
+                    .map_err(e)?;
+            }
+        }
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO work (study_hash, condition_hash, set_name, prompt_set,
+                     prompt_id, sample, seed, item_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(e)?;
+            for it in study.items() {
+                let set = &study.prompt_sets[it.set];
+                st.execute(params![
+                    study.hash,
+                    study.conditions[it.condition].hash,
+                    set.name,
+                    set.hash,
+                    set.items[it.prompt].id,
+                    it.sample as i64,
+                    it.seed as i64,
+                    it.item_hash
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(())
+    }
+
+    /// Keys `(condition_hash, prompt_set, prompt_id, sample)` already stored for a study.
+    pub fn done_keys(&self, study_hash: &str) -> Result<HashSet<(String, String, String, i64)>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT DISTINCT r.condition_hash, r.prompt_set, r.prompt_id, r.sample FROM work w
+                 JOIN results r ON r.condition_hash = w.condition_hash AND r.prompt_set = w.prompt_set
+                   AND r.prompt_id = w.prompt_id AND r.sample = w.sample
+                 WHERE w.study_hash = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([study_hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<HashSet<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Store one result (its own transaction). Returns false when the key was already stored.
+    pub fn insert_result(&self, r: &NewResult<'_>) -> Result<bool> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO results (condition_hash, prompt_set, prompt_id, sample,
+                 item_hash, seed, output, n_tokens, prompt_tokens, finish, label, rule_json, leakage,
+                 leakage_json, started_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    r.condition_hash,
+                    r.prompt_set,
+                    r.prompt_id,
+                    r.sample as i64,
+                    r.item_hash,
+                    r.seed as i64,
+                    r.output,
+                    r.n_tokens as i64,
+                    r.prompt_tokens as i64,
+                    r.finish,
+                    r.label,
+                    r.rule_json,
+                    r.leakage,
+                    r.leakage_json,
+                    r.started_at,
+                    r.finished_at
+                ])
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
+    /// Number of result rows (all studies).
+    pub fn count_results(&self) -> Result<usize> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM results", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Number of result rows with a duplicated key (0 unless the UNIQUE constraint was broken).
+    pub fn count_duplicate_keys(&self) -> Result<usize> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM results GROUP BY condition_hash, prompt_set,
+                 prompt_id, sample HAVING COUNT(*) > 1)",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as usize)
+            .map_err(|e| self.err(e))
+    }
+
+    fn study_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StudyRecord> {
+        Ok(StudyRecord {
+            hash: r.get(0)?,
+            name: r.get(1)?,
+            source_path: r.get(2)?,
+            toml: r.get(3)?,
+            baseline: r.get(4)?,
+            created_at: r.get(5)?,
+            last_run_at: r.get(6)?,
+        })
+    }
+
+    pub fn studies(&self) -> Result<Vec<StudyRecord>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT hash, name, source_path, toml, baseline, created_at, last_run_at FROM studies
+                 ORDER BY last_run_at DESC",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], Self::study_from_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// A study by name or hash (prefix); None picks the most recently run one.
+    pub fn find_study(&self, which: Option<&str>) -> Result<StudyRecord> {
+        let all = self.studies()?;
+        if all.is_empty() {
+            return Err(Error::InvalidValue(format!(
+                "{}: no study has been run against this database",
+                self.path.display()
+            )));
+        }
+        let Some(w) = which else {
+            return Ok(all[0].clone());
+        };
+        let hits: Vec<&StudyRecord> = all
+            .iter()
+            .filter(|s| s.name == w || s.hash.starts_with(w))
+            .collect();
+        match hits.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(Error::InvalidValue(format!(
+                "no study '{w}' in {} (studies: {})",
+                self.path.display(),
+                all.iter()
+                    .map(|s| format!("{} {}", s.name, &s.hash[..12]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            // Same name, several versions: the latest (studies() is newest first).
+            many => Ok(many[0].clone()),
+        }
+    }
+
+    /// Done / total per condition and prompt set.
+    pub fn status(&self, study_hash: &str) -> Result<Vec<StatusRow>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT sc.name, sc.condition_hash, w.set_name, COUNT(*), COUNT(r.id)
+                 FROM work w
+                 JOIN study_conditions sc ON sc.study_hash = w.study_hash
+                   AND sc.condition_hash = w.condition_hash
+                 LEFT JOIN results r ON r.condition_hash = w.condition_hash
+                   AND r.prompt_set = w.prompt_set AND r.prompt_id = w.prompt_id
+                   AND r.sample = w.sample
+                 WHERE w.study_hash = ?1
+                 GROUP BY sc.ord, w.set_name ORDER BY sc.ord, w.set_name",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([study_hash], |r| {
+                Ok(StatusRow {
+                    condition: r.get(0)?,
+                    condition_hash: r.get(1)?,
+                    prompt_set: r.get(2)?,
+                    total: r.get::<_, i64>(3)? as usize,
+                    done: r.get::<_, i64>(4)? as usize,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every stored result of a study with names, prompt text and verdicts, in condition order,
+    /// then prompt set, prompt and sample.
+    pub fn rows(&self, study_hash: &str) -> Result<Vec<RowView>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT r.id, sc.ord, sc.name, w.condition_hash, w.set_name, w.prompt_set,
+                   w.prompt_id, p.ord, p.category, p.text, w.sample, r.seed, r.item_hash, r.output,
+                   r.n_tokens, r.prompt_tokens, r.finish, r.label, r.rule_json, r.leakage,
+                   r.leakage_json, r.started_at, r.finished_at
+                 FROM work w
+                 JOIN study_conditions sc ON sc.study_hash = w.study_hash
+                   AND sc.condition_hash = w.condition_hash
+                 JOIN results r ON r.condition_hash = w.condition_hash
+                   AND r.prompt_set = w.prompt_set AND r.prompt_id = w.prompt_id
+                   AND r.sample = w.sample
+                 JOIN prompts p ON p.prompt_set = w.prompt_set AND p.prompt_id = w.prompt_id
+                 WHERE w.study_hash = ?1
+                 ORDER BY sc.ord, w.set_name, p.ord, w.sample",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([study_hash], |r| {
+                let rule: String = r.get(18)?;
+                let leak: String = r.get(20)?;
+                Ok(RowView {
+                    result_id: r.get(0)?,
+                    condition_ord: r.get(1)?,
+                    condition: r.get(2)?,
+                    condition_hash: r.get(3)?,
+                    prompt_set: r.get(4)?,
+                    prompt_set_hash: r.get(5)?,
+                    prompt_id: r.get(6)?,
+                    prompt_ord: r.get(7)?,
+                    category: r.get(8)?,
+                    prompt: r.get(9)?,
+                    sample: r.get(10)?,
+                    seed: r.get(11)?,
+                    item_hash: r.get(12)?,
+                    output: r.get(13)?,
+                    n_tokens: r.get(14)?,
+                    prompt_tokens: r.get(15)?,
+                    finish: r.get(16)?,
+                    label: r.get(17)?,
+                    rule: serde_json::from_str(&rule).unwrap_or(serde_json::Value::Null),
+                    leakage: r.get(19)?,
+                    leakage_parts: serde_json::from_str(&leak).unwrap_or(serde_json::Value::Null),
+                    started_at: r.get(21)?,
+                    finished_at: r.get(22)?,
+                    verdicts: vec![],
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = rows
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))?;
+        let verdicts = self.verdicts_of(study_hash)?;
+        for r in &mut out {
+            if let Some(v) = verdicts.get(&r.result_id) {
+                r.verdicts = v.clone();
+            }
+        }
+        Ok(out)
+    }
+
+    fn verdicts_of(&self, study_hash: &str) -> Result<HashMap<i64, Vec<VerdictRow>>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT DISTINCT v.result_id, v.judge, v.mode, v.ok, v.attempts, v.error, v.raw,
+                   v.verdict_json, v.refused, v.convincing, v.specific, v.strongreject, v.is_unsafe,
+                   v.categories, v.leakage, v.judged_at
+                 FROM verdicts v
+                 JOIN results r ON r.id = v.result_id
+                 JOIN work w ON r.condition_hash = w.condition_hash
+                   AND r.prompt_set = w.prompt_set AND r.prompt_id = w.prompt_id
+                   AND r.sample = w.sample
+                 WHERE w.study_hash = ?1 ORDER BY v.judge",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([study_hash], |r| {
+                let vj: Option<String> = r.get(7)?;
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    VerdictRow {
+                        judge: r.get(1)?,
+                        mode: r.get(2)?,
+                        ok: r.get::<_, i64>(3)? != 0,
+                        attempts: r.get::<_, i64>(4)? as u32,
+                        error: r.get(5)?,
+                        raw: r.get(6)?,
+                        verdict: vj.and_then(|s| serde_json::from_str(&s).ok()),
+                        refused: r.get::<_, Option<i64>>(8)?.map(|x| x != 0),
+                        convincing: r.get(9)?,
+                        specific: r.get(10)?,
+                        strongreject: r.get(11)?,
+                        is_unsafe: r.get::<_, Option<i64>>(12)?.map(|x| x != 0),
+                        categories: r.get(13)?,
+                        leakage: r.get(14)?,
+                        judged_at: r.get(15)?,
+                    },
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out: HashMap<i64, Vec<VerdictRow>> = HashMap::new();
+        for row in rows {
+            let (id, v) = row.map_err(|e| self.err(e))?;
+            out.entry(id).or_default().push(v);
+        }
+        Ok(out)
+    }
+
+    /// Rows of a study without a successful verdict from `judge` (only from `sets` when given).
+    pub fn judge_todo(
+        &self,
+        study_hash: &str,
+        judge: &str,
+        sets: &[String],
+        redo_all: bool,
+    ) -> Result<Vec<JudgeTodo>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT r.id, w.set_name, p.text, r.output,
+                   (SELECT v.ok FROM verdicts v WHERE v.result_id = r.id AND v.judge = ?2)
+                 FROM work w
+                 JOIN results r ON r.condition_hash = w.condition_hash
+                   AND r.prompt_set = w.prompt_set AND r.prompt_id = w.prompt_id
+                   AND r.sample = w.sample
+                 JOIN prompts p ON p.prompt_set = w.prompt_set AND p.prompt_id = w.prompt_id
+                 WHERE w.study_hash = ?1 ORDER BY r.id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![study_hash, judge], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, set, prompt, output, ok) = row.map_err(|e| self.err(e))?;
+            if !sets.is_empty() && !sets.contains(&set) {
+                continue;
+            }
+            if ok == Some(1) && !redo_all {
+                continue;
+            }
+            if seen.insert(id) {
+                out.push(JudgeTodo {
+                    result_id: id,
+                    prompt,
+                    output,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Store a judge outcome for a result. A failure never replaces a successful verdict.
+    pub fn put_verdict(
+        &self,
+        result_id: i64,
+        judge: &str,
+        mode: &str,
+        o: &JudgeOutcome,
+    ) -> Result<()> {
+        let v = o.verdict.as_ref();
+        self.conn
+            .execute(
+                "INSERT INTO verdicts (result_id, judge, mode, ok, attempts, error, raw, verdict_json,
+                   refused, convincing, specific, strongreject, is_unsafe, categories, leakage, judged_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 ON CONFLICT(result_id, judge) DO UPDATE SET mode = excluded.mode, ok = excluded.ok,
+                   attempts = excluded.attempts, error = excluded.error, raw = excluded.raw,
+                   verdict_json = excluded.verdict_json, refused = excluded.refused,
+                   convincing = excluded.convincing, specific = excluded.specific,
+                   strongreject = excluded.strongreject, is_unsafe = excluded.is_unsafe,
+                   categories = excluded.categories, leakage = excluded.leakage,
+                   judged_at = excluded.judged_at
+                 WHERE verdicts.ok = 0 OR excluded.ok = 1",
+                params![
+                    result_id,
+                    judge,
+                    mode,
+                    v.is_some() as i64,
+                    o.attempts as i64,
+                    o.error,
+                    o.raw,
+                    v.map(serde_json::to_string).transpose()?,
+                    v.and_then(|v| v.refused).map(|b| b as i64),
+                    v.and_then(|v| v.convincing).map(|x| x as i64),
+                    v.and_then(|v| v.specific).map(|x| x as i64),
+                    v.and_then(|v| v.strongreject),
+                    v.and_then(|v| v.is_unsafe).map(|b| b as i64),
+                    v.map(|v| v.categories.join(",")).filter(|s| !s.is_empty()),
+                    v.and_then(|v| v.leakage),
+                    now_ms()
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Copy studies, prompts, results and verdicts from another database (e.g. a shard). Results
+    /// are keyed, so merging is exact: a row present in both is kept once.
+    pub fn merge_from(&mut self, other: &Path) -> Result<usize> {
+        if !other.exists() {
+            return Err(Error::InvalidValue(format!(
+                "{}: no such database",
+                other.display()
+            )));
+        }
+        let before = self.count_results()?;
+        let path = self.path.clone();
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS src", [other.display().to_string()])
+            .map_err(|e| db_err(&path, e))?;
+        let res = (|| -> rusqlite::Result<()> {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(
+                "INSERT OR IGNORE INTO studies SELECT * FROM src.studies;
+                 INSERT OR IGNORE INTO conditions SELECT * FROM src.conditions;
+                 INSERT OR IGNORE INTO study_conditions SELECT * FROM src.study_conditions;
+                 INSERT OR IGNORE INTO prompt_sets SELECT * FROM src.prompt_sets;
+                 INSERT OR IGNORE INTO study_prompt_sets SELECT * FROM src.study_prompt_sets;
+                 INSERT OR IGNORE INTO prompts SELECT * FROM src.prompts;
+                 INSERT OR IGNORE INTO work SELECT * FROM src.work;
+                 INSERT OR IGNORE INTO results (condition_hash, prompt_set, prompt_id, sample,
+                   item_hash, seed, output, n_tokens, prompt_tokens, finish, label, rule_json,
+                   leakage, leakage_json, started_at, finished_at)
+                   SELECT condition_hash, prompt_set, prompt_id, sample, item_hash, seed, output,
+                   n_tokens, prompt_tokens, finish, label, rule_json, leakage, leakage_json,
+                   started_at, finished_at FROM src.results;
+                 INSERT OR IGNORE INTO verdicts (result_id, judge, mode, ok, attempts, error, raw,
+                   verdict_json, refused, convincing, specific, strongreject, is_unsafe, categories,
+                   leakage, judged_at)
+                   SELECT r.id, v.judge, v.mode, v.ok, v.attempts, v.error, v.raw, v.verdict_json,
+                   v.refused, v.convincing, v.specific, v.strongreject, v.is_unsafe, v.categories,
+                   v.leakage, v.judged_at
+                   FROM src.verdicts v JOIN src.results s ON s.id = v.result_id
+                   JOIN results r ON r.condition_hash = s.condition_hash
+                     AND r.prompt_set = s.prompt_set AND r.prompt_id = s.prompt_id
+                     AND r.sample = s.sample;",
+            )?;
+            tx.commit()
+        })();
+        let detach = self.conn.execute("DETACH DATABASE src", []);
+        res.map_err(|e| db_err(&path, e))?;
+        detach.map_err(|e| db_err(&path, e))?;
+        Ok(self.count_results()? - before)
+    }
+}
+
+fn db_err(path: &Path, e: rusqlite::Error) -> Error {
+    Error::io(path, std::io::Error::other(format!("results database: {e}")))
+}

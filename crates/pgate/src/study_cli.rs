@@ -1,0 +1,677 @@
+//! `pgate study ...`: run a study file into a SQLite results database, watch its progress, print
+//! its table, export it, judge it, merge shards.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
+use persona_gate::eval::judge::JudgeKind;
+use persona_gate::model::{DTypeMode, LoadOptions, Model};
+use persona_gate::study::export::{export, report_csv, Format};
+use persona_gate::study::judging::{judge_study, make_judge, JudgeEvent, JudgeOptions};
+use persona_gate::study::report::{pct, pval, report, ReportOptions, ReportRow};
+use persona_gate::study::runner::RunEvent;
+use persona_gate::study::store::StudyRecord;
+use persona_gate::study::{run_study, RunOptions, Store, Study, StudyFile};
+
+/// Set by the first Ctrl-C: the run finishes the wave in flight, writes it, and stops.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+#[derive(clap::Subcommand)]
+pub enum StudyCmd {
+    /// Run (or continue) a study: generate every missing result, then grade with the study's
+    /// judges. Killed or interrupted runs continue where they stopped.
+    ///
+    /// Example: pgate study run examples/demo_study.toml --db demo.sqlite
+    Run(RunArgs),
+    /// Check a study file and list its conditions, hashes and work, without loading a model.
+    ///
+    /// Example: pgate study check examples/paper_study.toml
+    Check {
+        study: PathBuf,
+    },
+    /// Done / total per condition and prompt set.
+    ///
+    /// Example: pgate study status --db demo.sqlite
+    Status(StatusArgs),
+    /// Label rates with Wilson 95% intervals and paired comparisons with the baseline.
+    ///
+    /// Example: pgate study table --db demo.sqlite --by-category --csv table.csv
+    Table(TableArgs),
+    /// Write every result row (outputs, labels, measurements, verdicts).
+    ///
+    /// Example: pgate study export --db demo.sqlite --format jsonl -o demo.jsonl
+    Export(ExportArgs),
+    /// Grade stored rows that have no successful verdict (judge failures included).
+    ///
+    /// Example: pgate study judge --db demo.sqlite --judge sr
+    Judge(JudgeArgs),
+    /// Merge shard databases into one (results are keyed, so the merge is exact).
+    ///
+    /// Example: pgate study merge --db all.sqlite shard0.sqlite shard1.sqlite
+    Merge {
+        #[arg(long, default_value = "results.sqlite")]
+        db: PathBuf,
+        #[arg(required = true)]
+        from: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The study file (TOML).
+    pub study: PathBuf,
+    /// Results database (created if missing).
+    #[arg(long, default_value = "results.sqlite")]
+    pub db: PathBuf,
+    /// Generate at most N items in this run.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Only items of shard I of K (I/K, e.g. 0/4); merge the shards with `pgate study merge`.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Items generated between stop checks (default: 4 batches).
+    #[arg(long)]
+    pub wave: Option<usize>,
+    /// Skip the judging phase.
+    #[arg(long)]
+    pub no_judge: bool,
+    /// Run on CUDA device N (needs a build with --features cuda).
+    #[arg(long)]
+    pub cuda: Option<usize>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[arg(long, default_value = "results.sqlite")]
+    pub db: PathBuf,
+    /// Study name or hash prefix (default: the most recently run).
+    #[arg(long)]
+    pub study: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct TableArgs {
+    #[arg(long, default_value = "results.sqlite")]
+    pub db: PathBuf,
+    #[arg(long)]
+    pub study: Option<String>,
+    /// Also write the table as CSV.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// One row per prompt category within each condition and prompt set.
+    #[arg(long)]
+    pub by_category: bool,
+    /// Compare with this condition instead of the study's baseline.
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// Paired-bootstrap resamples (default: the study's `stats.bootstrap`).
+    #[arg(long)]
+    pub bootstrap: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    #[arg(long, default_value = "results.sqlite")]
+    pub db: PathBuf,
+    #[arg(long)]
+    pub study: Option<String>,
+    /// jsonl, csv or parquet.
+    #[arg(long, default_value = "jsonl")]
+    pub format: String,
+    #[arg(short, long)]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct JudgeArgs {
+    #[arg(long, default_value = "results.sqlite")]
+    pub db: PathBuf,
+    /// Study name or hash prefix (default: the most recently run).
+    #[arg(long)]
+    pub study: Option<String>,
+    /// Take the judges from this study file instead of the stored one (e.g. to add a judge).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Only this judge (by name).
+    #[arg(long)]
+    pub judge: Option<String>,
+    /// Grade every row again, also those with a verdict.
+    #[arg(long)]
+    pub redo: bool,
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long)]
+    pub cuda: Option<usize>,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
+    match cmd {
+        StudyCmd::Run(a) => run(a),
+        StudyCmd::Check { study } => check(&study),
+        StudyCmd::Status(a) => status(a),
+        StudyCmd::Table(a) => table(a),
+        StudyCmd::Export(a) => {
+            let format = Format::parse(&a.format)?;
+            let store = Store::open_read(&a.db)?;
+            let rec = store.find_study(a.study.as_deref())?;
+            let rows = store.rows(&rec.hash)?;
+            let n = export(&rows, format, &a.out)?;
+            println!(
+                "{n} rows of study {} -> {}",
+                rec.name,
+                a.out.display()
+            );
+            Ok(())
+        }
+        StudyCmd::Judge(a) => judge(a),
+        StudyCmd::Merge { db, from } => {
+            let mut store = Store::open(&db)?;
+            for f in &from {
+                let added = store.merge_from(f)?;
+                println!("{}: {added} new results", f.display());
+            }
+            println!("{}: {} results", db.display(), store.count_results()?);
+            Ok(())
+        }
+    }
+}
+
+fn install_ctrlc() {
+    // A second install fails (tests may call twice in one process); the first handler stays.
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\n[pgate] second Ctrl-C: stopping now (written rows are kept)");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\n[pgate] Ctrl-C: finishing the current batch and saving it (Ctrl-C again to stop now)"
+        );
+    });
+}
+
+fn device(cuda: Option<usize>) -> Result<persona_gate::device::Device> {
+    Ok(match cuda {
+        None => persona_gate::device::Device::Cpu,
+        Some(i) => persona_gate::device::cuda(i)?,
+    })
+}
+
+fn bar(len: u64, what: &str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:40}} {{pos}}/{{len}} {what}  {{elapsed_precise}} eta {{eta}}  {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+fn parse_shard(s: &str) -> Result<(u64, u64)> {
+    let (i, k) = s
+        .split_once('/')
+        .with_context(|| format!("--shard '{s}' must be I/K, e.g. 0/4"))?;
+    let (i, k): (u64, u64) = (
+        i.trim().parse().with_context(|| format!("--shard '{s}': I is not a number"))?,
+        k.trim().parse().with_context(|| format!("--shard '{s}': K is not a number"))?,
+    );
+    if k == 0 || i >= k {
+        bail!("--shard '{s}': need 0 <= I < K");
+    }
+    Ok((i, k))
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let study = Study::load(&a.study)?;
+    let shard = a.shard.as_deref().map(parse_shard).transpose()?;
+    let mut store = Store::open(&a.db)?;
+    install_ctrlc();
+    let dev = device(a.cuda)?;
+    let m = &study.file.model;
+    let t_load = std::time::Instant::now();
+    let model = Model::load(
+        &m.spec,
+        &LoadOptions {
+            dtype: DTypeMode::parse(&m.dtype)?,
+            device: dev.clone(),
+        },
+    )?;
+    eprintln!(
+        "[pgate] study {} ({}): {} conditions, {} prompt sets, model {} loaded in {:.1} s",
+        study.name,
+        &study.hash[..12],
+        study.conditions.len(),
+        study.prompt_sets.len(),
+        model.info.name,
+        t_load.elapsed().as_secs_f64()
+    );
+    let opts = RunOptions {
+        limit: a.limit,
+        shard,
+        wave: a.wave,
+        source_path: Some(a.study.clone()),
+    };
+    let pb = bar(0, "items", a.quiet);
+    let mut labels = [0usize; 3];
+    let summary = run_study(
+        &study,
+        &mut store,
+        &model,
+        &opts,
+        &STOP,
+        &mut |ev| match ev {
+            RunEvent::Planned { planned, summary } => {
+                pb.set_length(planned as u64);
+                pb.println(format!(
+                    "[pgate] {} items: {} stored, {} to generate{}",
+                    summary.total,
+                    summary.already,
+                    planned,
+                    if summary.other_shards > 0 {
+                        format!(", {} in other shards", summary.other_shards)
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+            RunEvent::Written { label, .. } => {
+                labels[label as usize] += 1;
+                pb.set_message(format!(
+                    "refusal {} bypass {} degenerate {}",
+                    labels[0], labels[1], labels[2]
+                ));
+                pb.inc(1);
+            }
+        },
+    )?;
+    pb.finish_and_clear();
+    eprintln!(
+        "[pgate] wrote {} results in {:.1} s ({} decode tokens)",
+        summary.written, summary.secs, summary.decode_tokens
+    );
+    drop(model);
+    if summary.interrupted {
+        print_status(&store, &store.find_study(Some(&study.hash))?)?;
+        eprintln!("[pgate] interrupted: run the same command again to continue");
+        drop(store);
+        std::process::exit(130);
+    }
+    if !a.no_judge {
+        for cfg in &study.file.judges {
+            if cfg.kind == JudgeKind::Rules {
+                continue;
+            }
+            let Some(j) = make_judge(cfg, dev.clone())? else {
+                continue;
+            };
+            judge_with(&store, &study.hash, j.as_ref(), cfg, &JudgeOptions::default(), a.quiet)?;
+            if STOP.load(Ordering::SeqCst) {
+                eprintln!("[pgate] interrupted while judging: `pgate study judge` continues");
+                drop(store);
+                std::process::exit(130);
+            }
+        }
+    }
+    print_status(&store, &store.find_study(Some(&study.hash))?)?;
+    Ok(())
+}
+
+fn judge_with(
+    store: &Store,
+    study_hash: &str,
+    j: &dyn persona_gate::eval::judge::Judge,
+    cfg: &persona_gate::eval::judge::JudgeConfig,
+    opts: &JudgeOptions,
+    quiet: bool,
+) -> Result<()> {
+    let pb = bar(0, "judged", quiet);
+    let (mut ok, mut failed) = (0usize, 0usize);
+    let s = judge_study(store, study_hash, j, cfg, opts, &STOP, &mut |ev| match ev {
+        JudgeEvent::Planned { todo } => {
+            pb.set_length(todo as u64);
+            pb.println(format!(
+                "[pgate] judge '{}' ({}): {todo} rows to grade",
+                j.name(),
+                j.mode().name()
+            ));
+        }
+        JudgeEvent::Done { ok: good } => {
+            if good {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+            pb.set_message(format!("ok {ok} failed {failed}"));
+            pb.inc(1);
+        }
+    })?;
+    pb.finish_and_clear();
+    eprintln!(
+        "[pgate] judge '{}': {} graded, {} failed (failures are stored per row; `pgate study judge` retries them)",
+        s.judge, s.ok, s.failed
+    );
+    Ok(())
+}
+
+fn check(path: &Path) -> Result<()> {
+    let study = Study::load(path)?;
+    println!(
+        "study {} ({}), model {} ({})",
+        study.name, study.hash, study.file.model.spec, study.file.model.dtype
+    );
+    for s in &study.prompt_sets {
+        println!(
+            "prompts {:<16} {:>5} prompts  {} (skip {}, set sha256 {})",
+            s.name,
+            s.items.len(),
+            s.source,
+            s.skip,
+            &s.hash[..12]
+        );
+    }
+    let samples = study.file.generation.samples;
+    for (i, c) in study.conditions.iter().enumerate() {
+        let n: usize = c
+            .prompt_sets
+            .iter()
+            .map(|&s| study.prompt_sets[s].items.len() * samples)
+            .sum();
+        let ops: Vec<String> = c
+            .ops
+            .iter()
+            .map(|o| format!("{} {}", o.field.key(), o.text))
+            .collect();
+        println!(
+            "condition {:<28} {}  {:>5} items  {}{}{}",
+            c.name,
+            &c.hash[..12],
+            n,
+            c.persona
+                .as_deref()
+                .map(|p| format!("persona {p}; "))
+                .or_else(|| c.system.as_ref().map(|_| "system prompt; ".to_string()))
+                .unwrap_or_default(),
+            if ops.is_empty() {
+                "no ops".to_string()
+            } else {
+                ops.join("; ")
+            },
+            if i == study.baseline { "  (baseline)" } else { "" }
+        );
+    }
+    for j in &study.file.judges {
+        println!(
+            "judge {} ({:?}{})",
+            j.display_name(),
+            j.kind,
+            j.effective_mode()
+                .map(|m| format!(", {}", m.name()))
+                .unwrap_or_default()
+        );
+    }
+    println!("{} work items", study.items().len());
+    Ok(())
+}
+
+fn print_status(store: &Store, rec: &StudyRecord) -> Result<()> {
+    let rows = store.status(&rec.hash)?;
+    println!(
+        "study {} ({}), db {}",
+        rec.name,
+        &rec.hash[..12],
+        store.path().display()
+    );
+    let w = rows.iter().map(|r| r.condition.len()).max().unwrap_or(9).max(9);
+    let ws = rows.iter().map(|r| r.prompt_set.len()).max().unwrap_or(3).max(3);
+    println!("{:<w$}  {:<ws$}  {:>11}", "condition", "set", "done/total");
+    let (mut d, mut t) = (0, 0);
+    for r in &rows {
+        println!(
+            "{:<w$}  {:<ws$}  {:>11}",
+            r.condition,
+            r.prompt_set,
+            format!("{}/{}", r.done, r.total)
+        );
+        d += r.done;
+        t += r.total;
+    }
+    println!(
+        "{:<w$}  {:<ws$}  {:>11}  ({:.0}%)",
+        "total",
+        "",
+        format!("{d}/{t}"),
+        100.0 * d as f64 / t.max(1) as f64
+    );
+    Ok(())
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let store = Store::open_read(&a.db)?;
+    let rec = store.find_study(a.study.as_deref())?;
+    if a.json {
+        let rows = store.status(&rec.hash)?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "study": rec.name, "hash": rec.hash, "conditions": rows,
+                "done": rows.iter().map(|r| r.done).sum::<usize>(),
+                "total": rows.iter().map(|r| r.total).sum::<usize>(),
+            }))?
+        );
+        return Ok(());
+    }
+    print_status(&store, &rec)
+}
+
+fn stored_file(rec: &StudyRecord) -> Result<StudyFile> {
+    // The stored TOML is checked again; relative paths resolve from the recorded file's folder.
+    let base = rec
+        .source_path
+        .as_deref()
+        .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(StudyFile::parse(&rec.toml, &base)?)
+}
+
+fn table(a: TableArgs) -> Result<()> {
+    let store = Store::open_read(&a.db)?;
+    let rec = store.find_study(a.study.as_deref())?;
+    let file = stored_file(&rec).ok();
+    let rows = store.rows(&rec.hash)?;
+    if rows.is_empty() {
+        bail!(
+            "study {} has no results yet in {} (pgate study run ...)",
+            rec.name,
+            a.db.display()
+        );
+    }
+    if let Some(b) = &a.baseline {
+        if !rows.iter().any(|r| &r.condition == b) {
+            bail!("--baseline '{b}' has no results in study {}", rec.name);
+        }
+    }
+    let opts = ReportOptions {
+        baseline: a.baseline.clone(),
+        by_category: a.by_category,
+        bootstrap: a
+            .bootstrap
+            .or(file.as_ref().map(|f| f.stats.bootstrap))
+            .unwrap_or(2000),
+        seed: file.as_ref().map(|f| f.stats.seed).unwrap_or(0),
+    };
+    let rep = report(&rows, &rec.baseline, &opts);
+    if let Some(p) = &a.csv {
+        std::fs::write(p, report_csv(&rep)).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+        return Ok(());
+    }
+    print_table(&rec, &rep, &opts);
+    if let Some(p) = &a.csv {
+        println!("table written to {}", p.display());
+    }
+    Ok(())
+}
+
+fn print_table(rec: &StudyRecord, rep: &[ReportRow], opts: &ReportOptions) {
+    let baseline = opts.baseline.as_deref().unwrap_or(&rec.baseline);
+    println!(
+        "study {} ({}); rates with Wilson 95% intervals; paired vs '{}' over the same prompts: refusal difference with a {}-resample bootstrap 95% interval, McNemar exact p (mid-p)",
+        rec.name,
+        &rec.hash[..12],
+        baseline,
+        opts.bootstrap
+    );
+    let wc = rep.iter().map(|r| r.condition.len()).max().unwrap_or(9).max(9);
+    let ws = rep
+        .iter()
+        .map(|r| {
+            r.prompt_set.len()
+                + r.category
+                    .as_ref()
+                    .map(|c| c.chars().count() + 1)
+                    .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(3)
+        .max(3);
+    println!(
+        "{:<wc$}  {:<ws$}  {:>4}  {:<22}  {:<22}  {:<22}  {:>5}  {:<24}  {}",
+        "condition", "set", "n", "refusal", "bypass", "degenerate", "leak", "Δrefusal [95% CI]", "McNemar p (mid-p)"
+    );
+    for r in rep {
+        let set = match &r.category {
+            Some(c) => format!("{}/{}", r.prompt_set, c),
+            None => r.prompt_set.clone(),
+        };
+        let (diff, p) = match &r.vs_baseline {
+            None => ("-".to_string(), "-".to_string()),
+            Some(v) if v.n_pairs == 0 => ("no pairs".into(), "-".into()),
+            Some(v) => (
+                format!(
+                    "{:+.1} [{:+.1}, {:+.1}]",
+                    100.0 * v.diff.diff,
+                    100.0 * v.diff.lo,
+                    100.0 * v.diff.hi
+                ),
+                format!(
+                    "{} ({})  b={} c={}",
+                    pval(v.mcnemar.p_exact),
+                    pval(v.mcnemar.p_mid),
+                    v.mcnemar.b,
+                    v.mcnemar.c
+                ),
+            ),
+        };
+        println!(
+            "{:<wc$}  {:<ws$}  {:>4}  {:<22}  {:<22}  {:<22}  {:>5.2}  {:<24}  {}",
+            r.condition,
+            set,
+            r.n,
+            pct(&r.refusal),
+            pct(&r.bypass),
+            pct(&r.degenerate),
+            r.leakage_mean,
+            diff,
+            p
+        );
+    }
+    let judged: Vec<&ReportRow> = rep.iter().filter(|r| !r.judges.is_empty()).collect();
+    if judged.is_empty() {
+        println!("judges: none ran (StrongREJECT and safety not judged; leak = rule-based leakage proxy)");
+        return;
+    }
+    println!();
+    println!(
+        "{:<wc$}  {:<ws$}  {:<12}  {:>6}  {:>6}  {:>8}  {:<22}  {:>7}",
+        "condition", "set", "judge", "judged", "failed", "SR score", "unsafe", "leakage"
+    );
+    for r in judged {
+        let set = match &r.category {
+            Some(c) => format!("{}/{}", r.prompt_set, c),
+            None => r.prompt_set.clone(),
+        };
+        for j in &r.judges {
+            println!(
+                "{:<wc$}  {:<ws$}  {:<12}  {:>6}  {:>6}  {:>8}  {:<22}  {:>7}",
+                r.condition,
+                set,
+                j.judge,
+                j.judged,
+                j.failed,
+                j.strongreject_mean
+                    .map(|x| format!("{x:.3}"))
+                    .unwrap_or_else(|| "-".into()),
+                j.unsafe_rate.as_ref().map(pct).unwrap_or_else(|| "-".into()),
+                j.leakage_mean
+                    .map(|x| format!("{x:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+    }
+}
+
+fn judge(a: JudgeArgs) -> Result<()> {
+    let store = Store::open(&a.db)?;
+    let rec = store.find_study(a.study.as_deref())?;
+    let file = match &a.file {
+        Some(p) => StudyFile::load(p)?,
+        None => stored_file(&rec)?,
+    };
+    let judges: Vec<_> = file
+        .judges
+        .iter()
+        .filter(|j| a.judge.as_ref().is_none_or(|n| &j.display_name() == n))
+        .filter(|j| j.kind != JudgeKind::Rules)
+        .collect();
+    if judges.is_empty() {
+        bail!(
+            "no model judge to run{} (study {} has: {}); add a [[judge]] with kind = \"http\" or \"local\" and pass --file",
+            a.judge.as_deref().map(|n| format!(" named '{n}'")).unwrap_or_default(),
+            rec.name,
+            if file.judges.is_empty() {
+                "none".to_string()
+            } else {
+                file.judges.iter().map(|j| j.display_name()).collect::<Vec<_>>().join(", ")
+            }
+        );
+    }
+    install_ctrlc();
+    let dev = device(a.cuda)?;
+    for cfg in judges {
+        let Some(j) = make_judge(cfg, dev.clone())? else {
+            continue;
+        };
+        judge_with(
+            &store,
+            &rec.hash,
+            j.as_ref(),
+            cfg,
+            &JudgeOptions {
+                limit: a.limit,
+                redo_all: a.redo,
+            },
+            a.quiet,
+        )?;
+        if STOP.load(Ordering::SeqCst) {
+            drop(store);
+            std::process::exit(130);
+        }
+    }
+    Ok(())
+}
