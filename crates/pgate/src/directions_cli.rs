@@ -184,7 +184,7 @@ pub enum DirectionsCmd {
 pub struct SteerArgs {
     /// Add COEFF x unit direction: FILE[L]:COEFF@LAYERS[/prompt|generated] (repeatable).
     /// [L] uses layer L's vector at every layer; without it each layer uses its own vector.
-    /// Example: --add compliant.safetensors:6@8-12
+    /// Example: --add compliant.safetensors:2@12-16
     #[arg(long, value_name = "FILE[L]:COEFF@LAYERS")]
     pub add: Vec<String>,
     /// Add COEFF x the vector as stored (not normalized), e.g. the raw difference in means.
@@ -200,6 +200,18 @@ pub struct SteerArgs {
 }
 
 impl SteerArgs {
+    /// Parse every spec (before a model is loaded, so a typo fails fast).
+    pub fn specs(&self) -> Result<Vec<DirectionSpec>> {
+        Ok(self
+            .ablate
+            .iter()
+            .map(|s| DirectionSpec::parse_ablate(s))
+            .chain(self.cap.iter().map(|s| DirectionSpec::parse_cap(s)))
+            .chain(self.add.iter().map(|s| DirectionSpec::parse_add(s)))
+            .chain(self.add_raw.iter().map(|s| DirectionSpec::parse_add_raw(s)))
+            .collect::<persona_gate::Result<Vec<_>>>()?)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.add.is_empty()
             && self.add_raw.is_empty()
@@ -223,20 +235,7 @@ pub fn generate_plan(
     if let Some(p) = plan {
         b.plan_file(p)?;
     }
-    let specs = steer
-        .ablate
-        .iter()
-        .map(|s| DirectionSpec::parse_ablate(s))
-        .chain(steer.cap.iter().map(|s| DirectionSpec::parse_cap(s)))
-        .chain(steer.add.iter().map(|s| DirectionSpec::parse_add(s)))
-        .chain(
-            steer
-                .add_raw
-                .iter()
-                .map(|s| DirectionSpec::parse_add_raw(s)),
-        )
-        .collect::<persona_gate::Result<Vec<_>>>()?;
-    for s in &specs {
+    for s in &steer.specs()? {
         b.spec(s)?;
     }
     let cfg = model.config();
@@ -512,7 +511,7 @@ pub fn run_directions(cmd: DirectionsCmd) -> Result<()> {
             }
             println!("created        {} by pgate {}", m.created, m.tool_version);
             for (k, v) in &m.extra {
-                println!("{:<14} {v}", k);
+                println!("extra          {k} = {v}");
             }
             let pp = set.pos_mean.as_ref().map(|x| set.projections(x));
             let pn = set.neg_mean.as_ref().map(|x| set.projections(x));

@@ -189,6 +189,7 @@ fn run(cli: Cli) -> Result<()> {
             if list.is_empty() {
                 bail!("no prompts: give --prompt TEXT or --prompts FILE.jsonl");
             }
+            steer.specs()?;
             let model = m.load()?;
             let plan = directions_cli::generate_plan(plan.as_deref(), &steer, &model)?;
             let settings = GenSettings {

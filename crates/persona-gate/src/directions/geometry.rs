@@ -230,7 +230,9 @@ impl GeometryReport {
 }
 
 fn fmt_cos(c: &Option<f64>) -> String {
-    c.map(|x| format!("{x:+.3}")).unwrap_or_else(|| "-".into())
+    // No "-0.000": a cosine that rounds to zero prints as +0.000.
+    c.map(|x| format!("{:+.3}", if x.abs() < 5e-4 { 0.0 } else { x }))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn csv_field(s: &str) -> String {
