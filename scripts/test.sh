@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-models.sh
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
-cargo test --release --workspace -- --test-threads=1 "$@"
+cargo test --release --workspace --no-fail-fast -- --test-threads=1 "$@"

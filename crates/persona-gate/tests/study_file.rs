@@ -100,7 +100,10 @@ fn empty_prompt_set() {
     )
     .unwrap();
     let e = Study::resolve(f).unwrap_err().to_string();
-    assert!(e.contains("prompt set 'h'") && e.contains("leaves none"), "{e}");
+    assert!(
+        e.contains("prompt set 'h'") && e.contains("leaves none"),
+        "{e}"
+    );
     // A file with no prompts.
     let dir = tmpdir("empty");
     std::fs::write(dir.join("none.jsonl"), "\n").unwrap();
@@ -125,7 +128,12 @@ fn empty_prompt_set() {
 fn unknown_persona() {
     assert_err(
         "[[condition]]\nname = \"p\"\npersona = \"frendly\"\n",
-        &["condition 'p'", "unknown persona 'frendly'", "friendly", "companion"],
+        &[
+            "condition 'p'",
+            "unknown persona 'frendly'",
+            "friendly",
+            "companion",
+        ],
     );
     // Study personas are known, and shadow nothing else.
     let f = parse("[personas]\npirate = \"You are a pirate.\"\n[[condition]]\nname = \"p\"\npersona = \"pirate\"\n").unwrap();
@@ -135,7 +143,10 @@ fn unknown_persona() {
 
 #[test]
 fn other_errors_are_named() {
-    assert_err("[[condition]]\nname = \"a\"\nsytem = \"x\"\n", &["unknown field", "sytem"]);
+    assert_err(
+        "[[condition]]\nname = \"a\"\nsytem = \"x\"\n",
+        &["unknown field", "sytem"],
+    );
     assert_err("", &["no conditions"]);
     assert_err(
         "[[condition]]\nname = \"a\"\n[[condition]]\nname = \"a\"\n",
@@ -172,9 +183,12 @@ fn other_errors_are_named() {
         "[[judge]]\nkind = \"http\"\nmodel = \"m\"\n",
         &["judge 'http'", "base_url"],
     );
-    let e = StudyFile::parse("version = 2\n[model]\nspec = \"x\"\n[prompts]\nh = \"demo_harmful\"\n", Path::new("."))
-        .unwrap_err()
-        .to_string();
+    let e = StudyFile::parse(
+        "version = 2\n[model]\nspec = \"x\"\n[prompts]\nh = \"demo_harmful\"\n",
+        Path::new("."),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("version 2"), "{e}");
 }
 
@@ -244,7 +258,9 @@ w = { windows = [0, 3], width = 2, step = 2 }
     assert_eq!(hashes.len(), 8);
 
     // Renaming a condition or reordering keys changes no condition hash; a coefficient does.
-    let renamed = text.replace("name = \"steer\"", "name = \"steer2\"").replace("base = \"steer\"", "base = \"steer2\"");
+    let renamed = text
+        .replace("name = \"steer\"", "name = \"steer2\"")
+        .replace("base = \"steer\"", "base = \"steer2\"");
     let s2 = Study::resolve(StudyFile::parse(&renamed, &dir).unwrap()).unwrap();
     assert_eq!(s2.conditions[1].hash, study.conditions[1].hash);
     assert_ne!(s2.hash, study.hash, "the study hash covers names");
@@ -258,7 +274,10 @@ w = { windows = [0, 3], width = 2, step = 2 }
     assert_eq!(again.items(), study.items());
     // Seeds do not depend on the condition (common random numbers across conditions).
     let items = study.items();
-    let first: Vec<_> = items.iter().filter(|i| i.set == 0 && i.prompt == 0).collect();
+    let first: Vec<_> = items
+        .iter()
+        .filter(|i| i.set == 0 && i.prompt == 0)
+        .collect();
     assert!(first.windows(2).all(|w| w[0].seed == w[1].seed));
     // A changed direction file changes the hash of the conditions using it, not the baseline's.
     use persona_gate::directions::{DirectionMeta, DirectionSet};
@@ -292,7 +311,10 @@ fn missing_direction_file() {
     )
     .unwrap();
     let e = Study::resolve(f).unwrap_err().to_string();
-    assert!(e.contains("direction 'c'") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("direction 'c'") && e.contains("does not exist"),
+        "{e}"
+    );
 }
 
 #[test]

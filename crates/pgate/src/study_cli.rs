@@ -27,9 +27,7 @@ pub enum StudyCmd {
     /// Check a study file and list its conditions, hashes and work, without loading a model.
     ///
     /// Example: pgate study check examples/paper_study.toml
-    Check {
-        study: PathBuf,
-    },
+    Check { study: PathBuf },
     /// Done / total per condition and prompt set.
     ///
     /// Example: pgate study status --db demo.sqlite
@@ -166,11 +164,7 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
             let rec = store.find_study(a.study.as_deref())?;
             let rows = store.rows(&rec.hash)?;
             let n = export(&rows, format, &a.out)?;
-            println!(
-                "{n} rows of study {} -> {}",
-                rec.name,
-                a.out.display()
-            );
+            println!("{n} rows of study {} -> {}", rec.name, a.out.display());
             Ok(())
         }
         StudyCmd::Judge(a) => judge(a),
@@ -220,13 +214,26 @@ fn bar(len: u64, what: &str, quiet: bool) -> indicatif::ProgressBar {
     b
 }
 
+/// A message above the progress bar (or on stderr when the bar is hidden).
+fn say(pb: &indicatif::ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}
+
 fn parse_shard(s: &str) -> Result<(u64, u64)> {
     let (i, k) = s
         .split_once('/')
         .with_context(|| format!("--shard '{s}' must be I/K, e.g. 0/4"))?;
     let (i, k): (u64, u64) = (
-        i.trim().parse().with_context(|| format!("--shard '{s}': I is not a number"))?,
-        k.trim().parse().with_context(|| format!("--shard '{s}': K is not a number"))?,
+        i.trim()
+            .parse()
+            .with_context(|| format!("--shard '{s}': I is not a number"))?,
+        k.trim()
+            .parse()
+            .with_context(|| format!("--shard '{s}': K is not a number"))?,
     );
     if k == 0 || i >= k {
         bail!("--shard '{s}': need 0 <= I < K");
@@ -243,7 +250,7 @@ fn run(a: RunArgs) -> Result<()> {
     let m = &study.file.model;
     let t_load = std::time::Instant::now();
     let model = Model::load(
-        &m.spec,
+        &study.model_spec(),
         &LoadOptions {
             dtype: DTypeMode::parse(&m.dtype)?,
             device: dev.clone(),
@@ -275,17 +282,20 @@ fn run(a: RunArgs) -> Result<()> {
         &mut |ev| match ev {
             RunEvent::Planned { planned, summary } => {
                 pb.set_length(planned as u64);
-                pb.println(format!(
-                    "[pgate] {} items: {} stored, {} to generate{}",
-                    summary.total,
-                    summary.already,
-                    planned,
-                    if summary.other_shards > 0 {
-                        format!(", {} in other shards", summary.other_shards)
-                    } else {
-                        String::new()
-                    }
-                ));
+                say(
+                    &pb,
+                    format!(
+                        "[pgate] {} items: {} stored, {} to generate{}",
+                        summary.total,
+                        summary.already,
+                        planned,
+                        if summary.other_shards > 0 {
+                            format!(", {} in other shards", summary.other_shards)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                );
             }
             RunEvent::Written { label, .. } => {
                 labels[label as usize] += 1;
@@ -317,7 +327,14 @@ fn run(a: RunArgs) -> Result<()> {
             let Some(j) = make_judge(cfg, dev.clone())? else {
                 continue;
             };
-            judge_with(&store, &study.hash, j.as_ref(), cfg, &JudgeOptions::default(), a.quiet)?;
+            judge_with(
+                &store,
+                &study.hash,
+                j.as_ref(),
+                cfg,
+                &JudgeOptions::default(),
+                a.quiet,
+            )?;
             if STOP.load(Ordering::SeqCst) {
                 eprintln!("[pgate] interrupted while judging: `pgate study judge` continues");
                 drop(store);
@@ -342,11 +359,14 @@ fn judge_with(
     let s = judge_study(store, study_hash, j, cfg, opts, &STOP, &mut |ev| match ev {
         JudgeEvent::Planned { todo } => {
             pb.set_length(todo as u64);
-            pb.println(format!(
-                "[pgate] judge '{}' ({}): {todo} rows to grade",
-                j.name(),
-                j.mode().name()
-            ));
+            say(
+                &pb,
+                format!(
+                    "[pgate] judge '{}' ({}): {todo} rows to grade",
+                    j.name(),
+                    j.mode().name()
+                ),
+            );
         }
         JudgeEvent::Done { ok: good } => {
             if good {
@@ -409,7 +429,11 @@ fn check(path: &Path) -> Result<()> {
             } else {
                 ops.join("; ")
             },
-            if i == study.baseline { "  (baseline)" } else { "" }
+            if i == study.baseline {
+                "  (baseline)"
+            } else {
+                ""
+            }
         );
     }
     for j in &study.file.judges {
@@ -434,8 +458,18 @@ fn print_status(store: &Store, rec: &StudyRecord) -> Result<()> {
         &rec.hash[..12],
         store.path().display()
     );
-    let w = rows.iter().map(|r| r.condition.len()).max().unwrap_or(9).max(9);
-    let ws = rows.iter().map(|r| r.prompt_set.len()).max().unwrap_or(3).max(3);
+    let w = rows
+        .iter()
+        .map(|r| r.condition.len())
+        .max()
+        .unwrap_or(9)
+        .max(9);
+    let ws = rows
+        .iter()
+        .map(|r| r.prompt_set.len())
+        .max()
+        .unwrap_or(3)
+        .max(3);
     println!("{:<w$}  {:<ws$}  {:>11}", "condition", "set", "done/total");
     let (mut d, mut t) = (0, 0);
     for r in &rows {
@@ -537,7 +571,12 @@ fn print_table(rec: &StudyRecord, rep: &[ReportRow], opts: &ReportOptions) {
         baseline,
         opts.bootstrap
     );
-    let wc = rep.iter().map(|r| r.condition.len()).max().unwrap_or(9).max(9);
+    let wc = rep
+        .iter()
+        .map(|r| r.condition.len())
+        .max()
+        .unwrap_or(9)
+        .max(9);
     let ws = rep
         .iter()
         .map(|r| {
@@ -551,8 +590,8 @@ fn print_table(rec: &StudyRecord, rep: &[ReportRow], opts: &ReportOptions) {
         .unwrap_or(3)
         .max(3);
     println!(
-        "{:<wc$}  {:<ws$}  {:>4}  {:<22}  {:<22}  {:<22}  {:>5}  {:<24}  {}",
-        "condition", "set", "n", "refusal", "bypass", "degenerate", "leak", "Δrefusal [95% CI]", "McNemar p (mid-p)"
+        "{:<wc$}  {:<ws$}  {:>4}  {:<22}  {:<22}  {:<22}  {:>5}  {:<24}  McNemar p (mid-p)",
+        "condition", "set", "n", "refusal", "bypass", "degenerate", "leak", "Δrefusal [95% CI]",
     );
     for r in rep {
         let set = match &r.category {
@@ -617,7 +656,10 @@ fn print_table(rec: &StudyRecord, rep: &[ReportRow], opts: &ReportOptions) {
                 j.strongreject_mean
                     .map(|x| format!("{x:.3}"))
                     .unwrap_or_else(|| "-".into()),
-                j.unsafe_rate.as_ref().map(pct).unwrap_or_else(|| "-".into()),
+                j.unsafe_rate
+                    .as_ref()
+                    .map(pct)
+                    .unwrap_or_else(|| "-".into()),
                 j.leakage_mean
                     .map(|x| format!("{x:.2}"))
                     .unwrap_or_else(|| "-".into()),

@@ -122,7 +122,10 @@ impl HttpJudge {
                     .map(str::to_string)
                     .ok_or_else(|| TryError {
                         retry: false,
-                        msg: format!("answer has no choices[0].message.content: {}", snippet(&text)),
+                        msg: format!(
+                            "answer has no choices[0].message.content: {}",
+                            snippet(&text)
+                        ),
                         retry_after: None,
                     })
             }
@@ -156,8 +159,7 @@ impl HttpJudge {
                 Ok(answer) => return JudgeOutcome::from_answer(self.mode, answer, attempt),
                 Err(e) => {
                     errors.push(format!("try {attempt}: {}", e.msg));
-                    if !e.retry || attempt == self.cfg.max_attempts || stop.load(Ordering::SeqCst)
-                    {
+                    if !e.retry || attempt == self.cfg.max_attempts || stop.load(Ordering::SeqCst) {
                         return JudgeOutcome::failed(errors.join("; "), attempt);
                     }
                     let exp = self

@@ -37,10 +37,7 @@ impl Format {
 }
 
 /// The first successful verdict that has a StrongREJECT score / a safety verdict.
-fn first_with<'a>(
-    r: &'a RowView,
-    f: impl Fn(&VerdictRow) -> bool,
-) -> Option<&'a VerdictRow> {
+fn first_with(r: &RowView, f: impl Fn(&VerdictRow) -> bool) -> Option<&VerdictRow> {
     r.verdicts.iter().find(|v| v.ok && f(v))
 }
 
@@ -274,16 +271,42 @@ pub fn report_csv(rows: &[ReportRow]) -> String {
         .flat_map(|r| r.judges.iter().map(|j| j.judge.as_str()))
         .collect();
     let mut head: Vec<String> = [
-        "condition", "condition_hash", "prompt_set", "category", "n", "refusal", "refusal_lo",
-        "refusal_hi", "bypass", "bypass_lo", "bypass_hi", "degenerate", "degenerate_lo",
-        "degenerate_hi", "leakage_mean", "baseline", "n_pairs", "mcnemar_b", "mcnemar_c",
-        "mcnemar_p_exact", "mcnemar_p_mid", "refusal_diff", "refusal_diff_lo", "refusal_diff_hi",
+        "condition",
+        "condition_hash",
+        "prompt_set",
+        "category",
+        "n",
+        "refusal",
+        "refusal_lo",
+        "refusal_hi",
+        "bypass",
+        "bypass_lo",
+        "bypass_hi",
+        "degenerate",
+        "degenerate_lo",
+        "degenerate_hi",
+        "leakage_mean",
+        "baseline",
+        "n_pairs",
+        "mcnemar_b",
+        "mcnemar_c",
+        "mcnemar_p_exact",
+        "mcnemar_p_mid",
+        "refusal_diff",
+        "refusal_diff_lo",
+        "refusal_diff_hi",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     for j in &judges {
-        for f in ["judged", "failed", "strongreject_mean", "unsafe_rate", "leakage_mean"] {
+        for f in [
+            "judged",
+            "failed",
+            "strongreject_mean",
+            "unsafe_rate",
+            "leakage_mean",
+        ] {
             head.push(format!("{j}:{f}"));
         }
     }

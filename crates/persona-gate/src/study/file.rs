@@ -405,7 +405,10 @@ impl StudyFile {
         let mut f: StudyFile = toml::from_str(text).map_err(|e| {
             invalid(format!(
                 "not a valid study file: {}",
-                e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ))
         })?;
         f.base_dir = base_dir.to_path_buf();
@@ -481,7 +484,9 @@ impl StudyFile {
         }
         let g = &self.generation;
         if g.max_new_tokens == 0 {
-            return Err(invalid("generation.max_new_tokens must be at least 1".into()));
+            return Err(invalid(
+                "generation.max_new_tokens must be at least 1".into(),
+            ));
         }
         if g.batch_size == 0 {
             return Err(invalid("generation.batch_size must be at least 1".into()));
@@ -546,7 +551,11 @@ impl StudyFile {
         } else {
             format!(
                 "directions: {}",
-                self.directions.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.directions
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         }
     }
@@ -572,9 +581,8 @@ impl StudyFile {
         if self.directions.contains_key(&s) {
             return Ok(DirRef::Named(s));
         }
-        let looks_like_path = s.contains('/')
-            || s.contains('\\')
-            || s.to_ascii_lowercase().ends_with(".safetensors");
+        let looks_like_path =
+            s.contains('/') || s.contains('\\') || s.to_ascii_lowercase().ends_with(".safetensors");
         if looks_like_path {
             let p = PathBuf::from(&s);
             return Ok(DirRef::Path(if p.is_relative() {
@@ -589,20 +597,16 @@ impl StudyFile {
         ))
     }
 
-    fn op_drafts(
-        &self,
-        what: &str,
-        fields: [(OpField, Vec<String>); 4],
-    ) -> Result<Vec<OpDraft>> {
+    fn op_drafts(&self, what: &str, fields: [(OpField, Vec<String>); 4]) -> Result<Vec<OpDraft>> {
         let mut out = Vec::new();
         for (field, specs) in fields {
             for text in specs {
                 let spec = field
                     .parse_spec(&text)
                     .map_err(|e| invalid(format!("{what}: {} = \"{text}\": {e}", field.key())))?;
-                let direction = self.dir_ref(&spec).map_err(|e| {
-                    invalid(format!("{what}: {} = \"{text}\": {e}", field.key()))
-                })?;
+                let direction = self
+                    .dir_ref(&spec)
+                    .map_err(|e| invalid(format!("{what}: {} = \"{text}\": {e}", field.key())))?;
                 out.push(OpDraft {
                     field,
                     text,
@@ -619,7 +623,9 @@ impl StudyFile {
             None => Ok(self.prompts.keys().cloned().collect()),
             Some(list) => {
                 if list.is_empty() {
-                    return Err(invalid(format!("{what}: prompts = [] runs on no prompt set")));
+                    return Err(invalid(format!(
+                        "{what}: prompts = [] runs on no prompt set"
+                    )));
                 }
                 for n in list {
                     if !self.prompts.contains_key(n) {
@@ -641,9 +647,7 @@ impl StudyFile {
         system: &Option<String>,
     ) -> Result<Option<String>> {
         match (persona, system) {
-            (Some(_), Some(_)) => Err(invalid(format!(
-                "{what}: give persona or system, not both"
-            ))),
+            (Some(_), Some(_)) => Err(invalid(format!("{what}: give persona or system, not both"))),
             (Some(p), None) => self
                 .persona_text(p)
                 .map(Some)
@@ -731,7 +735,11 @@ impl StudyFile {
                 .iter()
                 .map(|(k, v)| (k.clone(), v[0].clone()))
                 .collect();
-            for t in templates.iter().copied().chain(spec_texts.iter().map(String::as_str)) {
+            for t in templates
+                .iter()
+                .copied()
+                .chain(spec_texts.iter().map(String::as_str))
+            {
                 substitute(t, &probe).map_err(|e| invalid(format!("{what}: {e}")))?;
             }
             for (v, _) in &vars {
@@ -761,7 +769,11 @@ impl StudyFile {
                     format!("{label}[{suffix}]")
                 };
                 let cwhat = format!("{what} ({suffix})");
-                let persona = s.persona.as_deref().map(|p| sub(p, "persona")).transpose()?;
+                let persona = s
+                    .persona
+                    .as_deref()
+                    .map(|p| sub(p, "persona"))
+                    .transpose()?;
                 let system = s.system.as_deref().map(|p| sub(p, "system")).transpose()?;
                 let (persona, system) = if persona.is_some() || system.is_some() {
                     let sys = self.system_of(&cwhat, &persona, &system)?;
@@ -830,7 +842,8 @@ fn strip_prefix(e: &Error) -> String {
 fn check_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.chars().all(|c| {
-            c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+' | '=' | ',' | '@' | '[' | ']')
+            c.is_ascii_alphanumeric()
+                || matches!(c, '_' | '-' | '.' | '+' | '=' | ',' | '@' | '[' | ']')
         });
     if ok {
         Ok(())
@@ -877,7 +890,8 @@ fn sweep_vars(
                                 return Err(bad(&format!("has a non-finite value {f}")));
                             }
                         }
-                        value_text(x).ok_or_else(|| bad("has a value that is not a number or string"))
+                        value_text(x)
+                            .ok_or_else(|| bad("has a value that is not a number or string"))
                     })
                     .collect::<Result<_>>()?
             }
@@ -893,7 +907,9 @@ fn sweep_vars(
                     match t.get(k) {
                         None => Ok(None),
                         Some(toml::Value::Array(a)) => match a.as_slice() {
-                            [toml::Value::Integer(x), toml::Value::Integer(y)] => Ok(Some((*x, *y))),
+                            [toml::Value::Integer(x), toml::Value::Integer(y)] => {
+                                Ok(Some((*x, *y)))
+                            }
                             _ => Err(bad(&format!("'{k}' must be [FROM, TO] integers"))),
                         },
                         Some(_) => Err(bad(&format!("'{k}' must be [FROM, TO] integers"))),
@@ -916,7 +932,10 @@ fn sweep_vars(
                         if t.contains_key("width") {
                             return Err(bad("has 'width' without 'windows'"));
                         }
-                        (a..=b).step_by(step as usize).map(|x| x.to_string()).collect()
+                        (a..=b)
+                            .step_by(step as usize)
+                            .map(|x| x.to_string())
+                            .collect()
                     }
                     (None, Some((a, b))) => {
                         let w = int("width")?.ok_or_else(|| bad("needs 'width' for windows"))?;

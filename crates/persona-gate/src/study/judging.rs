@@ -14,7 +14,10 @@ use crate::Result;
 
 /// The judge for a config; `None` for the rules judge (nothing to grade: rows carry their rule
 /// label and rule-based leakage already).
-pub fn make_judge(cfg: &JudgeConfig, device: crate::device::Device) -> Result<Option<Box<dyn Judge>>> {
+pub fn make_judge(
+    cfg: &JudgeConfig,
+    device: crate::device::Device,
+) -> Result<Option<Box<dyn Judge>>> {
     Ok(match cfg.kind {
         JudgeKind::Rules => None,
         JudgeKind::Http => Some(Box::new(HttpJudge::new(cfg)?)),

@@ -35,7 +35,9 @@ pub fn write(rows: &[RowView], path: &Path) -> Result<()> {
                 Kind::Text => Type::primitive_type_builder(name, PhysicalType::BYTE_ARRAY)
                     .with_converted_type(ConvertedType::UTF8),
             };
-            b.with_repetition(Repetition::OPTIONAL).build().map(Arc::new)
+            b.with_repetition(Repetition::OPTIONAL)
+                .build()
+                .map(Arc::new)
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(e)?;

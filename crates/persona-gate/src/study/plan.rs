@@ -125,8 +125,8 @@ fn load_prompts(file: &StudyFile, name: &str) -> Result<StudyPrompts> {
     } else {
         source.clone()
     };
-    let set = PromptSet::load(&spec)
-        .map_err(|e| wrap(format!("prompt set '{name}' ({source})"), e))?;
+    let set =
+        PromptSet::load(&spec).map_err(|e| wrap(format!("prompt set '{name}' ({source})"), e))?;
     let hash = set.sha256();
     let total = set.items.len();
     let mut ids = BTreeSet::new();
@@ -222,7 +222,8 @@ impl Study {
             }
         }
         let g = &file.generation;
-        let model_id = json!({ "spec": file.model.spec, "dtype": file.model.dtype.to_ascii_lowercase() });
+        let model_id =
+            json!({ "spec": file.model.spec, "dtype": file.model.dtype.to_ascii_lowercase() });
         let generation = json!({
             "max_new_tokens": g.max_new_tokens,
             "temperature": f32_text(g.temperature),
@@ -449,6 +450,18 @@ impl Study {
             out.push(Some(Arc::new(compiled)));
         }
         Ok(out)
+    }
+
+    /// The model spec to load: a relative path is read from the study file's folder when it
+    /// exists there (short names, hub ids and other paths are passed on as written).
+    pub fn model_spec(&self) -> String {
+        let spec = &self.file.model.spec;
+        let local = self.file.base_dir.join(spec);
+        if Path::new(spec).is_relative() && local.exists() {
+            local.to_string_lossy().to_string()
+        } else {
+            spec.clone()
+        }
     }
 
     /// Index of a condition by name.

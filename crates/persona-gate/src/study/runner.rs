@@ -56,7 +56,10 @@ pub struct RunSummary {
 #[derive(Debug, Clone)]
 pub enum RunEvent<'a> {
     /// Before generating: how much there is to do.
-    Planned { planned: usize, summary: &'a RunSummary },
+    Planned {
+        planned: usize,
+        summary: &'a RunSummary,
+    },
     /// A result was written.
     Written { condition: &'a str, label: Label },
 }

@@ -242,9 +242,11 @@ impl Store {
         s.conn.execute_batch(SCHEMA).map_err(|e| s.err(e))?;
         let v: Option<String> = s
             .conn
-            .query_row("SELECT value FROM meta WHERE key='schema_version'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(|e| s.err(e))?;
         match v.as_deref() {
@@ -355,8 +357,14 @@ impl Store {
                 )
                 .map_err(e)?;
             for (i, p) in s.items.iter().enumerate() {
-                st.execute(params![s.hash, p.id, (s.skip + i) as i64, p.text, p.category])
-                    .map_err(e)?;
+                st.execute(params![
+                    s.hash,
+                    p.id,
+                    (s.skip + i) as i64,
+                    p.text,
+                    p.category
+                ])
+                .map_err(e)?;
             }
         }
         {
@@ -397,7 +405,9 @@ impl Store {
             )
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map([study_hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .query_map([study_hash], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<HashSet<_>>>()
             .map_err(|e| self.err(e))
@@ -809,5 +819,8 @@ impl Store {
 }
 
 fn db_err(path: &Path, e: rusqlite::Error) -> Error {
-    Error::io(path, std::io::Error::other(format!("results database: {e}")))
+    Error::io(
+        path,
+        std::io::Error::other(format!("results database: {e}")),
+    )
 }
