@@ -47,8 +47,9 @@ pub fn wilson(k: usize, n: usize) -> Rate {
         k,
         n,
         p,
-        lo: (centre - half).max(0.0),
-        hi: (centre + half).min(1.0),
+        // At k = 0 or k = n the bound is exactly 0 or 1; say so instead of 1 - 1e-16.
+        lo: if k == 0 { 0.0 } else { (centre - half).max(0.0) },
+        hi: if k == n { 1.0 } else { (centre + half).min(1.0) },
     }
 }
 
