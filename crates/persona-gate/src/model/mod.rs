@@ -70,6 +70,41 @@ pub struct ModelInfo {
     pub dtype: String,
 }
 
+impl ModelInfo {
+    #[allow(clippy::too_many_arguments)]
+    fn describe(
+        name: String,
+        src: &ModelSource,
+        format: &str,
+        files: Vec<PathBuf>,
+        cfg: &ModelConfig,
+        tensor_types: BTreeMap<String, usize>,
+        n_params: u64,
+        tokenizer: &ChatTokenizer,
+        opts: &LoadOptions,
+    ) -> Self {
+        Self {
+            name,
+            source: src.describe(),
+            format: format.into(),
+            files,
+            architecture: cfg.family.name().into(),
+            n_layers: cfg.n_layers,
+            d_model: cfg.d_model,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            d_ff: cfg.d_ff,
+            vocab_size: cfg.vocab_size,
+            context_length: cfg.max_position,
+            tensor_types,
+            n_params,
+            chat_template: tokenizer.has_chat_template(),
+            dtype: opts.dtype.name().into(),
+        }
+    }
+}
+
 /// A loaded chat model: decoder, tokenizer and description.
 pub struct Model {
     pub decoder: Decoder,
@@ -173,25 +208,17 @@ fn open_gguf(path: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> R
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_else(|| file_name(path));
-    let info = ModelInfo {
+    let info = ModelInfo::describe(
         name,
-        source: src.describe(),
-        format: "gguf".into(),
-        files: vec![path.to_path_buf()],
-        architecture: family.name().into(),
-        n_layers: cfg.n_layers,
-        d_model: cfg.d_model,
-        n_heads: cfg.n_heads,
-        n_kv_heads: cfg.n_kv_heads,
-        head_dim: cfg.head_dim,
-        d_ff: cfg.d_ff,
-        vocab_size: cfg.vocab_size,
-        context_length: cfg.max_position,
+        src,
+        "gguf",
+        vec![path.to_path_buf()],
+        &cfg,
         tensor_types,
         n_params,
-        chat_template: tokenizer.has_chat_template(),
-        dtype: opts.dtype.name().into(),
-    };
+        &tokenizer,
+        opts,
+    );
     let loader = WeightLoader {
         file: WeightFile::Gguf(g),
         mode: opts.dtype,
@@ -249,25 +276,17 @@ fn open_hf_dir(
         }
         n_params += n;
     }
-    let info = ModelInfo {
-        name: file_name(dir),
-        source: src.describe(),
-        format: "safetensors".into(),
-        files: files.clone(),
-        architecture: family.name().into(),
-        n_layers: cfg.n_layers,
-        d_model: cfg.d_model,
-        n_heads: cfg.n_heads,
-        n_kv_heads: cfg.n_kv_heads,
-        head_dim: cfg.head_dim,
-        d_ff: cfg.d_ff,
-        vocab_size: cfg.vocab_size,
-        context_length: cfg.max_position,
+    let info = ModelInfo::describe(
+        file_name(dir),
+        src,
+        "safetensors",
+        files.clone(),
+        &cfg,
         tensor_types,
         n_params,
-        chat_template: tokenizer.has_chat_template(),
-        dtype: opts.dtype.name().into(),
-    };
+        &tokenizer,
+        opts,
+    );
     let loader = WeightLoader {
         file: WeightFile::Safetensors(st),
         mode: opts.dtype,
