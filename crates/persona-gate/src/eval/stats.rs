@@ -48,8 +48,16 @@ pub fn wilson(k: usize, n: usize) -> Rate {
         n,
         p,
         // At k = 0 or k = n the bound is exactly 0 or 1; say so instead of 1 - 1e-16.
-        lo: if k == 0 { 0.0 } else { (centre - half).max(0.0) },
-        hi: if k == n { 1.0 } else { (centre + half).min(1.0) },
+        lo: if k == 0 {
+            0.0
+        } else {
+            (centre - half).max(0.0)
+        },
+        hi: if k == n {
+            1.0
+        } else {
+            (centre + half).min(1.0)
+        },
     }
 }
 
