@@ -8,6 +8,7 @@
 //! - [`directions`]: refusal and persona directions: capture, extraction, files, controls, geometry.
 
 pub mod bench;
+pub mod capture_bench;
 pub mod device;
 pub mod directions;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod eval;
 pub mod generate;
 pub mod hash;
 pub mod intervene;
+pub mod kernels;
 pub mod model;
 pub mod refusal;
 pub mod study;

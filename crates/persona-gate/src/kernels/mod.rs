@@ -7,7 +7,7 @@
 //! Q8_0 matrix is read in its compact GGUF form exactly once per call, whatever the number of
 //! activation rows (up to [`MAX_ROWS_PER_PASS`] per pass), so the kernels run near the machine's
 //! memory bandwidth. For larger batches candle's tiles win (they reuse unpacked weights across many
-//! rows), so callers should keep candle for `m` above [`SMALL_M_MAX`].
+//! rows), so callers should keep candle for `m` above [`CompactQMatrix::max_rows`].
 //!
 //! Numerics follow ggml's integer dot products: activations are quantized per row to 8-bit blocks
 //! (one f32 scale per 256 values for the k-quants, per 32 for Q8_0) and every block dot product is
@@ -29,11 +29,6 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
 use act::{ActLayout, QuantActs};
-
-/// Largest activation-row count for which [`CompactQMatrix`] beats candle's repacked tiles on the
-/// reference machine (2 cores, AVX512-VNNI; measured with `benches/gemv.rs`). Above this, candle's
-/// kernels reuse each unpacked weight tile across many rows and win.
-pub const SMALL_M_MAX: usize = 8;
 
 /// Activation rows handled per pass over the weights: the kernels keep one accumulator per row in
 /// registers, and 8 rows still fit the AVX512 register file next to the unpacked weights.
@@ -228,6 +223,25 @@ impl CompactQMatrix {
         self.k
     }
 
+    /// The most activation rows for which these kernels beat candle's `QMatMul` on this CPU; use
+    /// candle above it. Measured with `benches/gemv.rs` on the reference machine (2 Zen 4 cores,
+    /// AVX512-VNNI) at q15's shapes:
+    /// - Q4_K: ahead up to m = 8 (1.9x at m = 1, 1.1-1.3x at m = 8), behind at 16, where candle's
+    ///   16-row tiles reuse each unpacked weight for many rows.
+    /// - Q6_K: ahead up to m = 4 (1.0-1.2x at m = 1, 1.1-1.9x at m = 4); at m = 8 it depends on k
+    ///   (wide rows spill the activations out of L1).
+    /// - Q8_0: candle's repacked VNNI tiles are no bigger than the compact blocks and already
+    ///   stream at full bandwidth, so candle is kept; without AVX512-VNNI candle has no SIMD
+    ///   Q8_0 path and these kernels win for small batches.
+    pub fn max_rows(&self) -> usize {
+        match (self.ty, Isa::detect()) {
+            (BlockType::Q4K, _) => 8,
+            (BlockType::Q6K, _) => 4,
+            (BlockType::Q8_0, Isa::Avx512Vnni) => 0,
+            (BlockType::Q8_0, _) => 8,
+        }
+    }
+
     /// Bytes of weights one pass reads.
     pub fn size_in_bytes(&self) -> usize {
         self.n * self.row_bytes()
@@ -239,20 +253,7 @@ impl CompactQMatrix {
 
     /// `out[m, n] = x[m, k] W^T`, both row-major, with the best kernels for this CPU.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-        static NS: AtomicU64 = AtomicU64::new(0);
-        static CALLS: AtomicU64 = AtomicU64::new(0);
-        static BYTES: AtomicU64 = AtomicU64::new(0);
-        let t = std::time::Instant::now();
-        self.matmul_with(Isa::detect(), x, m, out);
-        NS.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-        BYTES.fetch_add(self.size_in_bytes() as u64, Relaxed);
-        let c = CALLS.fetch_add(1, Relaxed) + 1;
-        if c % 19700 == 0 {
-            let ns = NS.swap(0, Relaxed);
-            let b = BYTES.swap(0, Relaxed);
-            eprintln!("STATS calls {c} ms/100calls-of-197 {:.2} GB/s {:.1}", ns as f64 / 1e6 / 100.0, b as f64 / ns as f64);
-        }
+        self.matmul_with(Isa::detect(), x, m, out)
     }
 
     /// [`Self::matmul`] with a chosen instruction set (falls back to scalar when unsupported).

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::kernels::CompactQMatrix;
 use crate::{Error, Result};
 
 /// Numeric mode of the weights and activations.
@@ -62,6 +63,10 @@ impl DTypeMode {
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: LinearWeight,
+    /// On CPU, the quantized weight's blocks read in place by [`crate::kernels`]: faster than
+    /// candle's kernels for a few activation rows (decode), so `forward` uses it up to
+    /// [`CompactQMatrix::max_rows`] rows. Shares the `QTensor`'s memory.
+    compact: Option<CompactQMatrix>,
     bias: Option<Tensor>,
     pub out_features: usize,
     pub in_features: usize,
@@ -80,9 +85,12 @@ impl Linear {
         let k = *dims.last().unwrap_or(&0);
         let m: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((m, k))?;
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
-            LinearWeight::Quant(q) => q.forward(&x2)?,
+        let y = match (&self.weight, &self.compact) {
+            (_, Some(c)) if m <= c.max_rows() && x2.dtype() == DType::F32 => {
+                x2.contiguous()?.apply_op1_no_bwd(c)?
+            }
+            (LinearWeight::Dense(w), _) => x2.matmul(&w.t()?)?,
+            (LinearWeight::Quant(q), _) => q.forward(&x2)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -95,6 +103,14 @@ impl Linear {
 
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quant(QMatMul::QTensor(_)))
+    }
+}
+
+/// The compact-kernel view of a CPU quantized weight, when its block type has one.
+fn compact_of(w: &LinearWeight) -> Option<CompactQMatrix> {
+    match w {
+        LinearWeight::Quant(QMatMul::QTensor(q)) => CompactQMatrix::from_qtensor(q.clone()),
+        _ => None,
     }
 }
 
@@ -355,6 +371,7 @@ impl WeightLoader {
             | LinearWeight::Quant(QMatMul::TensorF16(t)) => t.dims2()?,
         };
         Ok(Linear {
+            compact: compact_of(&w),
             weight: w,
             bias,
             out_features,
@@ -465,6 +482,7 @@ impl Embedding {
             EmbTable::Quant(q) => LinearWeight::Quant(QMatMul::from_arc(q.clone())?),
         };
         Ok(Linear {
+            compact: compact_of(&weight),
             weight,
             bias: None,
             out_features: self.vocab,

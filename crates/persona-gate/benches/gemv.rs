@@ -4,7 +4,10 @@
 //! Memory-bound work is only measured honestly when the weights come from DRAM, so every case
 //! cycles through enough distinct copies of its matrix to overflow the last-level cache
 //! (>= 96 MB per case). Reports the median over repetitions, in ms per matmul and in GB/s of
-//! weight bytes read. Run: `cargo bench --bench gemv` (`-- m=1,4` / `-- quick` to trim).
+//! weight bytes read. Run: `cargo bench -p persona-gate --bench gemv`; arguments after `--`:
+//! `m=1,4` (activation rows), `case=Q6K` (substring of the matrix name), `quick` (fewer reps),
+//! `ours` (skip candle). `RAYON_NUM_THREADS` sets the thread count for both. The machine is
+//! shared: check that it is idle first, and repeat.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -63,15 +66,48 @@ fn main() {
     let only: Option<&str> = args.iter().find_map(|a| a.strip_prefix("case="));
     let skip_candle = args.iter().any(|a| a == "ours");
     let cases = [
-        Case { name: "ffn_up   [8960,1536] Q4K", dtype: GgmlDType::Q4K, n: 8960, k: 1536 },
-        Case { name: "attn_q   [1536,1536] Q4K", dtype: GgmlDType::Q4K, n: 1536, k: 1536 },
-        Case { name: "attn_k   [256,1536]  Q4K", dtype: GgmlDType::Q4K, n: 256, k: 1536 },
-        Case { name: "ffn_down [1536,8960] Q6K", dtype: GgmlDType::Q6K, n: 1536, k: 8960 },
-        Case { name: "output [151936,1536] Q6K", dtype: GgmlDType::Q6K, n: 151936, k: 1536 },
-        Case { name: "q8_0     [8960,1536]    ", dtype: GgmlDType::Q8_0, n: 8960, k: 1536 },
+        Case {
+            name: "ffn_up   [8960,1536] Q4K",
+            dtype: GgmlDType::Q4K,
+            n: 8960,
+            k: 1536,
+        },
+        Case {
+            name: "attn_q   [1536,1536] Q4K",
+            dtype: GgmlDType::Q4K,
+            n: 1536,
+            k: 1536,
+        },
+        Case {
+            name: "attn_k   [256,1536]  Q4K",
+            dtype: GgmlDType::Q4K,
+            n: 256,
+            k: 1536,
+        },
+        Case {
+            name: "ffn_down [1536,8960] Q6K",
+            dtype: GgmlDType::Q6K,
+            n: 1536,
+            k: 8960,
+        },
+        Case {
+            name: "output [151936,1536] Q6K",
+            dtype: GgmlDType::Q6K,
+            n: 151936,
+            k: 1536,
+        },
+        Case {
+            name: "q8_0     [8960,1536]    ",
+            dtype: GgmlDType::Q8_0,
+            n: 8960,
+            k: 1536,
+        },
     ];
     let reps: usize = if quick { 5 } else { 15 };
-    println!("threads: candle pool {}", candle_core::utils::barrier_pool().n_workers() + 1);
+    println!(
+        "threads: candle pool {}",
+        candle_core::utils::barrier_pool().n_workers() + 1
+    );
     println!(
         "{:<26} {:>3} {:>10} {:>9} {:>10} {:>9} {:>7}",
         "matrix", "m", "ours ms", "GB/s", "candle ms", "GB/s", "speedup"
@@ -97,9 +133,14 @@ fn main() {
             .iter()
             .map(|q| CompactQMatrix::from_qtensor(q.clone()).unwrap())
             .collect();
-        let theirs: Vec<QMatMul> = qs.iter().map(|q| QMatMul::from_arc(q.clone()).unwrap()).collect();
+        let theirs: Vec<QMatMul> = qs
+            .iter()
+            .map(|q| QMatMul::from_arc(q.clone()).unwrap())
+            .collect();
         for &m in &ms {
-            let x: Vec<f32> = (0..m * c.k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+            let x: Vec<f32> = (0..m * c.k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
             let xt = Tensor::from_vec(x.clone(), (m, c.k), &Device::Cpu).unwrap();
             let mut out = vec![0f32; m * c.n];
             // passes over all copies; one pass = `copies` matmuls
@@ -125,6 +166,16 @@ fn main() {
                 }
             }
             let (a, b) = (median(t_ours), median(t_candle));
+            if skip_candle {
+                println!(
+                    "{:<26} {:>3} {:>10.3} {:>9.1}",
+                    c.name,
+                    m,
+                    a * 1e3,
+                    bytes as f64 / a / 1e9
+                );
+                continue;
+            }
             println!(
                 "{:<26} {:>3} {:>10.3} {:>9.1} {:>10.3} {:>9.1} {:>6.2}x",
                 c.name,
