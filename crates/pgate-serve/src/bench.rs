@@ -1,0 +1,252 @@
+//! `pgate serve-bench`: a closed-loop load client for a running `pgate serve`.
+//!
+//! `clients` threads each send one chat completion at a time (non-streaming, greedy, a rotating set
+//! of ordinary prompts) until `duration` has passed, then finish the request they have in flight.
+//! A 429 (queue full, the documented back-pressure) is counted and retried after its `Retry-After`
+//! (capped at 1 s); any other failure is an error. A sampler reads the server's
+//! `process_resident_memory_bytes` from `/metrics` every second. Throughput is completion tokens of
+//! finished requests over the wall time until the last request returned.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+
+pub const BENCH_PROMPTS: &[&str] = &[
+    "Explain photosynthesis in two sentences.",
+    "Write a haiku about autumn leaves.",
+    "What is the capital of Australia, and why is it not Sydney?",
+    "Give three tips for writing clean Python code.",
+    "Describe how a bicycle gear system works.",
+    "Summarize the plot of Romeo and Juliet briefly.",
+    "What are the health benefits of regular walking?",
+    "Explain what a hash map is to a beginner.",
+    "Suggest a name for a friendly robot and explain it.",
+    "How do I make a simple tomato sauce?",
+    "Why is the sky blue?",
+    "List four planets and one fact about each.",
+    "What does a compiler do?",
+    "Give me a short motivational message for a Monday.",
+    "How do vaccines train the immune system?",
+    "Write a two-line poem about the sea.",
+];
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    pub clients: usize,
+    pub duration: Duration,
+    pub max_tokens: usize,
+    pub preset: String,
+    pub api_key: Option<String>,
+    /// Per-request client timeout.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub url: String,
+    pub preset: String,
+    pub clients: usize,
+    pub duration_s: f64,
+    pub wall_s: f64,
+    pub requests_ok: usize,
+    pub rejected_429: usize,
+    pub errors: usize,
+    pub error_samples: Vec<String>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub completion_tokens_per_s: f64,
+    pub requests_per_s: f64,
+    pub latency_p50_s: f64,
+    pub latency_p95_s: f64,
+    pub latency_max_s: f64,
+    pub rss_start_bytes: Option<u64>,
+    pub rss_max_bytes: Option<u64>,
+    pub rss_end_bytes: Option<u64>,
+    /// (seconds since start, bytes), one per sample.
+    pub rss_samples: Vec<(f64, u64)>,
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: usize,
+    r429: usize,
+    errors: usize,
+    samples: Vec<String>,
+    prompt: usize,
+    completion: usize,
+    latencies: Vec<f64>,
+}
+
+fn read_rss(agent: &ureq::Agent, url: &str) -> Option<u64> {
+    let text = agent
+        .get(&format!("{url}/metrics"))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> persona_gate::Result<BenchReport> {
+    let url = cfg.url.trim_end_matches('/').to_string();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(cfg.timeout)
+        .max_idle_connections(cfg.clients + 4)
+        .max_idle_connections_per_host(cfg.clients + 4)
+        .build();
+    // The server must be up.
+    agent
+        .get(&format!("{url}/health"))
+        .call()
+        .map_err(|e| persona_gate::Error::InvalidValue(format!("{url}/health: {e}")))?;
+    let start = Instant::now();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let done = Arc::new(AtomicBool::new(false));
+    let rss: Arc<Mutex<Vec<(f64, u64)>>> = Arc::default();
+    let sampler = {
+        let (agent, url, done, rss) = (agent.clone(), url.clone(), done.clone(), rss.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                if let Some(b) = read_rss(&agent, &url) {
+                    rss.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((start.elapsed().as_secs_f64(), b));
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let mut handles = Vec::new();
+    for c in 0..cfg.clients {
+        let (agent, url, tally, cfg) = (agent.clone(), url.clone(), tally.clone(), cfg.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut i = c;
+            while start.elapsed() < cfg.duration {
+                let prompt = BENCH_PROMPTS[i % BENCH_PROMPTS.len()];
+                i += cfg.clients;
+                let body = json!({
+                    "model": cfg.preset,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": cfg.max_tokens,
+                    "temperature": 0,
+                });
+                let mut req = agent.post(&format!("{url}/v1/chat/completions"));
+                if let Some(k) = &cfg.api_key {
+                    req = req.set("authorization", &format!("Bearer {k}"));
+                }
+                let t = Instant::now();
+                let res = req.send_json(body);
+                let lat = t.elapsed().as_secs_f64();
+                let mut g = tally.lock().unwrap_or_else(|p| p.into_inner());
+                match res {
+                    Ok(r) => match r.into_json::<serde_json::Value>() {
+                        Ok(v) => {
+                            g.ok += 1;
+                            g.latencies.push(lat);
+                            g.prompt += v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                            g.completion +=
+                                v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                        }
+                        Err(e) => {
+                            g.errors += 1;
+                            if g.samples.len() < 5 {
+                                g.samples.push(format!("bad response body: {e}"));
+                            }
+                        }
+                    },
+                    Err(ureq::Error::Status(429, r)) => {
+                        g.r429 += 1;
+                        drop(g);
+                        let wait = r
+                            .header("retry-after")
+                            .and_then(|s| s.parse::<f64>().ok())
+                            .unwrap_or(1.0)
+                            .min(1.0);
+                        std::thread::sleep(Duration::from_secs_f64(wait * 0.25));
+                    }
+                    Err(ureq::Error::Status(code, r)) => {
+                        g.errors += 1;
+                        if g.samples.len() < 5 {
+                            let body = r.into_string().unwrap_or_default();
+                            g.samples.push(format!("HTTP {code}: {body}"));
+                        }
+                    }
+                    Err(e) => {
+                        g.errors += 1;
+                        if g.samples.len() < 5 {
+                            g.samples.push(e.to_string());
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let mut last = Instant::now();
+    while handles.iter().any(|h| !h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(200));
+        if last.elapsed() >= Duration::from_secs(10) {
+            last = Instant::now();
+            let g = tally.lock().unwrap_or_else(|p| p.into_inner());
+            progress(&format!(
+                "{:>5.0} s: {} ok, {} x 429, {} errors, {} completion tokens",
+                start.elapsed().as_secs_f64(),
+                g.ok,
+                g.r429,
+                g.errors,
+                g.completion
+            ));
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let wall = start.elapsed().as_secs_f64();
+    if let Some(b) = read_rss(&agent, &url) {
+        rss.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((wall, b));
+    }
+    done.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let g = tally.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lat = g.latencies.clone();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let q = |p: f64| -> f64 {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let rss = rss.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(BenchReport {
+        url,
+        preset: cfg.preset.clone(),
+        clients: cfg.clients,
+        duration_s: cfg.duration.as_secs_f64(),
+        wall_s: wall,
+        requests_ok: g.ok,
+        rejected_429: g.r429,
+        errors: g.errors,
+        error_samples: g.samples.clone(),
+        prompt_tokens: g.prompt,
+        completion_tokens: g.completion,
+        completion_tokens_per_s: g.completion as f64 / wall.max(1e-9),
+        requests_per_s: g.ok as f64 / wall.max(1e-9),
+        latency_p50_s: q(0.5),
+        latency_p95_s: q(0.95),
+        latency_max_s: lat.last().copied().unwrap_or(0.0),
+        rss_start_bytes: rss.first().map(|x| x.1),
+        rss_max_bytes: rss.iter().map(|x| x.1).max(),
+        rss_end_bytes: rss.last().map(|x| x.1),
+        rss_samples: rss,
+    })
+}

@@ -1,0 +1,22 @@
+//! `pgate serve`: an OpenAI-compatible chat server over the persona-gate engine.
+//!
+//! - [`presets`]: persona modes (system prompt + intervention plan + guard policy) from TOML.
+//! - [`engine`]: the model thread, one decode loop serving every request (continuous batching).
+//! - [`guard`]: refusal intent and persona shift from the prompt's residual stream; calibration.
+//! - [`server`]: routes, request checks, SSE streaming, auth, limits, graceful shutdown.
+//! - [`openai`]: request and response shapes, error objects.
+//! - [`metrics`]: Prometheus text.
+//! - [`bench`]: the load client behind `pgate serve-bench`.
+
+pub mod bench;
+pub mod engine;
+pub mod guard;
+pub mod metrics;
+pub mod openai;
+pub mod presets;
+pub mod server;
+
+pub use engine::Projector;
+pub use guard::{GuardCalibration, GuardReport};
+pub use presets::{build_presets, DirectionRegistry, GuardMode, Preset, PresetFile};
+pub use server::{serve, shutdown_signal, Limits, ServerConfig};

@@ -1,0 +1,251 @@
+//! Prometheus text metrics (`GET /metrics`), kept by hand: counters and histograms by label.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `pgate_requests_total` | counter | `preset`, `status` (HTTP code) |
+//! | `pgate_rejected_total` | counter | `reason` (`queue_full`, `shutting_down`) |
+//! | `pgate_prompt_tokens_total`, `pgate_completion_tokens_total` | counter | `preset` |
+//! | `pgate_request_duration_seconds` | histogram | `preset` |
+//! | `pgate_time_to_first_token_seconds` | histogram | `preset` |
+//! | `pgate_guard_flags_total` | counter | `preset`, `mode` (`monitor`, `block`) |
+//! | `pgate_guard_checked_total` | counter | `preset` |
+//! | `pgate_queue_depth`, `pgate_running_sequences` | gauge | |
+//! | `pgate_decode_steps_total`, `pgate_decode_tokens_total` | counter | |
+//! | `process_resident_memory_bytes` | gauge | |
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+const BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    n: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; BUCKETS.len()];
+        }
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.n += 1;
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    requests: BTreeMap<(String, u16), u64>,
+    rejected: BTreeMap<String, u64>,
+    prompt_tokens: BTreeMap<String, u64>,
+    completion_tokens: BTreeMap<String, u64>,
+    duration: BTreeMap<String, Histogram>,
+    ttft: BTreeMap<String, Histogram>,
+    flags: BTreeMap<(String, String), u64>,
+    checked: BTreeMap<String, u64>,
+}
+
+/// Shared by the HTTP handlers (behind `Arc`) and the engine thread (gauges and step counters).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+    pub queue_depth: AtomicUsize,
+    pub running: AtomicUsize,
+    pub decode_steps: AtomicU64,
+    pub decode_tokens: AtomicU64,
+}
+
+impl Metrics {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    pub fn request(&self, preset: &str, status: u16) {
+        self.with(|m| *m.requests.entry((preset.into(), status)).or_default() += 1);
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.with(|m| *m.rejected.entry(reason.into()).or_default() += 1);
+    }
+
+    pub fn tokens(&self, preset: &str, prompt: usize, completion: usize) {
+        self.with(|m| {
+            *m.prompt_tokens.entry(preset.into()).or_default() += prompt as u64;
+            *m.completion_tokens.entry(preset.into()).or_default() += completion as u64;
+        });
+    }
+
+    pub fn duration(&self, preset: &str, secs: f64) {
+        self.with(|m| m.duration.entry(preset.into()).or_default().observe(secs));
+    }
+
+    pub fn ttft(&self, preset: &str, secs: f64) {
+        self.with(|m| m.ttft.entry(preset.into()).or_default().observe(secs));
+    }
+
+    pub fn guard(&self, preset: &str, mode: &str, flagged: bool) {
+        self.with(|m| {
+            *m.checked.entry(preset.into()).or_default() += 1;
+            if flagged {
+                *m.flags.entry((preset.into(), mode.into())).or_default() += 1;
+            }
+        });
+    }
+
+    /// Total requests answered with `status`.
+    pub fn count_status(&self, status: u16) -> u64 {
+        self.with(|m| {
+            m.requests
+                .iter()
+                .filter(|((_, s), _)| *s == status)
+                .map(|(_, n)| *n)
+                .sum()
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        self.with(|m| {
+            let _ = writeln!(o, "# HELP pgate_requests_total Chat completion requests by preset and HTTP status.");
+            let _ = writeln!(o, "# TYPE pgate_requests_total counter");
+            for ((p, s), n) in &m.requests {
+                let _ = writeln!(o, "pgate_requests_total{{preset=\"{}\",status=\"{s}\"}} {n}", esc(p));
+            }
+            let _ = writeln!(o, "# HELP pgate_rejected_total Requests turned away before queueing (429 queue_full, 503 shutting_down).");
+            let _ = writeln!(o, "# TYPE pgate_rejected_total counter");
+            for (r, n) in &m.rejected {
+                let _ = writeln!(o, "pgate_rejected_total{{reason=\"{}\"}} {n}", esc(r));
+            }
+            for (name, map, help) in [
+                ("pgate_prompt_tokens_total", &m.prompt_tokens, "Prompt tokens processed."),
+                ("pgate_completion_tokens_total", &m.completion_tokens, "Completion tokens generated."),
+            ] {
+                let _ = writeln!(o, "# HELP {name} {help}");
+                let _ = writeln!(o, "# TYPE {name} counter");
+                for (p, n) in map {
+                    let _ = writeln!(o, "{name}{{preset=\"{}\"}} {n}", esc(p));
+                }
+            }
+            for (name, map, help) in [
+                ("pgate_request_duration_seconds", &m.duration, "Time from request to last byte."),
+                ("pgate_time_to_first_token_seconds", &m.ttft, "Time from request to the first generated token."),
+            ] {
+                let _ = writeln!(o, "# HELP {name} {help}");
+                let _ = writeln!(o, "# TYPE {name} histogram");
+                for (p, h) in map {
+                    let p = esc(p);
+                    for (b, c) in BUCKETS.iter().zip(&h.counts) {
+                        let _ = writeln!(o, "{name}_bucket{{preset=\"{p}\",le=\"{b}\"}} {c}");
+                    }
+                    let _ = writeln!(o, "{name}_bucket{{preset=\"{p}\",le=\"+Inf\"}} {}", h.n);
+                    let _ = writeln!(o, "{name}_sum{{preset=\"{p}\"}} {}", h.sum);
+                    let _ = writeln!(o, "{name}_count{{preset=\"{p}\"}} {}", h.n);
+                }
+            }
+            let _ = writeln!(o, "# HELP pgate_guard_checked_total Requests scored by the guard.");
+            let _ = writeln!(o, "# TYPE pgate_guard_checked_total counter");
+            for (p, n) in &m.checked {
+                let _ = writeln!(o, "pgate_guard_checked_total{{preset=\"{}\"}} {n}", esc(p));
+            }
+            let _ = writeln!(o, "# HELP pgate_guard_flags_total Requests the guard flagged, by preset and guard mode.");
+            let _ = writeln!(o, "# TYPE pgate_guard_flags_total counter");
+            for ((p, mode), n) in &m.flags {
+                let _ = writeln!(o, "pgate_guard_flags_total{{preset=\"{}\",mode=\"{mode}\"}} {n}", esc(p));
+            }
+        });
+        let _ = writeln!(
+            o,
+            "# HELP pgate_queue_depth Requests waiting for a batch slot."
+        );
+        let _ = writeln!(o, "# TYPE pgate_queue_depth gauge");
+        let _ = writeln!(
+            o,
+            "pgate_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP pgate_running_sequences Sequences in the decode batch."
+        );
+        let _ = writeln!(o, "# TYPE pgate_running_sequences gauge");
+        let _ = writeln!(
+            o,
+            "pgate_running_sequences {}",
+            self.running.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(o, "# HELP pgate_decode_steps_total Shared decode steps (one token for every running sequence).");
+        let _ = writeln!(o, "# TYPE pgate_decode_steps_total counter");
+        let _ = writeln!(
+            o,
+            "pgate_decode_steps_total {}",
+            self.decode_steps.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP pgate_decode_tokens_total Tokens produced by decode steps."
+        );
+        let _ = writeln!(o, "# TYPE pgate_decode_tokens_total counter");
+        let _ = writeln!(
+            o,
+            "pgate_decode_tokens_total {}",
+            self.decode_tokens.load(Ordering::Relaxed)
+        );
+        if let Some(rss) = rss_bytes() {
+            let _ = writeln!(
+                o,
+                "# HELP process_resident_memory_bytes Resident memory of the server process."
+            );
+            let _ = writeln!(o, "# TYPE process_resident_memory_bytes gauge");
+            let _ = writeln!(o, "process_resident_memory_bytes {rss}");
+        }
+        o
+    }
+}
+
+/// Resident set size from /proc/self/statm (Linux), in bytes.
+pub fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.request("default", 200);
+        m.request("default", 200);
+        m.request("compliant", 429);
+        m.duration("default", 0.3);
+        m.guard("compliant", "monitor", true);
+        let t = m.render();
+        assert!(
+            t.contains("pgate_requests_total{preset=\"default\",status=\"200\"} 2"),
+            "{t}"
+        );
+        assert!(
+            t.contains("pgate_request_duration_seconds_bucket{preset=\"default\",le=\"0.5\"} 1")
+        );
+        assert!(
+            t.contains("pgate_request_duration_seconds_bucket{preset=\"default\",le=\"0.25\"} 0")
+        );
+        assert!(t.contains("pgate_guard_flags_total{preset=\"compliant\",mode=\"monitor\"} 1"));
+        assert_eq!(m.count_status(200), 2);
+    }
+}
