@@ -1,19 +1,30 @@
 //! `pgate bench`: prefill and decode throughput of the engine at several batch sizes.
 //!
 //! Decode is timed over `new_tokens` steps with end-of-sequence ignored, so every batch row runs the
-//! same number of steps; aggregate decode tok/s = batch * steps / decode time.
+//! same number of steps; aggregate decode tok/s = batch * steps / decode time. End-to-end tok/s
+//! (prefill included, as `model.generate` is timed in `../shared/bench/hf_gpu_baseline.py`) =
+//! batch * new tokens / wall time of the whole run.
+//!
+//! On a GPU each decode step is also compared with its memory floor: the time to read the weights
+//! once and the KV cache at its mean length once, at the copy bandwidth measured on the device
+//! ([`copy_bandwidth`]), the same floor the HF baseline reports.
 
 use std::sync::Arc;
 
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::generate::{encode_chat, ChatPrompt, GenRequest, Generator, Sampling};
-use crate::intervene::CompiledPlan;
-use crate::model::Model;
+use crate::intervene::{CompiledPlan, InterventionPlan, LayerSet, PlanHook, ResidualHook, RowCtx};
+use crate::model::{KvCache, LogitsAt, Model};
 use crate::{Error, Result};
 
 /// The prompt the CPU anchor (`llama_cpp_bench.py`) uses, so both engines see the same tokens.
 pub const DEFAULT_PROMPT: &str = "Write a detailed explanation of how a compiler turns source code into machine code, covering lexing, parsing, and code generation.";
+
+/// Names of the built-in steering plans ([`steer_preset`]).
+pub const STEER_PRESETS: &[&str] = &["none", "add", "add+ablate"];
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -23,24 +34,168 @@ pub struct BenchConfig {
     pub prompt_tokens: Option<usize>,
     pub reps: usize,
     pub plan: Option<Arc<CompiledPlan>>,
+    /// Name of the plan in the rows (`none`, `add`, a file name...).
+    pub plan_name: String,
+    /// Full-length warm-up runs before the timed ones (allocator growth, module loads).
+    pub warmup: usize,
+    /// Device copy bandwidth in GB/s (bytes read + written) for the per-step memory floor.
+    pub copy_gbs: Option<f64>,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        Self {
+            batches: vec![1, 16],
+            new_tokens: 128,
+            prompt_tokens: None,
+            reps: 1,
+            plan: None,
+            plan_name: "none".into(),
+            warmup: 1,
+            copy_gbs: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
+    pub plan: String,
     pub batch: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
+    /// batch * new tokens / wall time of the whole run (prefill included).
+    pub tok_s: f64,
+    /// Wall time of the whole run / new tokens.
+    pub step_ms: f64,
     pub prefill_tok_s: f64,
+    pub prefill_ms: f64,
     pub decode_tok_s: f64,
     pub decode_ms_per_step: f64,
+    /// Memory floor of one decode step: weights + KV cache at its mean length, read once.
+    pub floor_ms: Option<f64>,
+    /// floor_ms / decode_ms_per_step.
+    pub floor_frac: Option<f64>,
 }
 
-pub fn run(model: &Model, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
-    if cfg.batches.is_empty() || cfg.batches.contains(&0) {
-        return Err(Error::InvalidValue("batch sizes must be >= 1".into()));
+/// Bytes of the model's parameters as loaded (every parameter at the activation dtype's width in
+/// dense modes; the HF baseline counts the same way).
+pub fn weight_bytes(model: &Model) -> u64 {
+    model.info.n_params * model.decoder.dtype().size_in_bytes() as u64
+}
+
+/// KV-cache bytes per token (all layers, K and V).
+pub fn kv_bytes_per_token(model: &Model) -> u64 {
+    let c = model.config();
+    (2 * c.n_layers * c.n_kv_heads * c.head_dim * model.decoder.dtype().size_in_bytes()) as u64
+}
+
+/// Device-to-device copy bandwidth in GB/s, counting bytes read and written (2 GiB of bf16 copied
+/// 20 times after 3 warm-ups), as `hf_gpu_baseline.py` measures it. `None` on the CPU.
+pub fn copy_bandwidth(device: &Device) -> Result<Option<f64>> {
+    if device.is_cpu() {
+        return Ok(None);
     }
+    let n = 1usize << 30;
+    let x = Tensor::zeros(n, DType::BF16, device)?;
+    for _ in 0..3 {
+        drop(x.copy()?);
+    }
+    device.synchronize()?;
+    let t = std::time::Instant::now();
+    let reps = 20;
+    for _ in 0..reps {
+        drop(x.copy()?);
+    }
+    device.synchronize()?;
+    let secs = t.elapsed().as_secs_f64();
+    Ok(Some((reps * 2 * n * 2) as f64 / secs / 1e9))
+}
+
+fn unit(rng: &mut rand::rngs::StdRng, d: usize) -> Vec<f32> {
+    // Box-Muller normals: a uniformly random direction.
+    let mut v: Vec<f32> = (0..d)
+        .map(|_| {
+            let (a, b): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random::<f64>());
+            ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+        })
+        .collect();
+    let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+    v.iter_mut().for_each(|x| *x /= n);
+    v
+}
+
+/// A built-in steering plan of the GPU benchmark, with seeded random unit directions:
+/// `none`; `add` (coefficient 4 at layer n/2, layer 16 of 32); `add+ablate` (that, and a second
+/// direction ablated at layers 5n/8 .. 5n/8+2: 20, 21, 22 of 32), as in `hf_gpu_baseline.py`.
+pub fn steer_preset(name: &str, model: &Model, seed: u64) -> Result<Option<InterventionPlan>> {
+    let c = model.config();
+    let (n, d) = (c.n_layers, c.d_model);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let u = unit(&mut rng, d);
+    let v = unit(&mut rng, d);
+    let add_layer = n / 2;
+    let ab0 = (5 * n / 8).min(n.saturating_sub(3));
+    match name {
+        "none" => Ok(None),
+        "add" => Ok(Some(InterventionPlan::new().add(
+            LayerSet::single(add_layer),
+            u,
+            4.0,
+        ))),
+        "add+ablate" => Ok(Some(
+            InterventionPlan::new()
+                .add(LayerSet::single(add_layer), u, 4.0)
+                .ablate(LayerSet((ab0..(ab0 + 3).min(n)).collect()), v),
+        )),
+        other => Err(Error::InvalidValue(format!(
+            "unknown steering preset '{other}' (known: {})",
+            STEER_PRESETS.join(", ")
+        ))),
+    }
+}
+
+/// Last-token logits (f32, `[prompts][vocab]`) of `prompts` run as one left-padded batch under
+/// `plan`: what `pgate logits` prints and `scripts/gpu/compare_hf.py` checks against transformers.
+pub fn last_token_logits(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    plan: Option<Arc<CompiledPlan>>,
+) -> Result<Vec<Vec<f32>>> {
+    let lmax = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if lmax == 0 || prompts.iter().any(|p| p.is_empty()) {
+        return Err(Error::Empty("a prompt has no tokens".into()));
+    }
+    let mut ids = Vec::with_capacity(prompts.len() * lmax);
+    let mut rows = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let pad = lmax - p.len();
+        ids.extend(std::iter::repeat_n(p[0], pad));
+        ids.extend_from_slice(p);
+        rows.push(RowCtx {
+            seq: i,
+            chunk_pad: pad,
+            start_pos: 0,
+            prompt_len: p.len(),
+        });
+    }
+    let dev = model.decoder.device();
+    let tokens = Tensor::from_vec(ids, (prompts.len(), lmax), dev)?;
+    let mut cache = KvCache::new(model.decoder.n_layers());
+    let plans = vec![plan; prompts.len()];
+    let mut hook = PlanHook::new(&plans, model.decoder.n_layers());
+    let active = hook.is_active();
+    let hook: Option<&mut dyn ResidualHook> = if active { Some(&mut hook) } else { None };
+    let logits = model
+        .decoder
+        .forward(&tokens, &rows, &mut cache, hook, LogitsAt::Last)?
+        .ok_or_else(|| Error::InvalidValue("model returned no logits".into()))?;
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+/// The benchmark prompt: the chat-rendered default prompt, repeated or cut to `prompt_tokens`.
+pub fn bench_prompt(model: &Model, prompt_tokens: Option<usize>) -> Result<Vec<u32>> {
     let mut prompt = encode_chat(model, &ChatPrompt::new(DEFAULT_PROMPT))?;
-    if let Some(n) = cfg.prompt_tokens {
+    if let Some(n) = prompt_tokens {
         if n == 0 {
             return Err(Error::InvalidValue("prompt tokens must be >= 1".into()));
         }
@@ -50,6 +205,15 @@ pub fn run(model: &Model, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         }
         prompt.truncate(n);
     }
+    Ok(prompt)
+}
+
+pub fn run(model: &Model, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    if cfg.batches.is_empty() || cfg.batches.contains(&0) {
+        return Err(Error::InvalidValue("batch sizes must be >= 1".into()));
+    }
+    let prompt = bench_prompt(model, cfg.prompt_tokens)?;
+    let dev = model.decoder.device().clone();
     let mut rows = Vec::new();
     for &b in &cfg.batches {
         let reqs: Vec<GenRequest> = (0..b)
@@ -61,27 +225,42 @@ pub fn run(model: &Model, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
                 plan: cfg.plan.clone(),
             })
             .collect();
-        // One warm-up (allocations, page faults on mmapped weights), then the best of `reps`.
+        // Warm-ups (allocations, page faults on mmapped weights, kernel loads), then the best of
+        // `reps`.
         let mut best: Option<BenchRow> = None;
-        for rep in 0..cfg.reps.max(1) + 1 {
+        for rep in 0..cfg.reps.max(1) + cfg.warmup {
             let mut gen = Generator::new(&model.decoder, b);
+            dev.synchronize()?;
+            let t = std::time::Instant::now();
             gen.run(&reqs, None, |_, _| Ok(()))?;
-            if rep == 0 {
+            dev.synchronize()?;
+            let wall = t.elapsed().as_secs_f64();
+            if rep < cfg.warmup {
                 continue;
             }
             let s = &gen.stats;
+            let decode_ms = 1e3 * s.decode_secs / s.decode_steps.max(1) as f64;
+            let floor_ms = cfg.copy_gbs.map(|bw| {
+                let kv = kv_bytes_per_token(model) as f64
+                    * (prompt.len() as f64 + cfg.new_tokens as f64 / 2.0)
+                    * b as f64;
+                (weight_bytes(model) as f64 + kv) / (bw * 1e9) * 1e3
+            });
             let row = BenchRow {
+                plan: cfg.plan_name.clone(),
                 batch: b,
                 prompt_tokens: prompt.len(),
                 new_tokens: cfg.new_tokens,
+                tok_s: (b * cfg.new_tokens) as f64 / wall.max(1e-9),
+                step_ms: 1e3 * wall / cfg.new_tokens.max(1) as f64,
                 prefill_tok_s: s.prefill_tokens as f64 / s.prefill_secs.max(1e-9),
+                prefill_ms: 1e3 * s.prefill_secs,
                 decode_tok_s: s.decode_tokens as f64 / s.decode_secs.max(1e-9),
-                decode_ms_per_step: 1e3 * s.decode_secs / s.decode_steps.max(1) as f64,
+                decode_ms_per_step: decode_ms,
+                floor_ms,
+                floor_frac: floor_ms.map(|f| f / decode_ms.max(1e-9)),
             };
-            if best
-                .as_ref()
-                .is_none_or(|x| row.decode_tok_s > x.decode_tok_s)
-            {
+            if best.as_ref().is_none_or(|x| row.tok_s > x.tok_s) {
                 best = Some(row);
             }
         }

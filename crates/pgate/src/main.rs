@@ -14,6 +14,7 @@ use persona_gate::model::{DTypeMode, LoadOptions, Model, ModelSource};
 mod directions_cli;
 mod refusal_cli;
 mod study_cli;
+mod synth_cli;
 
 #[derive(Parser)]
 #[command(
@@ -37,15 +38,28 @@ pub(crate) struct ModelArgs {
     /// Run on CUDA device N (needs a build with --features cuda).
     #[arg(long)]
     pub cuda: Option<usize>,
+    /// Device: cpu, cuda or cuda:N (same as --cuda N).
+    #[arg(long, conflicts_with = "cuda")]
+    pub device: Option<String>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let dtype = DTypeMode::parse(&self.dtype)?;
-        let device = match self.cuda {
+        let cuda = match self.device.as_deref() {
+            None => self.cuda,
+            Some("cpu") => None,
+            Some("cuda") | Some("gpu") => Some(0),
+            Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Some(i),
+                _ => bail!("unknown device '{d}' (expected cpu, cuda or cuda:N)"),
+            },
+        };
+        let device = match cuda {
             None => candle_device_cpu(),
             Some(i) => persona_gate::device::cuda(i)?,
         };
+
         Ok(Model::load(&self.model, &LoadOptions { dtype, device })?)
     }
 }
@@ -123,9 +137,32 @@ enum Cmd {
         /// Intervention plan (JSON) applied during the benchmark.
         #[arg(long)]
         plan: Option<PathBuf>,
+        /// Built-in steering plans to run in turn (seeded random directions): none, add
+        /// (coefficient 4 at layer n/2), add+ablate (and an ablation at layers 5n/8..5n/8+2).
+        #[arg(long, value_delimiter = ',')]
+        steer: Vec<String>,
+        /// Seed of the built-in steering directions.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Full-length warm-up runs before the timed ones.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Write the rows (and bandwidth, weight and KV bytes) as JSON to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
+    /// Write a model of a real shape with seeded random weights (config.json, bf16 safetensors,
+    /// tokenizer.json) that pgate and transformers load.
+    ///
+    /// Example: pgate synth-model --like llama-3.1-8b --seed 0 -o /tmp/llama8b
+    SynthModel(synth_cli::SynthArgs),
+    /// Last-token logits (and greedy tokens) of token-id prompts as JSON, for checks against other
+    /// implementations.
+    ///
+    /// Example: pgate logits DIR --dtype f32 --device cuda --tokens 1,2,3 --greedy 16
+    Logits(synth_cli::LogitsArgs),
     /// Label rates (refusal / bypass / degenerate, Wilson 95% intervals) of a prompt set under an
     /// optional persona (system prompt) and intervention plan.
     ///
@@ -261,48 +298,28 @@ fn run(cli: Cli) -> Result<()> {
             prompt_tokens,
             reps,
             plan,
+            steer,
+            seed,
+            warmup,
+            out,
             json,
-        } => {
-            let model = m.load()?;
-            let plan = load_plan(plan.as_deref(), &model)?;
-            let rows = persona_gate::bench::run(
-                &model,
-                &persona_gate::bench::BenchConfig {
-                    batches,
-                    new_tokens,
-                    prompt_tokens,
-                    reps,
-                    plan,
-                },
-            )?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!(
-                    "model {} ({}, dtype {}, {} threads)",
-                    model.info.name,
-                    model.info.architecture,
-                    m.dtype,
-                    rayon_threads()
-                );
-                println!(
-                    "{:>6} {:>8} {:>8} {:>14} {:>14} {:>12}",
-                    "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "ms/step"
-                );
-                for r in &rows {
-                    println!(
-                        "{:>6} {:>8} {:>8} {:>14.1} {:>14.2} {:>12.2}",
-                        r.batch,
-                        r.prompt_tokens,
-                        r.new_tokens,
-                        r.prefill_tok_s,
-                        r.decode_tok_s,
-                        r.decode_ms_per_step
-                    );
-                }
-            }
-            Ok(())
-        }
+        } => synth_cli::run_bench(
+            &m,
+            synth_cli::BenchOpts {
+                batches,
+                new_tokens,
+                prompt_tokens,
+                reps,
+                warmup,
+                plan,
+                steer,
+                seed,
+                json,
+                out,
+            },
+        ),
+        Cmd::SynthModel(a) => synth_cli::run_synth(a),
+        Cmd::Logits(a) => synth_cli::run_logits(a),
         Cmd::Eval(a) => refusal_cli::run_eval(a),
         Cmd::Extract(cmd) => directions_cli::run_extract(cmd),
         Cmd::Geometry(args) => directions_cli::run_geometry(args),

@@ -83,16 +83,23 @@ impl Rope {
         })
     }
 
-    /// Rotate `x` (`[b, h, l, d]`) at `positions` (`[b*l]` u32).
-    fn apply(&self, x: &Tensor, positions: &Tensor, b: usize, l: usize) -> Result<Tensor> {
+    /// cos/sin rows (`[b, l, d/2]`) at `positions` (`[b*l]` u32): gathered once per forward and
+    /// shared by every block (two launches per forward instead of four per block on a GPU).
+    fn gather(&self, positions: &Tensor, b: usize, l: usize) -> Result<(Tensor, Tensor)> {
         let half = self.cos.dim(1)?;
         let cos = self.cos.index_select(positions, 0)?.reshape((b, l, half))?;
         let sin = self.sin.index_select(positions, 0)?.reshape((b, l, half))?;
+        Ok((cos, sin))
+    }
+
+    /// Rotate `x` (`[b, h, l, d]`) by gathered `cs` ([`Rope::gather`]).
+    fn apply(&self, x: &Tensor, cs: &(Tensor, Tensor)) -> Result<Tensor> {
+        let (cos, sin) = cs;
         let x = x.contiguous()?;
         Ok(if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+            candle_nn::rotary_emb::rope_i(&x, cos, sin)?
         } else {
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+            candle_nn::rotary_emb::rope(&x, cos, sin)?
         })
     }
 }
@@ -117,7 +124,9 @@ struct Block {
 
 /// Per-forward inputs shared by all blocks.
 struct StepInputs<'a> {
-    positions: Tensor,
+    /// cos/sin at this chunk's positions, for global and (gemma) sliding-window layers.
+    rope_global: (Tensor, Tensor),
+    rope_local: Option<(Tensor, Tensor)>,
     mask_global: Option<Tensor>,
     mask_local: Option<Tensor>,
     b: usize,
@@ -312,8 +321,13 @@ impl Decoder {
         } else {
             mask_global.clone()
         };
+        let rope_local = match &self.rope_local {
+            Some(r) if any_local => Some(r.gather(&positions, b, l)?),
+            _ => None,
+        };
         let step = StepInputs {
-            positions,
+            rope_global: self.rope_global.gather(&positions, b, l)?,
+            rope_local,
             mask_global,
             mask_local,
             b,
@@ -447,13 +461,12 @@ impl Decoder {
         let q = q.transpose(1, 2)?;
         let k = k.transpose(1, 2)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let rope = if bl.sliding {
-            self.rope_local.as_ref().unwrap_or(&self.rope_global)
-        } else {
-            &self.rope_global
+        let (rope, cs) = match (bl.sliding, &self.rope_local, &s.rope_local) {
+            (true, Some(r), Some(cs)) => (r, cs),
+            _ => (&self.rope_global, &s.rope_global),
         };
-        let q = rope.apply(&q, &s.positions, b, l)?;
-        let k = rope.apply(&k, &s.positions, b, l)?;
+        let q = rope.apply(&q, cs)?;
+        let k = rope.apply(&k, cs)?;
         let (k_all, v_all) = cache.append(li, &k, &v)?;
         let total = k_all.dim(2)?;
 

@@ -12,6 +12,7 @@ pub mod llama;
 pub mod meta;
 pub mod qwen2;
 pub mod source;
+pub mod synth;
 pub mod weights;
 
 use std::collections::BTreeMap;

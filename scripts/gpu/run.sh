@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything persona-gate does on the GPU machine, in one call (build here with scripts/build-cuda.sh,
+# carry gpu-bin/: the stripped pgate and a copy of ../shared/bench/hf_gpu_baseline.py).
+#
+#   bash scripts/gpu/run.sh check synth bench hf=eager
+#
+# Steps, in the order given:
+#   check        scripts/gpu/compare_hf.py: pgate CUDA vs transformers, f32 and bf16, with/without a plan
+#   synth        pgate synth-model --like llama-3.1-8b --seed 0 -o $SYNTH (bf16, 16 GB)
+#   bench        pgate bench on it: bf16, batch 1/16/64, 128 prompt + 256 new tokens, EOS ignored,
+#                plans none / add / add+ablate (the HF baseline's), per-step floor from the copy bandwidth
+#   quick        the same at batch 64 only, no plan, 64 new tokens
+#   hf=MODES     the HF transformers+hooks anchor (MODES: eager, static or eager,static)
+# Results go to $OUT (the device tool brings it back) or /tmp/pgate-gpu.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-/tmp/pgate-gpu}"
+mkdir -p "$OUT"
+NV=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))")
+export LD_LIBRARY_PATH="$NV:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONUNBUFFERED=1
+BIN="${PGATE_BIN:-gpu-bin/pgate}"
+SYNTH="${SYNTH:-/tmp/pgate-synth/llama-3.1-8b}"
+chmod +x "$BIN" 2>/dev/null || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
+BENCH=(bench "$SYNTH" --dtype bf16 --device cuda --prompt-tokens 128)
+status=0
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case "$step" in
+    check) python3 scripts/gpu/compare_hf.py --pgate "$BIN" --work /tmp/pgate-compare --out "$OUT" || status=1 ;;
+    synth) mkdir -p "$(dirname "$SYNTH")" && "$BIN" synth-model --like llama-3.1-8b --seed 0 -o "$SYNTH" || status=1 ;;
+    bench) "$BIN" "${BENCH[@]}" --batches 1,16,64 --new-tokens 256 --steer none,add,add+ablate \
+             --out "$OUT/pgate_bench.json" 2>"$OUT/pgate_bench.log" || { status=1; tail -5 "$OUT/pgate_bench.log"; } ;;
+    quick) "$BIN" "${BENCH[@]}" --batches 64 --new-tokens 64 --steer none --out "$OUT/pgate_quick.json" || status=1 ;;
+    hf=*) MODE="${step#hf=}" OUT="$OUT" python3 gpu-bin/hf_gpu_baseline.py || status=1 ;;
+    *) echo "unknown step $step"; status=1 ;;
+  esac
+done
+echo "=== done $(date +%T) status $status"
+exit $status
