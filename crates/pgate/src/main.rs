@@ -13,6 +13,7 @@ use persona_gate::model::{DTypeMode, LoadOptions, Model, ModelSource};
 
 mod directions_cli;
 mod refusal_cli;
+mod serve_cli;
 mod study_cli;
 mod synth_cli;
 
@@ -168,6 +169,18 @@ enum Cmd {
     ///
     /// Example: pgate eval q15 --prompts harmful_val -n 50 --ablate refusal.safetensors[12]@0-27
     Eval(refusal_cli::EvalArgs),
+    /// OpenAI-compatible chat server: persona presets (system prompt + steering), continuous
+    /// batching, residual projections and the refusal guard on every response.
+    ///
+    /// Example: pgate serve q15 --presets examples/serve/presets.toml --directions examples/directions/q15 --guard-file q15-guard.json
+    Serve(serve_cli::ServeArgs),
+    /// The serving guard: calibrate it, measure its flag rates under a preset.
+    #[command(subcommand)]
+    Guard(serve_cli::GuardCmd),
+    /// Load a running `pgate serve` with concurrent clients: throughput, latency, 429s, memory.
+    ///
+    /// Example: pgate serve-bench --url http://127.0.0.1:8080 --clients 32 --duration 60
+    ServeBench(serve_cli::ServeBenchArgs),
     /// Extract directions: persona traits, random controls.
     #[command(subcommand)]
     Extract(directions_cli::ExtractCmd),
@@ -321,6 +334,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::SynthModel(a) => synth_cli::run_synth(a),
         Cmd::Logits(a) => synth_cli::run_logits(a),
         Cmd::Eval(a) => refusal_cli::run_eval(a),
+        Cmd::Serve(a) => serve_cli::run_serve(a),
+        Cmd::Guard(cmd) => serve_cli::run_guard(cmd),
+        Cmd::ServeBench(a) => serve_cli::run_serve_bench(a),
         Cmd::Extract(cmd) => directions_cli::run_extract(cmd),
         Cmd::Geometry(args) => directions_cli::run_geometry(args),
         Cmd::Directions(cmd) => directions_cli::run_directions(cmd),
