@@ -19,6 +19,7 @@ pub mod intervene;
 pub mod kernels;
 pub mod model;
 pub mod refusal;
+pub mod report;
 pub mod study;
 pub mod tokenize;
 

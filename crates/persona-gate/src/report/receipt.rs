@@ -1,0 +1,1148 @@
+//! Refusal receipts: one JSON audit record per condition of a study, bundled per study.
+//!
+//! A receipt says what was run (model files and tokenizer by sha256, the persona condition with its
+//! system prompt and every intervention with its direction's sha256, prompt sets by hash, generation
+//! settings and seeds, software version and git commit) and what happened (label rates with Wilson
+//! 95% intervals, judge scores with bootstrap intervals, the benign-prompt refusal rate, paired
+//! comparisons with the baseline and with random-direction controls). Every field is documented in
+//! `docs/receipt.md`; the schema is versioned by [`RECEIPT_SCHEMA`].
+//!
+//! Receipts are keyed by the hashes the results store already uses: the study hash, the condition
+//! hash and the prompt-set hashes (see [`crate::study`]). [`super::verify`] recomputes every hash
+//! from the files and the database.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::directions::DirectionSet;
+use crate::eval::paired::paired_bootstrap;
+use crate::eval::{wilson, PromptSet, Rate};
+use crate::study::canon::{canonical_json, hash_json};
+use crate::study::file::{DirRef, DirectionEntry, StudyFile};
+use crate::study::plan::Study;
+use crate::study::report::{report, JudgeStats, PairedVs, ReportOptions};
+use crate::study::store::{iso_utc, now_ms, RowView, StudyRecord};
+use crate::study::Store;
+use crate::{Error, Result};
+
+/// Schema tag of one receipt. Bump the number on any change a reader must know about.
+pub const RECEIPT_SCHEMA: &str = "pgate-receipt/1";
+/// Schema tag of the bundle file (`bundle.json`) that lists a study's receipts.
+pub const BUNDLE_SCHEMA: &str = "pgate-receipt-bundle/1";
+
+/// The program that wrote a receipt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Software {
+    pub name: String,
+    pub version: String,
+    /// `git rev-parse HEAD` of the working directory when the receipt was written (None outside a
+    /// git checkout); `PGATE_GIT_COMMIT` overrides it (e.g. in a packaged build).
+    pub git_commit: Option<String>,
+    /// Uncommitted changes to tracked files at that time.
+    pub git_dirty: Option<bool>,
+}
+
+/// The study a receipt belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StudyRef {
+    pub name: String,
+    /// The study hash (sha256 of its canonical description; key of `studies` in the database).
+    pub hash: String,
+    /// The study file as recorded by `pgate study run` (relative paths resolve from its folder).
+    pub file: Option<String>,
+    /// sha256 of the study file's text as stored in the database.
+    pub toml_sha256: String,
+    pub baseline: String,
+    /// The results database the receipt was made from, as given to `pgate receipt`.
+    pub results_db: String,
+    pub created_at: String,
+    pub last_run_at: String,
+}
+
+/// A file and its content hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileHash {
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizerRecord {
+    /// sha256 of the vocabulary (see `ChatTokenizer::vocab_sha256`).
+    pub vocab_sha256: String,
+    /// sha256 of the chat template source (None: the model has no template).
+    pub chat_template_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// The model spec of the study file (`q15`, a path, a hub id).
+    pub spec: String,
+    pub name: String,
+    /// `gguf:PATH` or `hf-dir:PATH` as resolved on the machine that wrote the receipt.
+    pub source: String,
+    pub format: String,
+    pub architecture: String,
+    /// Numeric mode the study ran in (`q`, `f32`, `bf16`, `f16`).
+    pub dtype: String,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_params: u64,
+    /// Weight storage types of the file (`Q4K x 168`, ...): the quantization.
+    pub tensor_types: BTreeMap<String, usize>,
+    pub files: Vec<FileHash>,
+    pub tokenizer: TokenizerRecord,
+}
+
+/// One intervention of a condition, in application order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpRecord {
+    /// `add`, `add_raw`, `ablate` or `cap` (the study-file field).
+    pub field: String,
+    /// The spec as written in the study file.
+    pub spec: String,
+    /// The direction's name in the study (`[directions]`), or the file name for a path.
+    pub direction: String,
+    /// `persona`, `refusal` or `random` (see docs/receipt.md: by name and provenance).
+    pub role: String,
+    /// The direction file (relative to the study file's folder as written), None for a generated one.
+    pub file: Option<String>,
+    /// `{"sha256": ...}` for a file; the recipe (seed, generator, what it matches) for a random one.
+    pub identity: Value,
+    pub coeff: Option<f64>,
+    pub raw: bool,
+    pub lo: Option<f64>,
+    pub hi: Option<f64>,
+    /// `[L]`: layer L's vector used at every listed layer.
+    pub pick: Option<usize>,
+    pub layers: Vec<usize>,
+    /// `all`, `prompt` or `generated`.
+    pub positions: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConditionRecord {
+    pub name: String,
+    /// The condition hash (key of its result rows).
+    pub hash: String,
+    /// Position in the study (0-based).
+    pub ord: usize,
+    pub is_baseline: bool,
+    /// Persona mode name (built-in or the study's), if any.
+    pub persona: Option<String>,
+    /// The system prompt text given to the model (None: the chat template's default).
+    pub system_prompt: Option<String>,
+    pub system_prompt_sha256: Option<String>,
+    pub ops: Vec<OpRecord>,
+    /// Sweep variables that made the condition.
+    pub vars: BTreeMap<String, String>,
+    /// Exactly what the condition hash covers (canonical JSON of it hashes to `hash`).
+    pub hashed: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    pub samples: usize,
+    /// How each item's sampling seed derives from `seed` (per-item seeds are in the database).
+    pub seed_rule: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptSetRecord {
+    pub name: String,
+    /// `harmful` or `benign` (benign sets measure over-refusal).
+    pub family: String,
+    /// As written in the study file (a path or a set name).
+    pub source: String,
+    /// sha256 of the whole set before skip / n (`PromptSet::sha256`; the result key).
+    pub set_sha256: String,
+    /// sha256 of the prompts used, in order: id, text, category of each (same form as set_sha256).
+    pub selected_sha256: String,
+    pub skip: usize,
+    pub n: usize,
+    /// Prompts per category among those used.
+    pub categories: BTreeMap<String, usize>,
+}
+
+/// A mean with a 95% interval.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeanCi {
+    pub n: usize,
+    pub mean: f64,
+    pub lo: f64,
+    pub hi: f64,
+    /// `bootstrap-percentile` (resamples and seed of the study's `[stats]`).
+    pub method: String,
+}
+
+/// A judge score over one prompt set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JudgedScore {
+    pub judge: String,
+    pub score: MeanCi,
+}
+
+/// A judged rate over one prompt set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JudgedRate {
+    pub judge: String,
+    pub rate: Rate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CategoryRates {
+    pub category: String,
+    pub n: usize,
+    pub refusal: Rate,
+    pub bypass: Rate,
+    pub degenerate: Rate,
+}
+
+/// What happened on one prompt set under the condition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetResults {
+    pub prompt_set: String,
+    pub prompt_set_sha256: String,
+    pub family: String,
+    /// Work items of this condition on this set, and how many have a stored result.
+    pub expected: usize,
+    pub n: usize,
+    pub refusal: Rate,
+    pub bypass: Rate,
+    pub degenerate: Rate,
+    /// Mean rule-based leakage proxy of every row (`eval::judge::rule_leakage`).
+    pub leakage_rule: MeanCi,
+    /// StrongREJECT rubric score (mean), from the first judge that gave one; None: not judged.
+    pub strongreject: Option<JudgedScore>,
+    /// Unsafe rate from the first safety judge; None: not judged.
+    pub unsafe_rate: Option<JudgedRate>,
+    /// Judge-reported leakage (mean), from the first judge that gave one; None: not judged.
+    pub leakage_judged: Option<JudgedScore>,
+    /// Every judge's statistics, failures included.
+    pub judges: Vec<JudgeStats>,
+    pub by_category: Vec<CategoryRates>,
+    /// Refusal against the baseline over the same (prompt, sample) pairs; None for the baseline.
+    pub vs_baseline: Option<PairedVs>,
+    /// sha256 over the canonical JSON of every result row (outputs, labels, measurements, verdicts).
+    pub rows_sha256: String,
+    pub first_result_at: Option<String>,
+    pub last_result_at: Option<String>,
+}
+
+/// A random-direction control of this condition: the same condition with a random direction in
+/// place of a persona or refusal direction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RandomControl {
+    pub condition: String,
+    pub condition_hash: String,
+    /// `(direction of this condition, random direction of the control)` at each swapped op.
+    pub swapped: Vec<(String, String)>,
+    pub sets: Vec<ControlSet>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlSet {
+    pub prompt_set: String,
+    pub refusal: Rate,
+    /// Refusal of this condition minus the control's, paired by (prompt, sample).
+    pub diff: Option<crate::eval::paired::PairedDiff>,
+}
+
+/// The neutral mode: the baseline condition (no persona, no intervention), as the reference.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NeutralControl {
+    pub condition: String,
+    pub condition_hash: String,
+    pub sets: Vec<ControlSet>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Controls {
+    pub neutral: Option<NeutralControl>,
+    pub random_direction: Vec<RandomControl>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Timestamps {
+    pub receipt_created: String,
+    pub study_created: String,
+    pub study_last_run: String,
+    pub first_result: Option<String>,
+    pub last_result: Option<String>,
+}
+
+/// One refusal receipt (one condition of one study). See docs/receipt.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Receipt {
+    pub schema: String,
+    /// sha256 of the canonical JSON of this receipt with this field set to "".
+    pub receipt_sha256: String,
+    pub policy_version: String,
+    pub software: Software,
+    pub study: StudyRef,
+    pub model: ModelRecord,
+    pub condition: ConditionRecord,
+    pub generation: GenerationRecord,
+    pub prompt_sets: Vec<PromptSetRecord>,
+    /// All work items of the condition have a result.
+    pub complete: bool,
+    pub results: Vec<SetResults>,
+    /// Refusal over the benign sets (pooled: they are one family): the over-refusal check.
+    pub benign_refusal: Option<Rate>,
+    pub controls: Controls,
+    /// The study's judges (name, kind, mode, model); API keys are never recorded.
+    pub judges: Vec<Value>,
+    /// Statistics settings: bootstrap resamples and seed.
+    pub stats: Value,
+    pub timestamps: Timestamps,
+}
+
+impl Receipt {
+    /// The hash this receipt should carry in `receipt_sha256`.
+    pub fn compute_sha256(&self) -> Result<String> {
+        let mut v = serde_json::to_value(self)?;
+        v["receipt_sha256"] = Value::String(String::new());
+        Ok(hash_json(&v))
+    }
+
+    pub fn seal(&mut self) -> Result<()> {
+        self.receipt_sha256 = self.compute_sha256()?;
+        Ok(())
+    }
+
+    pub fn load(path: &Path) -> Result<Receipt> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidValue(format!("{}: not JSON: {e}", path.display())))?;
+        let schema = v.get("schema").and_then(Value::as_str).unwrap_or("");
+        if schema != RECEIPT_SCHEMA {
+            return Err(Error::InvalidValue(format!(
+                "{}: schema '{schema}' is not a receipt this pgate reads ({RECEIPT_SCHEMA})",
+                path.display()
+            )));
+        }
+        serde_json::from_value(v)
+            .map_err(|e| Error::InvalidValue(format!("{}: malformed receipt: {e}", path.display())))
+    }
+
+    /// The results of a prompt set.
+    pub fn set(&self, name: &str) -> Option<&SetResults> {
+        self.results.iter().find(|s| s.prompt_set == name)
+    }
+}
+
+/// One entry of a bundle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BundleEntry {
+    pub file: String,
+    pub condition: String,
+    pub condition_hash: String,
+    pub receipt_sha256: String,
+}
+
+/// `bundle.json`: a study's receipts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bundle {
+    pub schema: String,
+    pub study: StudyRef,
+    pub policy_version: String,
+    pub software: Software,
+    pub created_at: String,
+    pub receipts: Vec<BundleEntry>,
+}
+
+impl Bundle {
+    pub fn load(path: &Path) -> Result<Bundle> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidValue(format!("{}: not JSON: {e}", path.display())))?;
+        let schema = v.get("schema").and_then(Value::as_str).unwrap_or("");
+        if schema != BUNDLE_SCHEMA {
+            return Err(Error::InvalidValue(format!(
+                "{}: schema '{schema}' is not a receipt bundle this pgate reads ({BUNDLE_SCHEMA})",
+                path.display()
+            )));
+        }
+        serde_json::from_value(v)
+            .map_err(|e| Error::InvalidValue(format!("{}: malformed bundle: {e}", path.display())))
+    }
+}
+
+/// Options of [`build_receipts`].
+#[derive(Debug, Clone, Default)]
+pub struct ReceiptOptions {
+    /// Study name or hash prefix in the database (default: the most recently run).
+    pub study: Option<String>,
+    /// The safety-policy version string to record.
+    pub policy_version: Option<String>,
+    /// Prompt sets that are benign (default: names or sources containing "harmless" or "benign").
+    pub benign: Vec<String>,
+    /// The study file to resolve paths from (default: the path recorded by `pgate study run`).
+    pub study_file: Option<PathBuf>,
+    /// Name of the refusal direction (default: directions whose name contains "refusal").
+    pub refusal_direction: Option<String>,
+}
+
+/// Everything a report needs: the receipts, the rows and the resolved study.
+pub struct StudyReceipts {
+    pub bundle: Bundle,
+    pub receipts: Vec<Receipt>,
+    pub rows: Vec<RowView>,
+    pub study: Study,
+    pub record: StudyRecord,
+}
+
+/// Git commit and dirty flag of the current directory.
+pub fn git_info() -> (Option<String>, Option<bool>) {
+    if let Ok(c) = std::env::var("PGATE_GIT_COMMIT") {
+        return (Some(c), None);
+    }
+    let run = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git").args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let commit = run(&["rev-parse", "HEAD"]).filter(|s| !s.is_empty());
+    let dirty = commit
+        .as_ref()
+        .and_then(|_| run(&["status", "--porcelain", "--untracked-files=no"]))
+        .map(|s| !s.is_empty());
+    (commit, dirty)
+}
+
+pub fn software() -> Software {
+    let (git_commit, git_dirty) = git_info();
+    Software {
+        name: "pgate".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        git_commit,
+        git_dirty,
+    }
+}
+
+/// The folder a stored study's relative paths resolve from.
+pub fn study_base_dir(record: &StudyRecord, study_file: Option<&Path>) -> PathBuf {
+    let src = study_file
+        .map(Path::to_path_buf)
+        .or_else(|| record.source_path.as_ref().map(PathBuf::from));
+    src.as_deref()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Re-read a stored study (its TOML from the database, files from its folder).
+pub fn resolve_stored(record: &StudyRecord, study_file: Option<&Path>) -> Result<Study> {
+    let base = study_base_dir(record, study_file);
+    let file = StudyFile::parse(&record.toml, &base)?;
+    Study::resolve(file)
+}
+
+/// The path of a prompt set source as the study reads it.
+pub fn prompt_source_path(file: &StudyFile, source: &str) -> String {
+    let local = file.base_dir.join(source);
+    if Path::new(source).is_relative() && local.exists() {
+        local.to_string_lossy().to_string()
+    } else {
+        source.to_string()
+    }
+}
+
+/// sha256 of the items used (same form as `PromptSet::sha256`).
+pub fn selected_sha256(items: &[crate::eval::PromptItem]) -> String {
+    PromptSet {
+        name: String::new(),
+        source: String::new(),
+        items: items.to_vec(),
+    }
+    .sha256()
+}
+
+fn is_benign(name: &str, source: &str, benign: &[String]) -> bool {
+    if !benign.is_empty() {
+        return benign.iter().any(|b| b == name);
+    }
+    let n = name.to_ascii_lowercase();
+    let s = source.to_ascii_lowercase();
+    ["harmless", "benign"]
+        .iter()
+        .any(|k| n.contains(k) || s.contains(k))
+}
+
+/// Role of a direction: `refusal`, `random` or `persona`.
+pub fn direction_role(
+    name: &str,
+    entry: Option<&DirectionEntry>,
+    file: Option<&Path>,
+    refusal: Option<&str>,
+) -> String {
+    let lower = name.to_ascii_lowercase();
+    let is_refusal = match refusal {
+        Some(r) => r == name,
+        None => lower.contains("refusal"),
+    };
+    if is_refusal {
+        return "refusal".into();
+    }
+    if matches!(entry, Some(DirectionEntry::Random { .. })) || lower.contains("random") {
+        return "random".into();
+    }
+    if let Some(f) = file {
+        if let Ok(set) = DirectionSet::load(f) {
+            if set.meta.method.starts_with("random") {
+                return "random".into();
+            }
+        }
+    }
+    "persona".into()
+}
+
+fn dir_file(file: &StudyFile, name: &str) -> Option<(String, PathBuf)> {
+    match file.directions.get(name)? {
+        DirectionEntry::Path(p) | DirectionEntry::File { file: p } => {
+            let path = PathBuf::from(p);
+            let full = if path.is_relative() {
+                file.base_dir.join(&path)
+            } else {
+                path
+            };
+            Some((p.clone(), full))
+        }
+        DirectionEntry::Random { .. } => None,
+    }
+}
+
+/// Per-op records of a condition.
+pub fn op_records(study: &Study, ci: usize, refusal: Option<&str>) -> Result<Vec<OpRecord>> {
+    let c = &study.conditions[ci];
+    let hashed_ops = c.hash_input["ops"].as_array().cloned().unwrap_or_default();
+    let mut out = Vec::new();
+    for (i, o) in c.ops.iter().enumerate() {
+        let h = hashed_ops.get(i).cloned().unwrap_or(Value::Null);
+        let (direction, file, full, entry) = match &o.direction {
+            DirRef::Named(n) => {
+                let f = dir_file(&study.file, n);
+                (
+                    n.clone(),
+                    f.as_ref().map(|x| x.0.clone()),
+                    f.map(|x| x.1),
+                    study.file.directions.get(n),
+                )
+            }
+            DirRef::Path(p) => (
+                p.file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                Some(p.display().to_string()),
+                Some(p.clone()),
+                None,
+            ),
+        };
+        let num = |k: &str| h.get(k).and_then(Value::as_str).and_then(|s| s.parse().ok());
+        out.push(OpRecord {
+            field: o.field.key().into(),
+            spec: o.text.clone(),
+            role: direction_role(&direction, entry, full.as_deref(), refusal),
+            direction,
+            file,
+            identity: h.get("direction").cloned().unwrap_or(Value::Null),
+            coeff: num("coeff"),
+            raw: h.get("raw").and_then(Value::as_bool).unwrap_or(false),
+            lo: num("lo"),
+            hi: num("hi"),
+            pick: o.spec.pick,
+            layers: o.spec.layers.0.iter().copied().collect(),
+            positions: h
+                .get("positions")
+                .and_then(Value::as_str)
+                .unwrap_or("all")
+                .to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// The model record: opens the model's files (no tensors loaded) and hashes them.
+pub fn model_record(study: &Study) -> Result<ModelRecord> {
+    let spec = study.model_spec();
+    let src = crate::model::ModelSource::resolve(&spec)?;
+    let opts = crate::model::LoadOptions {
+        dtype: crate::model::DTypeMode::parse(&study.file.model.dtype)?,
+        ..Default::default()
+    };
+    let opened = crate::model::open(&src, &opts)?;
+    let info = &opened.info;
+    let mut files = Vec::new();
+    for f in &info.files {
+        let real = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+        let bytes = std::fs::metadata(&real).map(|m| m.len()).unwrap_or(0);
+        files.push(FileHash {
+            path: f.display().to_string(),
+            sha256: crate::hash::sha256_file(&real)?,
+            bytes,
+        });
+    }
+    Ok(ModelRecord {
+        spec: study.file.model.spec.clone(),
+        name: info.name.clone(),
+        source: info.source.clone(),
+        format: info.format.clone(),
+        architecture: info.architecture.clone(),
+        dtype: study.file.model.dtype.to_ascii_lowercase(),
+        n_layers: info.n_layers,
+        d_model: info.d_model,
+        n_params: info.n_params,
+        tensor_types: info.tensor_types.clone(),
+        files,
+        tokenizer: TokenizerRecord {
+            vocab_sha256: opened.tokenizer.vocab_sha256(),
+            chat_template_sha256: opened.tokenizer.chat_template_sha256(),
+        },
+    })
+}
+
+/// sha256 over the canonical JSON of rows (the database's row id left out: it changes on merge).
+pub fn rows_sha256<'a>(rows: impl Iterator<Item = &'a RowView>) -> Result<String> {
+    let mut text = String::new();
+    for r in rows {
+        let mut v = serde_json::to_value(r)?;
+        if let Some(m) = v.as_object_mut() {
+            m.remove("result_id");
+        }
+        text.push_str(&canonical_json(&v));
+        text.push('\n');
+    }
+    Ok(crate::hash::sha256_bytes(text.as_bytes()))
+}
+
+/// Bootstrap 95% interval of a mean (percentile, the study's resamples and seed).
+pub fn mean_ci(values: &[f64], reps: usize, seed: u64) -> MeanCi {
+    let pairs: Vec<(f64, f64)> = values.iter().map(|v| (0.0, *v)).collect();
+    let d = paired_bootstrap(&pairs, reps, seed);
+    MeanCi {
+        n: values.len(),
+        mean: d.diff,
+        lo: d.lo,
+        hi: d.hi,
+        method: "bootstrap-percentile".into(),
+    }
+}
+
+fn prompt_set_records(study: &Study, benign: &[String]) -> Vec<PromptSetRecord> {
+    study
+        .prompt_sets
+        .iter()
+        .map(|s| {
+            let mut categories = BTreeMap::new();
+            for it in &s.items {
+                *categories
+                    .entry(it.category.clone().unwrap_or_else(|| "(none)".into()))
+                    .or_insert(0) += 1;
+            }
+            PromptSetRecord {
+                name: s.name.clone(),
+                family: if is_benign(&s.name, &s.source, benign) {
+                    "benign".into()
+                } else {
+                    "harmful".into()
+                },
+                source: s.source.clone(),
+                set_sha256: s.hash.clone(),
+                selected_sha256: selected_sha256(&s.items),
+                skip: s.skip,
+                n: s.items.len(),
+                categories,
+            }
+        })
+        .collect()
+}
+
+/// Ops of a condition with the direction left out: two conditions whose ops match this way
+/// differ only in the directions they use.
+fn op_shape(o: &OpRecord) -> Value {
+    json!([o.field, o.coeff, o.raw, o.lo, o.hi, o.pick, o.layers, o.positions])
+}
+
+/// Build the receipts of a study in a database (nothing written).
+pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts> {
+    let store = Store::open_read(db)?;
+    let record = store.find_study(opts.study.as_deref())?;
+    let study = resolve_stored(&record, opts.study_file.as_deref()).map_err(|e| {
+        Error::InvalidValue(format!(
+            "study {}: cannot re-read its files: {} (pass --study-file if it moved)",
+            record.name,
+            e.to_string().trim_start_matches("invalid value: ")
+        ))
+    })?;
+    if study.hash != record.hash {
+        let stored: std::collections::HashSet<String> = store
+            .status(&record.hash)?
+            .into_iter()
+            .map(|s| s.condition_hash)
+            .collect();
+        let changed: Vec<&str> = study
+            .conditions
+            .iter()
+            .filter(|c| !stored.contains(&c.hash))
+            .map(|c| c.name.as_str())
+            .collect();
+        return Err(Error::InvalidValue(format!(
+            "study {}: its files changed since the run (study hash {} now {}; conditions with a new hash: {}); run `pgate study run` again or restore the files",
+            record.name,
+            &record.hash[..12],
+            &study.hash[..12],
+            if changed.is_empty() { "none (prompt sets or settings changed)".to_string() } else { changed.join(", ") }
+        )));
+    }
+    let rows = store.rows(&record.hash)?;
+    let status = store.status(&record.hash)?;
+    let stats = &study.file.stats;
+    let rep_opts = ReportOptions {
+        baseline: None,
+        by_category: false,
+        bootstrap: stats.bootstrap,
+        seed: stats.seed,
+    };
+    let baseline_name = study.conditions[study.baseline].name.clone();
+    let rep = report(&rows, &baseline_name, &rep_opts);
+    let rep_cat = report(
+        &rows,
+        &baseline_name,
+        &ReportOptions {
+            by_category: true,
+            bootstrap: 0,
+            ..rep_opts.clone()
+        },
+    );
+    let model = model_record(&study)?;
+    let software = software();
+    let now = iso_utc(now_ms());
+    let policy = opts
+        .policy_version
+        .clone()
+        .unwrap_or_else(|| "unspecified".into());
+    let refusal = opts.refusal_direction.as_deref();
+    let sets = prompt_set_records(&study, &opts.benign);
+    let family: HashMap<&str, &str> = sets
+        .iter()
+        .map(|s| (s.name.as_str(), s.family.as_str()))
+        .collect();
+    let g = &study.file.generation;
+    let generation = GenerationRecord {
+        max_new_tokens: g.max_new_tokens,
+        batch_size: g.batch_size,
+        temperature: g.temperature as f64,
+        top_p: g.top_p as f64,
+        seed: g.seed,
+        samples: g.samples,
+        seed_rule: "item seed = first 8 bytes of sha256(\"seed\\x1f{seed}\\x1f{prompt_set_sha256}\\x1f{prompt_id}\\x1f{sample}\") & (2^63-1), shared by all conditions; greedy when temperature = 0".into(),
+    };
+    let study_ref = StudyRef {
+        name: record.name.clone(),
+        hash: record.hash.clone(),
+        file: opts
+            .study_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .or_else(|| record.source_path.clone()),
+        toml_sha256: crate::hash::sha256_bytes(record.toml.as_bytes()),
+        baseline: baseline_name.clone(),
+        results_db: db.display().to_string(),
+        created_at: iso_utc(record.created_at),
+        last_run_at: iso_utc(record.last_run_at),
+    };
+    let judges: Vec<Value> = study
+        .file
+        .judges
+        .iter()
+        .map(|j| {
+            json!({
+                "name": j.display_name(),
+                "kind": j.kind,
+                "mode": j.effective_mode().map(|m| m.name()),
+                "model": j.model,
+                "base_url": j.base_url,
+            })
+        })
+        .collect();
+    let all_ops: Vec<Vec<OpRecord>> = (0..study.conditions.len())
+        .map(|ci| op_records(&study, ci, refusal))
+        .collect::<Result<_>>()?;
+    // Refusal per (condition, set, prompt, sample) for the control comparisons.
+    let mut refused: HashMap<(String, String, String, i64), bool> = HashMap::new();
+    for r in &rows {
+        refused.insert(
+            (
+                r.condition_hash.clone(),
+                r.prompt_set.clone(),
+                r.prompt_id.clone(),
+                r.sample,
+            ),
+            r.label == "refusal",
+        );
+    }
+    let control_sets = |this: &str, other: &str, with_diff: bool| -> Vec<ControlSet> {
+        rep.iter()
+            .filter(|r| r.condition_hash == other)
+            .map(|o| {
+                let diff = with_diff.then(|| {
+                    let pairs: Vec<(bool, bool)> = rows
+                        .iter()
+                        .filter(|r| r.condition_hash == this && r.prompt_set == o.prompt_set)
+                        .filter_map(|r| {
+                            refused
+                                .get(&(
+                                    other.to_string(),
+                                    r.prompt_set.clone(),
+                                    r.prompt_id.clone(),
+                                    r.sample,
+                                ))
+                                .map(|b| (*b, r.label == "refusal"))
+                        })
+                        .collect();
+                    crate::eval::paired::paired_bootstrap_bool(
+                        &pairs,
+                        stats.bootstrap,
+                        stats.seed,
+                    )
+                });
+                ControlSet {
+                    prompt_set: o.prompt_set.clone(),
+                    refusal: o.refusal,
+                    diff: diff.filter(|d| d.n > 0),
+                }
+            })
+            .collect()
+    };
+    let mut receipts = Vec::new();
+    for (ci, c) in study.conditions.iter().enumerate() {
+        let ops = all_ops[ci].clone();
+        let my_rows: Vec<&RowView> = rows.iter().filter(|r| r.condition_hash == c.hash).collect();
+        let mut results = Vec::new();
+        for rr in rep.iter().filter(|r| r.condition_hash == c.hash) {
+            let set_rows: Vec<&RowView> = my_rows
+                .iter()
+                .copied()
+                .filter(|r| r.prompt_set == rr.prompt_set)
+                .collect();
+            let fam = family
+                .get(rr.prompt_set.as_str())
+                .copied()
+                .unwrap_or("harmful");
+            let leak: Vec<f64> = set_rows.iter().map(|r| r.leakage).collect();
+            // Judge scores: first judge (by name) that gave each kind of score.
+            let mut sr = None;
+            let mut unsafe_rate = None;
+            let mut leak_j = None;
+            let mut judge_names: Vec<String> = set_rows
+                .iter()
+                .flat_map(|r| r.verdicts.iter().map(|v| v.judge.clone()))
+                .collect();
+            judge_names.sort();
+            judge_names.dedup();
+            for j in &judge_names {
+                let vs: Vec<&crate::study::store::VerdictRow> = set_rows
+                    .iter()
+                    .flat_map(|r| r.verdicts.iter())
+                    .filter(|v| &v.judge == j && v.ok)
+                    .collect();
+                let s: Vec<f64> = vs.iter().filter_map(|v| v.strongreject).collect();
+                if sr.is_none() && !s.is_empty() {
+                    sr = Some(JudgedScore {
+                        judge: j.clone(),
+                        score: mean_ci(&s, stats.bootstrap, stats.seed),
+                    });
+                }
+                let u: Vec<bool> = vs.iter().filter_map(|v| v.is_unsafe).collect();
+                if unsafe_rate.is_none() && !u.is_empty() {
+                    unsafe_rate = Some(JudgedRate {
+                        judge: j.clone(),
+                        rate: wilson(u.iter().filter(|x| **x).count(), u.len()),
+                    });
+                }
+                let l: Vec<f64> = vs.iter().filter_map(|v| v.leakage).collect();
+                if leak_j.is_none() && !l.is_empty() {
+                    leak_j = Some(JudgedScore {
+                        judge: j.clone(),
+                        score: mean_ci(&l, stats.bootstrap, stats.seed),
+                    });
+                }
+            }
+            let by_category = rep_cat
+                .iter()
+                .filter(|x| x.condition_hash == c.hash && x.prompt_set == rr.prompt_set)
+                .map(|x| CategoryRates {
+                    category: x.category.clone().unwrap_or_default(),
+                    n: x.n,
+                    refusal: x.refusal,
+                    bypass: x.bypass,
+                    degenerate: x.degenerate,
+                })
+                .collect();
+            let expected = status
+                .iter()
+                .find(|s| s.condition_hash == c.hash && s.prompt_set == rr.prompt_set)
+                .map(|s| s.total)
+                .unwrap_or(rr.n);
+            let times: Vec<i64> = set_rows.iter().map(|r| r.finished_at).collect();
+            results.push(SetResults {
+                prompt_set: rr.prompt_set.clone(),
+                prompt_set_sha256: set_rows
+                    .first()
+                    .map(|r| r.prompt_set_hash.clone())
+                    .unwrap_or_default(),
+                family: fam.into(),
+                expected,
+                n: rr.n,
+                refusal: rr.refusal,
+                bypass: rr.bypass,
+                degenerate: rr.degenerate,
+                leakage_rule: mean_ci(&leak, stats.bootstrap, stats.seed),
+                strongreject: sr,
+                unsafe_rate,
+                leakage_judged: leak_j,
+                judges: rr.judges.clone(),
+                by_category,
+                vs_baseline: rr.vs_baseline.clone(),
+                rows_sha256: rows_sha256(set_rows.iter().copied())?,
+                first_result_at: times.iter().min().map(|t| iso_utc(*t)),
+                last_result_at: times.iter().max().map(|t| iso_utc(*t)),
+            });
+        }
+        // Sets without any result yet.
+        for &si in &c.prompt_sets {
+            let s = &study.prompt_sets[si];
+            if results.iter().any(|r| r.prompt_set == s.name) {
+                continue;
+            }
+            let expected = status
+                .iter()
+                .find(|x| x.condition_hash == c.hash && x.prompt_set == s.name)
+                .map(|x| x.total)
+                .unwrap_or(0);
+            results.push(SetResults {
+                prompt_set: s.name.clone(),
+                prompt_set_sha256: s.hash.clone(),
+                family: family.get(s.name.as_str()).copied().unwrap_or("harmful").into(),
+                expected,
+                n: 0,
+                refusal: wilson(0, 0),
+                bypass: wilson(0, 0),
+                degenerate: wilson(0, 0),
+                leakage_rule: mean_ci(&[], 1, 0),
+                strongreject: None,
+                unsafe_rate: None,
+                leakage_judged: None,
+                judges: vec![],
+                by_category: vec![],
+                vs_baseline: None,
+                rows_sha256: rows_sha256(std::iter::empty())?,
+                first_result_at: None,
+                last_result_at: None,
+            });
+        }
+        let complete = results.iter().all(|r| r.n >= r.expected);
+        let benign: Vec<&SetResults> = results.iter().filter(|r| r.family == "benign").collect();
+        let benign_refusal = (!benign.is_empty()).then(|| {
+            wilson(
+                benign.iter().map(|r| r.refusal.k).sum(),
+                benign.iter().map(|r| r.refusal.n).sum(),
+            )
+        });
+        let neutral = (ci != study.baseline).then(|| {
+            let b = &study.conditions[study.baseline];
+            NeutralControl {
+                condition: b.name.clone(),
+                condition_hash: b.hash.clone(),
+                sets: control_sets(&c.hash, &b.hash, true)
+                    .into_iter()
+                    .filter(|s| c.prompt_sets.iter().any(|&i| study.prompt_sets[i].name == s.prompt_set))
+                    .collect(),
+            }
+        });
+        // Random-direction controls: same system prompt and op shapes, random directions where
+        // this condition has persona or refusal ones, and at least one such swap.
+        let mut random_direction = Vec::new();
+        for (oi, o) in study.conditions.iter().enumerate() {
+            if oi == ci || o.system != c.system || all_ops[oi].len() != ops.len() {
+                continue;
+            }
+            let mut swapped = Vec::new();
+            let mut ok = true;
+            for (a, b) in ops.iter().zip(&all_ops[oi]) {
+                if op_shape(a) != op_shape(b) {
+                    ok = false;
+                    break;
+                }
+                if a.identity != b.identity {
+                    if a.role != "random" && b.role == "random" {
+                        swapped.push((a.direction.clone(), b.direction.clone()));
+                    } else {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok && !swapped.is_empty() {
+                random_direction.push(RandomControl {
+                    condition: o.name.clone(),
+                    condition_hash: o.hash.clone(),
+                    swapped,
+                    sets: control_sets(&c.hash, &o.hash, true),
+                });
+            }
+        }
+        let system_sha = c
+            .system
+            .as_ref()
+            .map(|s| crate::hash::sha256_bytes(s.as_bytes()));
+        let times: Vec<i64> = my_rows.iter().map(|r| r.finished_at).collect();
+        let mut r = Receipt {
+            schema: RECEIPT_SCHEMA.into(),
+            receipt_sha256: String::new(),
+            policy_version: policy.clone(),
+            software: software.clone(),
+            study: study_ref.clone(),
+            model: model.clone(),
+            condition: ConditionRecord {
+                name: c.name.clone(),
+                hash: c.hash.clone(),
+                ord: ci,
+                is_baseline: ci == study.baseline,
+                persona: c.persona.clone(),
+                system_prompt: c.system.clone(),
+                system_prompt_sha256: system_sha,
+                ops,
+                vars: c.vars.clone(),
+                hashed: c.hash_input.clone(),
+            },
+            generation: generation.clone(),
+            prompt_sets: c
+                .prompt_sets
+                .iter()
+                .map(|&i| sets[i].clone())
+                .collect(),
+            complete,
+            results,
+            benign_refusal,
+            controls: Controls {
+                neutral,
+                random_direction,
+            },
+            judges: judges.clone(),
+            stats: json!({"bootstrap": stats.bootstrap, "seed": stats.seed, "interval": "95%"}),
+            timestamps: Timestamps {
+                receipt_created: now.clone(),
+                study_created: iso_utc(record.created_at),
+                study_last_run: iso_utc(record.last_run_at),
+                first_result: times.iter().min().map(|t| iso_utc(*t)),
+                last_result: times.iter().max().map(|t| iso_utc(*t)),
+            },
+        };
+        r.seal()?;
+        receipts.push(r);
+    }
+    let bundle = Bundle {
+        schema: BUNDLE_SCHEMA.into(),
+        study: study_ref,
+        policy_version: policy,
+        software,
+        created_at: now,
+        receipts: receipts
+            .iter()
+            .map(|r| BundleEntry {
+                file: receipt_file_name(r),
+                condition: r.condition.name.clone(),
+                condition_hash: r.condition.hash.clone(),
+                receipt_sha256: r.receipt_sha256.clone(),
+            })
+            .collect(),
+    };
+    Ok(StudyReceipts {
+        bundle,
+        receipts,
+        rows,
+        study,
+        record,
+    })
+}
+
+/// `03-steer-c8.json`: order, then the name with anything unusual replaced.
+pub fn receipt_file_name(r: &Receipt) -> String {
+    let clean: String = r
+        .condition
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+' | '=' | '@') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{:02}-{clean}.json", r.condition.ord)
+}
+
+/// Write `bundle.json` and one file per receipt into `dir`.
+pub fn write_receipts(sr: &StudyReceipts, dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut out = Vec::new();
+    for (r, e) in sr.receipts.iter().zip(&sr.bundle.receipts) {
+        let p = dir.join(&e.file);
+        let text = serde_json::to_string_pretty(r)? + "\n";
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+        out.push(p);
+    }
+    let p = dir.join("bundle.json");
+    let text = serde_json::to_string_pretty(&sr.bundle)? + "\n";
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    out.push(p);
+    Ok(out)
+}
+
+/// Receipts from a path: a receipt file, a `bundle.json`, or a folder holding one. Returns the
+/// bundle when there is one.
+pub fn load_receipts(path: &Path) -> Result<(Option<Bundle>, Vec<(PathBuf, Receipt)>)> {
+    let bundle_path = if path.is_dir() {
+        Some(path.join("bundle.json"))
+    } else if path.file_name().is_some_and(|n| n == "bundle.json") {
+        Some(path.to_path_buf())
+    } else {
+        None
+    };
+    match bundle_path {
+        Some(bp) => {
+            if !bp.exists() {
+                return Err(Error::InvalidValue(format!(
+                    "{}: no bundle.json here (write receipts with `pgate receipt DB -o DIR`)",
+                    path.display()
+                )));
+            }
+            let b = Bundle::load(&bp)?;
+            let dir = bp.parent().unwrap_or(Path::new("."));
+            let mut rs = Vec::new();
+            for e in &b.receipts {
+                let p = dir.join(&e.file);
+                let r = Receipt::load(&p)?;
+                rs.push((p, r));
+            }
+            Ok((Some(b), rs))
+        }
+        None => {
+            let r = Receipt::load(path)?;
+            Ok((None, vec![(path.to_path_buf(), r)]))
+        }
+    }
+}
