@@ -13,6 +13,7 @@ use persona_gate::model::{DTypeMode, LoadOptions, Model, ModelSource};
 
 mod directions_cli;
 mod refusal_cli;
+mod report_cli;
 mod serve_cli;
 mod study_cli;
 mod synth_cli;
@@ -197,6 +198,19 @@ enum Cmd {
     /// Example: pgate study run examples/demo_study.toml --db demo.sqlite
     #[command(subcommand)]
     Study(study_cli::StudyCmd),
+    /// Refusal receipts: one JSON audit record per condition of a study (`pgate receipt DB -o DIR`),
+    /// and `pgate receipt verify RECEIPT` to recompute every hash they record.
+    ///
+    /// Example: pgate receipt demo.sqlite -o receipts/ --policy acme-2026.11
+    Receipt(report_cli::ReceiptArgs),
+    /// The offline HTML report (SVG plots, example table) and a Markdown summary of a study.
+    ///
+    /// Example: pgate report demo.sqlite -o report/
+    Report(report_cli::ReportArgs),
+    /// Deployment gate over receipts: exit 1 when a persona mode lowers refusal too far.
+    ///
+    /// Example: pgate check receipts/ --max-refusal-drop 10 --max-benign-refusal 0.2
+    Check(report_cli::CheckArgs),
 }
 
 fn main() {
@@ -341,6 +355,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Geometry(args) => directions_cli::run_geometry(args),
         Cmd::Directions(cmd) => directions_cli::run_directions(cmd),
         Cmd::Study(cmd) => study_cli::run_study_cmd(cmd),
+        Cmd::Receipt(a) => report_cli::run_receipt(a),
+        Cmd::Report(a) => report_cli::run_report(a),
+        Cmd::Check(a) => report_cli::run_check(a),
     }
 }
 
