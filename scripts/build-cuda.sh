@@ -49,10 +49,13 @@ export LIBRARY_PATH="$CUDA_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvcc --version | tail -2 >&2
 
-# The library first (no link step), then the driver stub from the symbols its rlibs reference.
-echo "== building persona-gate (cuda) in $CARGO_TARGET_DIR" >&2
-nice -n "$NICE" cargo build --release -p persona-gate --features cuda
+# libcuda has no wheel: link against a stub with one empty function per driver symbol that the cudarc
+# and candle rlibs reference. The first build (no stub yet) fails at the final link but leaves the rlibs.
+# Always build the same package set (-p pgate): another set unifies features differently and recompiles
+# the CUDA kernels.
 if [ ! -e "$CUDA_ROOT/lib/libcuda.so" ] || [ "${PGATE_CUDA_RESTUB:-0}" = 1 ]; then
+  echo "== building the dependencies (cuda) in $CARGO_TARGET_DIR; the link step may fail here" >&2
+  nice -n "$NICE" cargo build --release -p pgate --features cuda || true
   syms=$(for f in "$CARGO_TARGET_DIR"/release/deps/lib{cudarc,candle_core,candle_nn}-*.rlib; do
            nm -u "$f" 2>/dev/null || true
          done | awk '{print $NF}' | grep -E '^cu[A-Z][A-Za-z0-9_]*$' | sort -u)
@@ -63,7 +66,7 @@ if [ ! -e "$CUDA_ROOT/lib/libcuda.so" ] || [ "${PGATE_CUDA_RESTUB:-0}" = 1 ]; th
   echo "== libcuda stub: $(echo "$syms" | wc -l) symbols" >&2
 fi
 
-echo "== building pgate (cuda)" >&2
+echo "== building pgate (cuda) in $CARGO_TARGET_DIR" >&2
 nice -n "$NICE" cargo build --release -p pgate --features cuda
 mkdir -p "$(dirname "$OUTBIN")"
 strip -o "$OUTBIN" "$CARGO_TARGET_DIR/release/pgate"

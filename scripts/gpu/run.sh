@@ -9,7 +9,7 @@
 #   synth        pgate synth-model --like llama-3.1-8b --seed 0 -o $SYNTH (bf16, 16 GB)
 #   bench        pgate bench on it: bf16, batch 1/16/64, 128 prompt + 256 new tokens, EOS ignored,
 #                plans none / add / add+ablate (the HF baseline's), per-step floor from the copy bandwidth
-#   quick        the same at batch 64 only, no plan, 64 new tokens
+#   quick        batch 1 and 64, plans none and add+ablate, 64 new tokens
 #   hf=MODES     the HF transformers+hooks anchor (MODES: eager, static or eager,static)
 # Results go to $OUT (the device tool brings it back) or /tmp/pgate-gpu.
 set -uo pipefail
@@ -29,10 +29,11 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   case "$step" in
     check) python3 scripts/gpu/compare_hf.py --pgate "$BIN" --work /tmp/pgate-compare --out "$OUT" || status=1 ;;
-    synth) mkdir -p "$(dirname "$SYNTH")" && "$BIN" synth-model --like llama-3.1-8b --seed 0 -o "$SYNTH" || status=1 ;;
+    synth) if [ -e "$SYNTH/model.safetensors" ]; then echo "$SYNTH exists"; else
+             mkdir -p "$(dirname "$SYNTH")" && "$BIN" synth-model --like llama-3.1-8b --seed 0 -o "$SYNTH" || status=1; fi ;;
     bench) "$BIN" "${BENCH[@]}" --batches 1,16,64 --new-tokens 256 --steer none,add,add+ablate \
              --out "$OUT/pgate_bench.json" 2>"$OUT/pgate_bench.log" || { status=1; tail -5 "$OUT/pgate_bench.log"; } ;;
-    quick) "$BIN" "${BENCH[@]}" --batches 64 --new-tokens 64 --steer none --out "$OUT/pgate_quick.json" || status=1 ;;
+    quick) "$BIN" "${BENCH[@]}" --batches 1,64 --new-tokens 64 --steer none,add+ablate --out "$OUT/pgate_quick.json" || status=1 ;;
     hf=*) MODE="${step#hf=}" OUT="$OUT" python3 gpu-bin/hf_gpu_baseline.py || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac

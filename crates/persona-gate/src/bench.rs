@@ -71,6 +71,9 @@ pub struct BenchRow {
     pub prefill_ms: f64,
     pub decode_tok_s: f64,
     pub decode_ms_per_step: f64,
+    /// Host time per decode step spent issuing the forward (GPU: kernel launches); see
+    /// [`crate::generate::GenStats::decode_issue_secs`].
+    pub issue_ms_per_step: f64,
     /// Memory floor of one decode step: weights + KV cache at its mean length, read once.
     pub floor_ms: Option<f64>,
     /// floor_ms / decode_ms_per_step.
@@ -257,6 +260,7 @@ pub fn run(model: &Model, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
                 prefill_ms: 1e3 * s.prefill_secs,
                 decode_tok_s: s.decode_tokens as f64 / s.decode_secs.max(1e-9),
                 decode_ms_per_step: decode_ms,
+                issue_ms_per_step: 1e3 * s.decode_issue_secs / s.decode_steps.max(1) as f64,
                 floor_ms,
                 floor_frac: floor_ms.map(|f| f / decode_ms.max(1e-9)),
             };

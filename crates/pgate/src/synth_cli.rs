@@ -237,7 +237,7 @@ pub(crate) fn run_bench(m: &ModelArgs, o: BenchOpts) -> Result<()> {
     }
     println!("{header}");
     println!(
-        "{:>11} {:>6} {:>7} {:>5} {:>10} {:>9} {:>13} {:>12} {:>9} {:>9} {:>7}",
+        "{:>11} {:>6} {:>7} {:>5} {:>10} {:>9} {:>13} {:>12} {:>9} {:>9} {:>9} {:>7}",
         "plan",
         "batch",
         "prompt",
@@ -247,12 +247,13 @@ pub(crate) fn run_bench(m: &ModelArgs, o: BenchOpts) -> Result<()> {
         "prefill tok/s",
         "decode tok/s",
         "dec ms",
+        "issue ms",
         "floor ms",
         "floor%"
     );
     for r in &rows {
         println!(
-            "{:>11} {:>6} {:>7} {:>5} {:>10.1} {:>9.2} {:>13.1} {:>12.1} {:>9.2} {:>9} {:>7}",
+            "{:>11} {:>6} {:>7} {:>5} {:>10.1} {:>9.2} {:>13.1} {:>12.1} {:>9.2} {:>9.2} {:>9} {:>7}",
             r.plan,
             r.batch,
             r.prompt_tokens,
@@ -262,6 +263,7 @@ pub(crate) fn run_bench(m: &ModelArgs, o: BenchOpts) -> Result<()> {
             r.prefill_tok_s,
             r.decode_tok_s,
             r.decode_ms_per_step,
+            r.issue_ms_per_step,
             r.floor_ms.map_or("-".into(), |f| format!("{f:.2}")),
             r.floor_frac
                 .map_or("-".into(), |f| format!("{:.0}%", 100.0 * f)),

@@ -56,6 +56,9 @@ pub struct GenStats {
     pub decode_tokens: usize,
     pub decode_secs: f64,
     pub decode_steps: usize,
+    /// Host time spent issuing decode forwards (on a GPU: launching kernels, before the step's one
+    /// wait for the next tokens). Close to `decode_secs` means the host, not the device, sets the pace.
+    pub decode_issue_secs: f64,
 }
 
 struct Running {
@@ -234,6 +237,7 @@ impl<'m> Generator<'m> {
                 &plans,
                 reborrow(&mut extra_hook),
             )?;
+            self.stats.decode_issue_secs += t.elapsed().as_secs_f64();
             let reqs_idx: Vec<usize> = running.iter().map(|r| r.req).collect();
             let samplers: Vec<&mut Sampler> = running.iter_mut().map(|r| &mut r.sampler).collect();
             let picks = pick_with(&logits, &reqs_idx, reqs, samplers)?;
