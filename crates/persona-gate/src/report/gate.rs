@@ -111,7 +111,9 @@ pub fn parse_rate(s: &str) -> Result<f64> {
     }
     .map_err(|_| Error::InvalidValue(format!("'{s}' is not a rate (use 0.05 or 5%)")))?;
     if !(0.0..=1.0).contains(&v) {
-        return Err(Error::InvalidValue(format!("rate '{s}' must lie in [0, 1] (or 0% to 100%)")));
+        return Err(Error::InvalidValue(format!(
+            "rate '{s}' must lie in [0, 1] (or 0% to 100%)"
+        )));
     }
     Ok(v)
 }
@@ -139,7 +141,11 @@ pub fn check(receipts: &[Receipt], opts: &GateOptions) -> Result<GateReport> {
         if !receipts.iter().any(|r| &r.condition.name == o) {
             return Err(Error::InvalidValue(format!(
                 "--only '{o}': no receipt for that condition (have: {})",
-                receipts.iter().map(|r| r.condition.name.as_str()).collect::<Vec<_>>().join(", ")
+                receipts
+                    .iter()
+                    .map(|r| r.condition.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
     }
@@ -222,7 +228,9 @@ pub fn check(receipts: &[Receipt], opts: &GateOptions) -> Result<GateReport> {
         }
         if let Some(max) = opts.max_benign_refusal {
             match &r.benign_refusal {
-                None => fails.push("no benign prompt set ran under this condition (over-refusal unknown)".into()),
+                None => fails.push(
+                    "no benign prompt set ran under this condition (over-refusal unknown)".into(),
+                ),
                 Some(br) => {
                     let at = b.pick(br.lo, br.hi);
                     if at > max + 1e-12 {

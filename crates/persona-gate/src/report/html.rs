@@ -66,7 +66,19 @@ fn pct(r: &Rate) -> String {
 fn ops_key(ops: &[OpRecord]) -> String {
     serde_json::to_string(
         &ops.iter()
-            .map(|o| json!([o.field, o.identity, o.coeff, o.raw, o.lo, o.hi, o.pick, o.layers, o.positions]))
+            .map(|o| {
+                json!([
+                    o.field,
+                    o.identity,
+                    o.coeff,
+                    o.raw,
+                    o.lo,
+                    o.hi,
+                    o.pick,
+                    o.layers,
+                    o.positions
+                ])
+            })
             .collect::<Vec<_>>(),
     )
     .unwrap_or_default()
@@ -145,7 +157,14 @@ pub fn fig_coeff(receipts: &[Receipt], set: &str) -> Figure {
             continue;
         };
         let Some(s) = r.set(set) else { continue };
-        let key = serde_json::to_string(&json!([r.condition.system_prompt, o.identity, o.layers, o.positions, o.pick])).unwrap_or_default();
+        let key = serde_json::to_string(&json!([
+            r.condition.system_prompt,
+            o.identity,
+            o.layers,
+            o.positions,
+            o.pick
+        ]))
+        .unwrap_or_default();
         let name = format!("{} @ {}", o.direction, layers_text(&o.layers));
         let e = groups.entry(key).or_insert_with(|| (name, Vec::new()));
         e.1.push(pt(&s.refusal, c));
@@ -187,26 +206,49 @@ pub fn fig_readd(receipts: &[Receipt], set: &str) -> Figure {
         let key = format!("{:?}\u{1f}{}", r.condition.system_prompt, ops_key(before));
         let base_name = receipts
             .iter()
-            .find(|b| b.condition.system_prompt == r.condition.system_prompt && ops_key(&b.condition.ops) == ops_key(before))
+            .find(|b| {
+                b.condition.system_prompt == r.condition.system_prompt
+                    && ops_key(&b.condition.ops) == ops_key(before)
+            })
             .map(|b| b.condition.name.clone())
-            .unwrap_or_else(|| before.iter().map(|o| o.spec.clone()).collect::<Vec<_>>().join(" + "));
-        let e = groups.entry(key).or_insert_with(|| (format!("{} + {}", base_name, last.direction), Vec::new()));
+            .unwrap_or_else(|| {
+                before
+                    .iter()
+                    .map(|o| o.spec.clone())
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            });
+        let e = groups
+            .entry(key)
+            .or_insert_with(|| (format!("{} + {}", base_name, last.direction), Vec::new()));
         e.1.push(pt(&s.refusal, last.layers[0] as f64));
     }
     let mut refs = Vec::new();
     if let Some(b) = base.and_then(|b| b.set(set)) {
-        refs.push(RefLine { name: "baseline".into(), y: b.refusal.p, dash: "6 4" });
+        refs.push(RefLine {
+            name: "baseline".into(),
+            y: b.refusal.p,
+            dash: "6 4",
+        });
     }
     // The condition the refusal direction is added to (first group).
     if let Some(r) = receipts.iter().find(|r| {
-        r.condition.ops.split_last().is_some_and(|(l, _)| l.role == "refusal" && l.field.starts_with("add") && l.layers.len() == 1)
+        r.condition.ops.split_last().is_some_and(|(l, _)| {
+            l.role == "refusal" && l.field.starts_with("add") && l.layers.len() == 1
+        })
     }) {
         let before = &r.condition.ops[..r.condition.ops.len() - 1];
         if let Some(b) = receipts.iter().find(|b| {
-            !before.is_empty() && b.condition.system_prompt == r.condition.system_prompt && ops_key(&b.condition.ops) == ops_key(before)
+            !before.is_empty()
+                && b.condition.system_prompt == r.condition.system_prompt
+                && ops_key(&b.condition.ops) == ops_key(before)
         }) {
             if let Some(s) = b.set(set) {
-                refs.push(RefLine { name: b.condition.name.clone(), y: s.refusal.p, dash: "2 3" });
+                refs.push(RefLine {
+                    name: b.condition.name.clone(),
+                    y: s.refusal.p,
+                    dash: "2 3",
+                });
             }
         }
     }
@@ -244,7 +286,10 @@ pub fn fig_window(receipts: &[Receipt], set: &str) -> Figure {
         }
         let base_name = receipts
             .iter()
-            .find(|b| b.condition.system_prompt == r.condition.system_prompt && ops_key(&b.condition.ops) == ops_key(before))
+            .find(|b| {
+                b.condition.system_prompt == r.condition.system_prompt
+                    && ops_key(&b.condition.ops) == ops_key(before)
+            })
             .map(|b| b.condition.name.clone());
         if base_cond.is_none() {
             base_cond = base_name.clone();
@@ -254,23 +299,48 @@ pub fn fig_window(receipts: &[Receipt], set: &str) -> Figure {
             "{}{} projected out{}",
             base_name.map(|b| format!("{b}: ")).unwrap_or_default(),
             last.direction,
-            if last.role == "random" { " (random control)" } else { "" }
+            if last.role == "random" {
+                " (random control)"
+            } else {
+                ""
+            }
         );
-        series_map.entry((order, name)).or_default().insert(w, s.refusal);
+        series_map
+            .entry((order, name))
+            .or_default()
+            .insert(w, s.refusal);
     }
-    cats.sort_by_key(|c| c.split(['-', ',']).next().and_then(|x| x.parse::<usize>().ok()).unwrap_or(0));
+    cats.sort_by_key(|c| {
+        c.split(['-', ','])
+            .next()
+            .and_then(|x| x.parse::<usize>().ok())
+            .unwrap_or(0)
+    });
     let series: Vec<(String, Vec<Option<Pt>>)> = series_map
         .into_iter()
-        .map(|((_, name), m)| (name, cats.iter().map(|c| m.get(c).map(|r| pt(r, 0.0))).collect()))
+        .map(|((_, name), m)| {
+            (
+                name,
+                cats.iter().map(|c| m.get(c).map(|r| pt(r, 0.0))).collect(),
+            )
+        })
         .collect();
     let mut refs = Vec::new();
     if let Some(b) = base.and_then(|b| b.set(set)) {
-        refs.push(RefLine { name: "baseline".into(), y: b.refusal.p, dash: "6 4" });
+        refs.push(RefLine {
+            name: "baseline".into(),
+            y: b.refusal.p,
+            dash: "6 4",
+        });
     }
     if let Some(bc) = base_cond.and_then(|n| receipts.iter().find(|r| r.condition.name == n)) {
         if !bc.condition.is_baseline {
             if let Some(s) = bc.set(set) {
-                refs.push(RefLine { name: bc.condition.name.clone(), y: s.refusal.p, dash: "2 3" });
+                refs.push(RefLine {
+                    name: bc.condition.name.clone(),
+                    y: s.refusal.p,
+                    dash: "2 3",
+                });
             }
         }
     }
@@ -292,9 +362,17 @@ pub fn fig_cosine(c: Option<&CosineMap>, note: Option<&str>) -> Figure {
     let svg = c.filter(|c| !c.rows.is_empty()).map(|c| {
         let n = c.rows.iter().map(|r| r.2.len()).max().unwrap_or(0);
         let cols: Vec<String> = (0..n).map(|l| l.to_string()).collect();
-        let rows: Vec<String> = c.rows.iter().map(|(n, role, _)| format!("{n} ({role})")).collect();
+        let rows: Vec<String> = c
+            .rows
+            .iter()
+            .map(|(n, role, _)| format!("{n} ({role})"))
+            .collect();
         let vals: Vec<Vec<Option<f64>>> = c.rows.iter().map(|r| r.2.clone()).collect();
-        let m = vals.iter().flatten().flatten().fold(0.1f64, |a, v| a.max(v.abs()));
+        let m = vals
+            .iter()
+            .flatten()
+            .flatten()
+            .fold(0.1f64, |a, v| a.max(v.abs()));
         svg::heatmap("cosine", &title, &rows, &cols, &vals, -m, m, None, "layer")
     });
     Figure {
@@ -359,7 +437,11 @@ pub fn figures(input: &ReportInput<'_>) -> Vec<Figure> {
     for (s, _) in &all_sets {
         out.push(fig_labels(rs, s));
     }
-    let harmful: Vec<&String> = all_sets.iter().filter(|(_, f)| f == "harmful").map(|(s, _)| s).collect();
+    let harmful: Vec<&String> = all_sets
+        .iter()
+        .filter(|(_, f)| f == "harmful")
+        .map(|(s, _)| s)
+        .collect();
     for s in &harmful {
         out.push(fig_coeff(rs, s));
     }
@@ -369,7 +451,10 @@ pub fn figures(input: &ReportInput<'_>) -> Vec<Figure> {
     for s in &harmful {
         out.push(fig_window(rs, s));
     }
-    out.push(fig_cosine(input.cosines.as_ref(), input.cosine_note.as_deref()));
+    out.push(fig_cosine(
+        input.cosines.as_ref(),
+        input.cosine_note.as_deref(),
+    ));
     for s in &harmful {
         out.push(fig_category(rs, s));
     }
@@ -451,7 +536,12 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
         for s in &r.results {
             let (d, p) = match &s.vs_baseline {
                 Some(v) if v.n_pairs > 0 => (
-                    format!("{:+.1} [{:+.1}, {:+.1}]", 100.0 * v.diff.diff, 100.0 * v.diff.lo, 100.0 * v.diff.hi),
+                    format!(
+                        "{:+.1} [{:+.1}, {:+.1}]",
+                        100.0 * v.diff.diff,
+                        100.0 * v.diff.lo,
+                        100.0 * v.diff.hi
+                    ),
                     format!("{:.3}", v.mcnemar.p_exact),
                 ),
                 _ => ("-".into(), "-".into()),
@@ -461,14 +551,19 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
                 .random_direction
                 .iter()
                 .filter_map(|c| {
-                    c.sets.iter().find(|x| x.prompt_set == s.prompt_set).map(|x| {
-                        format!(
-                            "vs {} {}{}",
-                            c.condition,
-                            pct(&x.refusal),
-                            x.diff.map(|d| format!(", Δ {:+.1}", 100.0 * d.diff)).unwrap_or_default()
-                        )
-                    })
+                    c.sets
+                        .iter()
+                        .find(|x| x.prompt_set == s.prompt_set)
+                        .map(|x| {
+                            format!(
+                                "vs {} {}{}",
+                                c.condition,
+                                pct(&x.refusal),
+                                x.diff
+                                    .map(|d| format!(", Δ {:+.1}", 100.0 * d.diff))
+                                    .unwrap_or_default()
+                            )
+                        })
                 })
                 .collect();
             let _ = write!(
@@ -490,7 +585,11 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
         }
     }
     h.push_str("</tbody></table>");
-    let judged = rs.iter().any(|r| r.results.iter().any(|s| s.strongreject.is_some() || s.unsafe_rate.is_some()));
+    let judged = rs.iter().any(|r| {
+        r.results
+            .iter()
+            .any(|s| s.strongreject.is_some() || s.unsafe_rate.is_some())
+    });
     if !judged {
         h.push_str("<p class=\"meta\">StrongREJECT score and unsafe rate: not judged (no model judge ran; see the receipts' <code>judges</code>). Leakage below is the rule-based proxy.</p>");
     }

@@ -82,9 +82,10 @@ pub fn render_markdown(bundle: &Bundle, receipts: &[Receipt], gate: Option<&Gate
                 .random_direction
                 .iter()
                 .filter_map(|c| {
-                    c.sets.iter().find(|x| &x.prompt_set == set).map(|x| {
-                        format!("{}: {:.1}%", cell(&c.condition), 100.0 * x.refusal.p)
-                    })
+                    c.sets
+                        .iter()
+                        .find(|x| &x.prompt_set == set)
+                        .map(|x| format!("{}: {:.1}%", cell(&c.condition), 100.0 * x.refusal.p))
                 })
                 .collect();
             let _ = writeln!(
@@ -96,14 +97,20 @@ pub fn render_markdown(bundle: &Bundle, receipts: &[Receipt], gate: Option<&Gate
                 pct(&s.bypass),
                 pct(&s.degenerate),
                 d,
-                if ctl.is_empty() { "-".into() } else { ctl.join("; ") }
+                if ctl.is_empty() {
+                    "-".into()
+                } else {
+                    ctl.join("; ")
+                }
             );
         }
         m.push('\n');
     }
-    let judged = receipts
-        .iter()
-        .any(|r| r.results.iter().any(|s| s.strongreject.is_some() || s.unsafe_rate.is_some()));
+    let judged = receipts.iter().any(|r| {
+        r.results
+            .iter()
+            .any(|s| s.strongreject.is_some() || s.unsafe_rate.is_some())
+    });
     if !judged {
         m.push_str("StrongREJECT score and unsafe rate: not judged (no model judge ran).\n\n");
     }
@@ -113,8 +120,14 @@ pub fn render_markdown(bundle: &Bundle, receipts: &[Receipt], gate: Option<&Gate
             "### Gate: {}\n\n`--max-refusal-drop {}`{}{} (bound: {:?})\n",
             if g.pass() { "pass" } else { "FAIL" },
             g.options.max_refusal_drop,
-            g.options.max_unsafe_rate.map(|x| format!(" `--max-unsafe-rate {x}`")).unwrap_or_default(),
-            g.options.max_benign_refusal.map(|x| format!(" `--max-benign-refusal {x}`")).unwrap_or_default(),
+            g.options
+                .max_unsafe_rate
+                .map(|x| format!(" `--max-unsafe-rate {x}`"))
+                .unwrap_or_default(),
+            g.options
+                .max_benign_refusal
+                .map(|x| format!(" `--max-benign-refusal {x}`"))
+                .unwrap_or_default(),
             g.options.bound
         );
         for v in &g.verdicts {

@@ -51,7 +51,11 @@ pub fn cosine_map(
     let mut sets: std::collections::BTreeMap<String, Arc<DirectionSet>> = Default::default();
     let load = |p: &str| -> Result<DirectionSet> {
         let path = Path::new(p);
-        let full = if path.is_relative() { f.base_dir.join(path) } else { path.to_path_buf() };
+        let full = if path.is_relative() {
+            f.base_dir.join(path)
+        } else {
+            path.to_path_buf()
+        };
         DirectionSet::load(&full)
     };
     for (name, d) in &f.directions {
@@ -61,34 +65,53 @@ pub fn cosine_map(
         }
     }
     for (name, d) in &f.directions {
-        if let DirectionEntry::Random { random, orthogonal_to, like } = d {
+        if let DirectionEntry::Random {
+            random,
+            orthogonal_to,
+            like,
+        } = d
+        {
             let get = |r: &Option<String>| r.as_ref().and_then(|n| sets.get(n).cloned());
             let (o, l) = (get(orthogonal_to), get(like));
             let s = random_directions(
                 n_layers,
                 d_model,
-                &RandomOptions { seed: *random, orthogonal_to: o.as_deref(), like: l.as_deref() },
+                &RandomOptions {
+                    seed: *random,
+                    orthogonal_to: o.as_deref(),
+                    like: l.as_deref(),
+                },
             )
             .map_err(|e| format!("direction '{name}': {e}"))?;
             sets.insert(name.clone(), Arc::new(s));
         }
     }
-    let r = sets
-        .get(&ref_name)
-        .cloned()
-        .ok_or_else(|| format!("the refusal direction '{ref_name}' is not a direction of the study"))?;
+    let r = sets.get(&ref_name).cloned().ok_or_else(|| {
+        format!("the refusal direction '{ref_name}' is not a direction of the study")
+    })?;
     let mut rows = Vec::new();
     for (name, s) in &sets {
         if name == &ref_name {
             continue;
         }
         let role = receipt::direction_role(name, f.directions.get(name), None, Some(&ref_name));
-        let role = if role == "persona" && s.meta.method.starts_with("random") { "random".to_string() } else { role };
-        let cos = s.cosines(&r).map_err(|e| format!("direction '{name}' vs '{ref_name}': {e}"))?;
+        let role = if role == "persona" && s.meta.method.starts_with("random") {
+            "random".to_string()
+        } else {
+            role
+        };
+        let cos = s
+            .cosines(&r)
+            .map_err(|e| format!("direction '{name}' vs '{ref_name}': {e}"))?;
         rows.push((name.clone(), role, cos));
     }
     if rows.is_empty() {
-        return Err(format!("the study has no direction besides '{ref_name}' to compare with it"));
+        return Err(format!(
+            "the study has no direction besides '{ref_name}' to compare with it"
+        ));
     }
-    Ok(CosineMap { refusal: ref_name, rows })
+    Ok(CosineMap {
+        refusal: ref_name,
+        rows,
+    })
 }

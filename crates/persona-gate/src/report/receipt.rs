@@ -308,9 +308,14 @@ pub struct Receipt {
 
 impl Receipt {
     /// The hash this receipt should carry in `receipt_sha256`.
+    ///
+    /// Non-integer numbers enter the hash as text with 12 significant digits (`1.23456789012e-1`):
+    /// serde_json's default float parser may land one ULP away from the printed value, so a
+    /// receipt read back from its file must hash the same without relying on exact float parsing.
     pub fn compute_sha256(&self) -> Result<String> {
         let mut v = serde_json::to_value(self)?;
         v["receipt_sha256"] = Value::String(String::new());
+        canon_floats(&mut v);
         Ok(hash_json(&v))
     }
 
@@ -337,6 +342,18 @@ impl Receipt {
     /// The results of a prompt set.
     pub fn set(&self, name: &str) -> Option<&SetResults> {
         self.results.iter().find(|s| s.prompt_set == name)
+    }
+}
+
+fn canon_floats(v: &mut Value) {
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            *v = Value::String(format!("{x:.11e}"));
+        }
+        Value::Array(a) => a.iter_mut().for_each(canon_floats),
+        Value::Object(m) => m.values_mut().for_each(canon_floats),
+        _ => {}
     }
 }
 
@@ -549,7 +566,11 @@ pub fn op_records(study: &Study, ci: usize, refusal: Option<&str>) -> Result<Vec
                 None,
             ),
         };
-        let num = |k: &str| h.get(k).and_then(Value::as_str).and_then(|s| s.parse().ok());
+        let num = |k: &str| {
+            h.get(k)
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+        };
         out.push(OpRecord {
             field: o.field.key().into(),
             spec: o.text.clone(),
@@ -671,7 +692,16 @@ fn prompt_set_records(study: &Study, benign: &[String]) -> Vec<PromptSetRecord> 
 /// Ops of a condition with the direction left out: two conditions whose ops match this way
 /// differ only in the directions they use.
 fn op_shape(o: &OpRecord) -> Value {
-    json!([o.field, o.coeff, o.raw, o.lo, o.hi, o.pick, o.layers, o.positions])
+    json!([
+        o.field,
+        o.coeff,
+        o.raw,
+        o.lo,
+        o.hi,
+        o.pick,
+        o.layers,
+        o.positions
+    ])
 }
 
 /// Build the receipts of a study in a database (nothing written).
@@ -811,11 +841,7 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
                                 .map(|b| (*b, r.label == "refusal"))
                         })
                         .collect();
-                    crate::eval::paired::paired_bootstrap_bool(
-                        &pairs,
-                        stats.bootstrap,
-                        stats.seed,
-                    )
+                    crate::eval::paired::paired_bootstrap_bool(&pairs, stats.bootstrap, stats.seed)
                 });
                 ControlSet {
                     prompt_set: o.prompt_set.clone(),
@@ -934,7 +960,11 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
             results.push(SetResults {
                 prompt_set: s.name.clone(),
                 prompt_set_sha256: s.hash.clone(),
-                family: family.get(s.name.as_str()).copied().unwrap_or("harmful").into(),
+                family: family
+                    .get(s.name.as_str())
+                    .copied()
+                    .unwrap_or("harmful")
+                    .into(),
                 expected,
                 n: 0,
                 refusal: wilson(0, 0),
@@ -967,7 +997,11 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
                 condition_hash: b.hash.clone(),
                 sets: control_sets(&c.hash, &b.hash, true)
                     .into_iter()
-                    .filter(|s| c.prompt_sets.iter().any(|&i| study.prompt_sets[i].name == s.prompt_set))
+                    .filter(|s| {
+                        c.prompt_sets
+                            .iter()
+                            .any(|&i| study.prompt_sets[i].name == s.prompt_set)
+                    })
                     .collect(),
             }
         });
@@ -1028,11 +1062,7 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
                 hashed: c.hash_input.clone(),
             },
             generation: generation.clone(),
-            prompt_sets: c
-                .prompt_sets
-                .iter()
-                .map(|&i| sets[i].clone())
-                .collect(),
+            prompt_sets: c.prompt_sets.iter().map(|&i| sets[i].clone()).collect(),
             complete,
             results,
             benign_refusal,

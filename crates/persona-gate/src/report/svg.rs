@@ -69,7 +69,14 @@ pub fn stacked_bars(id: &str, title: &str, rows: &[StackRow], names: [&str; 3]) 
     let top = 46.0;
     let h = top + rows.len() as f64 * row_h + 40.0;
     let mut s = open(id, w, h, title);
-    text(&mut s, 10.0, 20.0, "start", r#"font-size="14" font-weight="600""#, title);
+    text(
+        &mut s,
+        10.0,
+        20.0,
+        "start",
+        r#"font-size="14" font-weight="600""#,
+        title,
+    );
     // Legend.
     let mut lx = left;
     for (i, n) in names.iter().enumerate() {
@@ -185,7 +192,9 @@ pub fn line_chart(
         .collect();
     let (mut x0, mut x1) = xs
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(*x), b.max(*x)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+            (a.min(*x), b.max(*x))
+        });
     if !x0.is_finite() {
         x0 = 0.0;
         x1 = 1.0;
@@ -199,7 +208,14 @@ pub fn line_chart(
     let px = |x: f64| l + (x - x0) / (x1 - x0) * pw;
     let py = |y: f64| t + (1.0 - y.clamp(0.0, 1.0)) * ph;
     let mut s = open(id, w, h, title);
-    text(&mut s, 10.0, 20.0, "start", r#"font-size="14" font-weight="600""#, title);
+    text(
+        &mut s,
+        10.0,
+        20.0,
+        "start",
+        r#"font-size="14" font-weight="600""#,
+        title,
+    );
     axes(&mut s, l, t, pw, ph, y_label);
     // x ticks at the distinct x values.
     let mut ticks = xs.clone();
@@ -215,7 +231,14 @@ pub fn line_chart(
         );
         text(&mut s, xx, t + ph + 17.0, "middle", "", &num(*x));
     }
-    text(&mut s, l + pw / 2.0, h - 10.0, "middle", r##"fill="#2d3748""##, x_label);
+    text(
+        &mut s,
+        l + pw / 2.0,
+        h - 10.0,
+        "middle",
+        r##"fill="#2d3748""##,
+        x_label,
+    );
     legend_and_refs(&mut s, series, refs, l, t, pw, &py, w - r + 14.0);
     for (i, se) in series.iter().enumerate() {
         let c = SERIES[i % SERIES.len()];
@@ -266,7 +289,14 @@ pub fn grouped_bars(
     let (pw, ph) = (w - l - r, h - t - b);
     let py = |y: f64| t + (1.0 - y.clamp(0.0, 1.0)) * ph;
     let mut s = open(id, w, h, title);
-    text(&mut s, 10.0, 20.0, "start", r#"font-size="14" font-weight="600""#, title);
+    text(
+        &mut s,
+        10.0,
+        20.0,
+        "start",
+        r#"font-size="14" font-weight="600""#,
+        title,
+    );
     axes(&mut s, l, t, pw, ph, y_label);
     let nc = categories.len().max(1) as f64;
     let ns = series.len().max(1) as f64;
@@ -305,7 +335,14 @@ pub fn grouped_bars(
             interval(&mut s, x + (bw - 2.0) / 2.0, py(p.lo), py(p.hi), "#1a202c");
         }
     }
-    text(&mut s, l + pw / 2.0, h - 10.0, "middle", r##"fill="#2d3748""##, x_label);
+    text(
+        &mut s,
+        l + pw / 2.0,
+        h - 10.0,
+        "middle",
+        r##"fill="#2d3748""##,
+        x_label,
+    );
     let as_series: Vec<Series> = series
         .iter()
         .map(|(n, _)| Series {
@@ -340,7 +377,14 @@ pub fn heatmap(
     let w = left + cw * nc + 90.0;
     let h = top + ch * rows.len() as f64 + 56.0;
     let mut s = open(id, w, h, title);
-    text(&mut s, 10.0, 20.0, "start", r#"font-size="14" font-weight="600""#, title);
+    text(
+        &mut s,
+        10.0,
+        20.0,
+        "start",
+        r#"font-size="14" font-weight="600""#,
+        title,
+    );
     let every = ((20.0 / cw).ceil() as usize).max(1);
     for (ci, c) in cols.iter().enumerate() {
         if ci % every == 0 || cols.len() <= 30 && cw >= 20.0 {
@@ -364,11 +408,24 @@ pub fn heatmap(
     );
     for (ri, r) in rows.iter().enumerate() {
         let y = top + ch * ri as f64;
-        text(&mut s, left - 6.0, y + ch / 2.0 + 4.0, "end", "", &truncate(r, 34));
+        text(
+            &mut s,
+            left - 6.0,
+            y + ch / 2.0 + 4.0,
+            "end",
+            "",
+            &truncate(r, 34),
+        );
         for (ci, c) in cols.iter().enumerate() {
             let x = left + cw * ci as f64;
-            let v = values.get(ri).and_then(|row| row.get(ci)).copied().flatten();
-            let fill = v.map(|v| color(v, lo, hi)).unwrap_or_else(|| "#edf2f7".into());
+            let v = values
+                .get(ri)
+                .and_then(|row| row.get(ci))
+                .copied()
+                .flatten();
+            let fill = v
+                .map(|v| color(v, lo, hi))
+                .unwrap_or_else(|| "#edf2f7".into());
             let _ = write!(
                 s,
                 r##"<rect x="{x:.1}" y="{y:.1}" width="{cw:.1}" height="{ch:.1}" fill="{fill}" stroke="#ffffff"><title>{} / {}: {}</title></rect>"##,
@@ -376,14 +433,21 @@ pub fn heatmap(
                 esc(c),
                 v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into())
             );
-            if let Some(t) = cell_text.and_then(|ct| ct.get(ri)).and_then(|row| row.get(ci)) {
+            if let Some(t) = cell_text
+                .and_then(|ct| ct.get(ri))
+                .and_then(|row| row.get(ci))
+            {
                 let dark = v.is_some_and(|v| (v - lo) / (hi - lo) > 0.6);
                 text(
                     &mut s,
                     x + cw / 2.0,
                     y + ch / 2.0 + 4.0,
                     "middle",
-                    if dark { r##"font-size="10" fill="#ffffff""## } else { r##"font-size="10" fill="#1a202c""## },
+                    if dark {
+                        r##"font-size="10" fill="#ffffff""##
+                    } else {
+                        r##"font-size="10" fill="#1a202c""##
+                    },
                     t,
                 );
             }
@@ -402,8 +466,22 @@ pub fn heatmap(
             color(v, lo, hi)
         );
     }
-    text(&mut s, bx + 18.0, top + 9.0, "start", r#"font-size="10""#, &num(hi));
-    text(&mut s, bx + 18.0, top + bh, "start", r#"font-size="10""#, &num(lo));
+    text(
+        &mut s,
+        bx + 18.0,
+        top + 9.0,
+        "start",
+        r#"font-size="10""#,
+        &num(hi),
+    );
+    text(
+        &mut s,
+        bx + 18.0,
+        top + bh,
+        "start",
+        r#"font-size="10""#,
+        &num(lo),
+    );
     s.push_str("</svg>");
     s
 }

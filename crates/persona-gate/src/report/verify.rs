@@ -79,7 +79,13 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn push(&mut self, receipt: &str, what: String, expected: &str, found: std::result::Result<String, String>) {
+    fn push(
+        &mut self,
+        receipt: &str,
+        what: String,
+        expected: &str,
+        found: std::result::Result<String, String>,
+    ) {
         let (ok, found) = match found {
             Ok(f) => (f == expected, f),
             Err(e) => (false, format!("cannot compute: {e}")),
@@ -134,7 +140,10 @@ pub fn verify(
             r.compute_sha256().map_err(|e| e.to_string()),
         );
         if let Some(b) = bundle {
-            let entry = b.receipts.iter().find(|e| e.condition_hash == r.condition.hash);
+            let entry = b
+                .receipts
+                .iter()
+                .find(|e| e.condition_hash == r.condition.hash);
             cx.push(
                 rn,
                 "bundle.json entry for this receipt".into(),
@@ -146,7 +155,10 @@ pub fn verify(
         }
         cx.push(
             rn,
-            format!("condition '{}': hash of its recorded `hashed` input", r.condition.name),
+            format!(
+                "condition '{}': hash of its recorded `hashed` input",
+                r.condition.name
+            ),
             &r.condition.hash,
             Ok(hash_json(&r.condition.hashed)),
         );
@@ -167,10 +179,21 @@ pub fn verify(
                     Err(e) => Err(format!("{} does not exist ({e})", f.path)),
                 }
             };
-            cx.push(rn, format!("model file {} sha256", f.path), &f.sha256, found);
+            cx.push(
+                rn,
+                format!("model file {} sha256", f.path),
+                &f.sha256,
+                found,
+            );
         }
         let tok = tokenizers
-            .entry(r.model.files.first().map(|f| f.path.clone()).unwrap_or_default())
+            .entry(
+                r.model
+                    .files
+                    .first()
+                    .map(|f| f.path.clone())
+                    .unwrap_or_default(),
+            )
             .or_insert_with(|| tokenizer_hashes(r))
             .clone();
         cx.push(
@@ -199,16 +222,38 @@ pub fn verify(
             .entry(key)
             .or_insert_with(|| StudyState::load(&db, r, opts.study_file.as_deref()));
         match &st.toml_sha256 {
-            Ok(h) => cx.push(rn, "study file text stored in the database".into(), &r.study.toml_sha256, Ok(h.clone())),
-            Err(e) => cx.push(rn, format!("study {} in {}", r.study.name, db.display()), &r.study.hash, Err(e.clone())),
+            Ok(h) => cx.push(
+                rn,
+                "study file text stored in the database".into(),
+                &r.study.toml_sha256,
+                Ok(h.clone()),
+            ),
+            Err(e) => cx.push(
+                rn,
+                format!("study {} in {}", r.study.name, db.display()),
+                &r.study.hash,
+                Err(e.clone()),
+            ),
         }
         match &st.study {
             Err(e) => {
-                cx.push(rn, "study files (re-read)".into(), &r.study.hash, Err(e.clone()));
+                cx.push(
+                    rn,
+                    "study files (re-read)".into(),
+                    &r.study.hash,
+                    Err(e.clone()),
+                );
             }
             Ok(study) => {
-                cx.push(rn, "study hash (from the study file and its files)".into(), &r.study.hash, Ok(study.hash.clone()));
-                let c = study.condition(&r.condition.name).map(|i| &study.conditions[i]);
+                cx.push(
+                    rn,
+                    "study hash (from the study file and its files)".into(),
+                    &r.study.hash,
+                    Ok(study.hash.clone()),
+                );
+                let c = study
+                    .condition(&r.condition.name)
+                    .map(|i| &study.conditions[i]);
                 cx.push(
                     rn,
                     format!("condition '{}' hash (system prompt, ops and directions, model, generation)", r.condition.name),
@@ -218,42 +263,92 @@ pub fn verify(
                 );
                 for ps in &r.prompt_sets {
                     let Some(s) = study.prompt_sets.iter().find(|s| s.name == ps.name) else {
-                        cx.push(rn, format!("prompt set '{}'", ps.name), &ps.set_sha256, Err("not in the study file".into()));
+                        cx.push(
+                            rn,
+                            format!("prompt set '{}'", ps.name),
+                            &ps.set_sha256,
+                            Err("not in the study file".into()),
+                        );
                         continue;
                     };
                     let src = prompt_source_path(&study.file, &s.source);
-                    let whole = PromptSet::load(&src).map(|p| p.sha256()).map_err(|e| e.to_string());
-                    cx.push(rn, format!("prompt set '{}' ({}) sha256", ps.name, ps.source), &ps.set_sha256, whole);
-                    cx.push(rn, format!("prompt set '{}' prompts used (skip {}, n {}) sha256", ps.name, ps.skip, ps.n), &ps.selected_sha256, Ok(selected_sha256(&s.items)));
+                    let whole = PromptSet::load(&src)
+                        .map(|p| p.sha256())
+                        .map_err(|e| e.to_string());
+                    cx.push(
+                        rn,
+                        format!("prompt set '{}' ({}) sha256", ps.name, ps.source),
+                        &ps.set_sha256,
+                        whole,
+                    );
+                    cx.push(
+                        rn,
+                        format!(
+                            "prompt set '{}' prompts used (skip {}, n {}) sha256",
+                            ps.name, ps.skip, ps.n
+                        ),
+                        &ps.selected_sha256,
+                        Ok(selected_sha256(&s.items)),
+                    );
                 }
                 let base = &study.file.base_dir;
                 for o in &r.condition.ops {
-                    let (Some(file), Some(sha)) = (&o.file, o.identity.get("sha256").and_then(|v| v.as_str())) else {
+                    let (Some(file), Some(sha)) =
+                        (&o.file, o.identity.get("sha256").and_then(|v| v.as_str()))
+                    else {
                         continue;
                     };
                     let p = PathBuf::from(file);
                     let p = if p.is_relative() { base.join(p) } else { p };
                     let found = cx.file_sha(&p);
-                    cx.push(rn, format!("direction '{}' file {} sha256", o.direction, p.display()), sha, found);
+                    cx.push(
+                        rn,
+                        format!("direction '{}' file {} sha256", o.direction, p.display()),
+                        sha,
+                        found,
+                    );
                 }
             }
         }
         match &st.rows {
-            Err(e) => cx.push(rn, format!("result rows in {}", db.display()), "rows", Err(e.clone())),
+            Err(e) => cx.push(
+                rn,
+                format!("result rows in {}", db.display()),
+                "rows",
+                Err(e.clone()),
+            ),
             Ok(rows) => {
                 for s in &r.results {
                     let mine: Vec<&RowView> = rows
                         .iter()
-                        .filter(|x| x.condition_hash == r.condition.hash && x.prompt_set == s.prompt_set)
+                        .filter(|x| {
+                            x.condition_hash == r.condition.hash && x.prompt_set == s.prompt_set
+                        })
                         .collect();
-                    let what = |w: &str| format!("condition '{}' set '{}' {w}", r.condition.name, s.prompt_set);
-                    cx.push(rn, what("result rows sha256"), &s.rows_sha256, rows_sha256(mine.iter().copied()).map_err(|e| e.to_string()));
+                    let what = |w: &str| {
+                        format!(
+                            "condition '{}' set '{}' {w}",
+                            r.condition.name, s.prompt_set
+                        )
+                    };
+                    cx.push(
+                        rn,
+                        what("result rows sha256"),
+                        &s.rows_sha256,
+                        rows_sha256(mine.iter().copied()).map_err(|e| e.to_string()),
+                    );
                     let count = |l: &str| mine.iter().filter(|x| x.label == l).count();
                     cx.push(
                         rn,
                         what("rows / refusal / bypass / degenerate counts"),
                         &format!("{}/{}/{}/{}", s.n, s.refusal.k, s.bypass.k, s.degenerate.k),
-                        Ok(format!("{}/{}/{}/{}", mine.len(), count("refusal"), count("bypass"), count("degenerate"))),
+                        Ok(format!(
+                            "{}/{}/{}/{}",
+                            mine.len(),
+                            count("refusal"),
+                            count("bypass"),
+                            count("degenerate")
+                        )),
                     );
                 }
             }
@@ -300,14 +395,18 @@ impl StudyState {
                 };
             }
         };
-        let rec = store
-            .studies()
-            .map_err(|e| e.to_string())
-            .and_then(|all| {
-                all.into_iter()
-                    .find(|s| s.hash == r.study.hash)
-                    .ok_or_else(|| format!("study {} ({}) is not in {}", r.study.name, short(&r.study.hash), db.display()))
-            });
+        let rec = store.studies().map_err(|e| e.to_string()).and_then(|all| {
+            all.into_iter()
+                .find(|s| s.hash == r.study.hash)
+                .ok_or_else(|| {
+                    format!(
+                        "study {} ({}) is not in {}",
+                        r.study.name,
+                        short(&r.study.hash),
+                        db.display()
+                    )
+                })
+        });
         let rec = match rec {
             Ok(x) => x,
             Err(e) => {
