@@ -12,6 +12,7 @@ use persona_gate::intervene::InterventionPlan;
 use persona_gate::model::{DTypeMode, LoadOptions, Model, ModelSource};
 
 mod directions_cli;
+mod export_cli;
 mod refusal_cli;
 mod report_cli;
 mod serve_cli;
@@ -61,7 +62,6 @@ impl ModelArgs {
             None => candle_device_cpu(),
             Some(i) => persona_gate::device::cuda(i)?,
         };
-
         Ok(Model::load(&self.model, &LoadOptions { dtype, device })?)
     }
 }
@@ -211,6 +211,27 @@ enum Cmd {
     ///
     /// Example: pgate check receipts/ --max-refusal-drop 10 --max-benign-refusal 0.2
     Check(report_cli::CheckArgs),
+    /// Write a model as a Hugging Face safetensors directory, optionally with a direction
+    /// orthogonalized out of the weights (the permanent form of ablating it everywhere).
+    ///
+    /// Example: pgate export q15 -o q15-norefusal --orthogonalize refusal.safetensors[21]
+    Export(export_cli::ExportArgs),
+    /// What activation capture costs: prefill with the last token's residual read at every layer
+    /// (the direction-extraction path) against plain batched prefill of the same prompts.
+    ///
+    /// Example: pgate bench-capture q15 --batch 16 --prompts 64
+    BenchCapture {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        prompts: usize,
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -358,6 +379,32 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Receipt(a) => report_cli::run_receipt(a),
         Cmd::Report(a) => report_cli::run_report(a),
         Cmd::Check(a) => report_cli::run_check(a),
+        Cmd::Export(a) => export_cli::run(a),
+        Cmd::BenchCapture {
+            m,
+            batch,
+            prompts,
+            reps,
+            json,
+        } => {
+            let model = m.load()?;
+            let r = persona_gate::capture_bench::capture(&model, batch, prompts, reps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "model {} (dtype {}): {} prompts x {} tokens in batches of {}",
+                    model.info.name, m.dtype, r.prompts, r.prompt_tokens, r.batch
+                );
+                println!(
+                    "plain prefill {:.1} tok/s, all-layer last-token capture {:.1} tok/s: {:.1}%",
+                    r.prefill_tok_s,
+                    r.capture_tok_s,
+                    100.0 * r.ratio
+                );
+            }
+            Ok(())
+        }
     }
 }
 
