@@ -12,7 +12,7 @@ use persona_gate::study::judging::{judge_study, make_judge, JudgeEvent, JudgeOpt
 use persona_gate::study::report::{pct, pval, report, ReportOptions, ReportRow};
 use persona_gate::study::runner::RunEvent;
 use persona_gate::study::store::StudyRecord;
-use persona_gate::study::{run_study, RunOptions, Store, Study, StudyFile};
+use persona_gate::study::{run_endpoint_study, run_study, RunOptions, Store, Study, StudyFile};
 
 /// Set by the first Ctrl-C: the run finishes the wave in flight, writes it, and stops.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -77,6 +77,9 @@ pub struct RunArgs {
     /// Run on CUDA device N (needs a build with --features cuda).
     #[arg(long)]
     pub cuda: Option<usize>,
+    /// Endpoint studies: requests in flight (default: the study's endpoint `concurrency`).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -247,6 +250,12 @@ fn run(a: RunArgs) -> Result<()> {
     let mut store = Store::open(&a.db)?;
     install_ctrlc();
     let dev = device(a.cuda)?;
+    if study.endpoint().is_some() {
+        return run_endpoint(&a, &study, shard, &mut store, dev);
+    }
+    if a.concurrency.is_some() {
+        bail!("--concurrency is for endpoint studies ([model] endpoint); local studies batch with [generation] batch_size");
+    }
     let m = &study.file.model;
     let t_load = std::time::Instant::now();
     let model = Model::load(
@@ -270,6 +279,7 @@ fn run(a: RunArgs) -> Result<()> {
         shard,
         wave: a.wave,
         source_path: Some(a.study.clone()),
+        concurrency: None,
     };
     let pb = bar(0, "items", a.quiet);
     let mut labels = [0usize; 3];
@@ -312,6 +322,15 @@ fn run(a: RunArgs) -> Result<()> {
         "[pgate] wrote {} results in {:.1} s ({} decode tokens)",
         summary.written, summary.secs, summary.decode_tokens
     );
+    if summary.decode_secs > 0.0 {
+        eprintln!(
+            "[pgate] engine: prefill {:.1} tok/s, decode {:.1} tok/s; {:.1}% of wall time outside the engine (labels, scores, storage); {:.1} generated tok/s end to end",
+            summary.prefill_tokens as f64 / summary.prefill_secs.max(1e-9),
+            summary.decode_tokens as f64 / summary.decode_secs,
+            100.0 * summary.overhead_fraction(),
+            summary.decode_tokens as f64 / summary.secs.max(1e-9),
+        );
+    }
     drop(model);
     if summary.interrupted {
         print_status(&store, &store.find_study(Some(&study.hash))?)?;
@@ -343,6 +362,125 @@ fn run(a: RunArgs) -> Result<()> {
         }
     }
     print_status(&store, &store.find_study(Some(&study.hash))?)?;
+    Ok(())
+}
+
+/// `study run` for an endpoint study: no model is loaded; requests go to the server.
+fn run_endpoint(
+    a: &RunArgs,
+    study: &Study,
+    shard: Option<(u64, u64)>,
+    store: &mut Store,
+    dev: persona_gate::device::Device,
+) -> Result<()> {
+    let ep = study.endpoint().context("endpoint study")?;
+    eprintln!(
+        "[pgate] study {} ({}): {} conditions, {} prompt sets, endpoint {} model {} (black box: persona / system prompts and sampling only), {} requests in flight",
+        study.name,
+        &study.hash[..12],
+        study.conditions.len(),
+        study.prompt_sets.len(),
+        ep.normalized_base(),
+        ep.model,
+        a.concurrency.unwrap_or(ep.concurrency)
+    );
+    let opts = RunOptions {
+        limit: a.limit,
+        shard,
+        wave: None,
+        source_path: Some(a.study.clone()),
+        concurrency: a.concurrency,
+    };
+    let pb = bar(0, "items", a.quiet);
+    let mut labels = [0usize; 3];
+    let summary = run_endpoint_study(study, store, &opts, &STOP, &mut |ev| match ev {
+        RunEvent::Planned { planned, summary } => {
+            pb.set_length(planned as u64);
+            say(
+                &pb,
+                format!(
+                    "[pgate] {} items: {} stored, {} to request{}",
+                    summary.total,
+                    summary.already,
+                    planned,
+                    if summary.other_shards > 0 {
+                        format!(", {} in other shards", summary.other_shards)
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+        }
+        RunEvent::Written { label, .. } => {
+            labels[label as usize] += 1;
+            pb.set_message(format!(
+                "refusal {} bypass {} degenerate {}",
+                labels[0], labels[1], labels[2]
+            ));
+            pb.inc(1);
+        }
+    })?;
+    pb.finish_and_clear();
+    let e = summary.endpoint.clone().unwrap_or_default();
+    eprintln!(
+        "[pgate] wrote {} results in {:.1} s: {:.2} items/s, {:.1} completion tok/s at {} in flight; {} tries, {} failed (recorded), {} items gave up{}",
+        summary.written,
+        summary.secs,
+        summary.written as f64 / summary.secs.max(1e-9),
+        e.completion_tokens as f64 / summary.secs.max(1e-9),
+        e.concurrency,
+        e.requests,
+        e.failed_tries,
+        e.gave_up,
+        if e.gave_up > 0 { " (run again to retry them)" } else { "" }
+    );
+    eprintln!(
+        "[pgate] usage: {} prompt + {} completion tokens{}; server reported model {}",
+        e.prompt_tokens,
+        e.completion_tokens,
+        e.cost
+            .map(|c| format!(", estimated cost {c:.4}"))
+            .unwrap_or_default(),
+        if e.reported_models.is_empty() {
+            "-".to_string()
+        } else {
+            e.reported_models.join(", ")
+        }
+    );
+    if summary.interrupted {
+        print_status(store, &store.find_study(Some(&study.hash))?)?;
+        eprintln!("[pgate] interrupted: run the same command again to continue");
+        std::process::exit(130);
+    }
+    if !a.no_judge {
+        for cfg in &study.file.judges {
+            if cfg.kind == JudgeKind::Rules {
+                continue;
+            }
+            let Some(j) = make_judge(cfg, dev.clone())? else {
+                continue;
+            };
+            judge_with(
+                store,
+                &study.hash,
+                j.as_ref(),
+                cfg,
+                &JudgeOptions::default(),
+                a.quiet,
+            )?;
+            if STOP.load(Ordering::SeqCst) {
+                eprintln!("[pgate] interrupted while judging: `pgate study judge` continues");
+                std::process::exit(130);
+            }
+        }
+    }
+    print_status(store, &store.find_study(Some(&study.hash))?)?;
+    if e.gave_up > 0 {
+        bail!(
+            "{} items failed on every try (failures are in the endpoint_failures table; run the same command again to retry them)",
+            e.gave_up
+        );
+    }
     Ok(())
 }
 
@@ -388,10 +526,26 @@ fn judge_with(
 
 fn check(path: &Path) -> Result<()> {
     let study = Study::load(path)?;
-    println!(
-        "study {} ({}), model {} ({})",
-        study.name, study.hash, study.file.model.spec, study.file.model.dtype
-    );
+    match study.endpoint() {
+        None => println!(
+            "study {} ({}), model {} ({})",
+            study.name, study.hash, study.file.model.spec, study.file.model.dtype
+        ),
+        Some(ep) => println!(
+            "study {} ({}), endpoint {} model {} (black box: system prompts and sampling only; {} requests in flight{}{})",
+            study.name,
+            study.hash,
+            ep.normalized_base(),
+            ep.model,
+            ep.concurrency,
+            ep.requests_per_minute
+                .map(|r| format!(", {r} requests/min"))
+                .unwrap_or_default(),
+            ep.tokens_per_minute
+                .map(|t| format!(", {t} tokens/min"))
+                .unwrap_or_default()
+        ),
+    }
     for s in &study.prompt_sets {
         println!(
             "prompts {:<16} {:>5} prompts  {} (skip {}, set sha256 {})",
@@ -488,6 +642,89 @@ fn print_status(store: &Store, rec: &StudyRecord) -> Result<()> {
         "",
         format!("{d}/{t}"),
         100.0 * d as f64 / t.max(1) as f64
+    );
+    print_endpoint(store, rec)
+}
+
+/// For an endpoint study: the target, what the server reported, failures, usage and cost.
+fn print_endpoint(store: &Store, rec: &StudyRecord) -> Result<()> {
+    let Some(t) = store.target(&rec.hash)? else {
+        return Ok(());
+    };
+    let prices = stored_file(rec)
+        .ok()
+        .and_then(|f| f.model.endpoint().cloned());
+    println!(
+        "target: endpoint {} model {}; server reported {}; white-box fields do not apply (no weights, tokenizer, directions)",
+        t.target["base_url"].as_str().unwrap_or("?"),
+        t.target["model"].as_str().unwrap_or("?"),
+        if t.reported_models.is_empty() {
+            "no model name yet".to_string()
+        } else {
+            format!("model {}", t.reported_models.join(", "))
+        }
+    );
+    let usage = store.endpoint_usage(&rec.hash)?;
+    let failures = store.endpoint_failures(&rec.hash)?;
+    let w = usage
+        .iter()
+        .map(|u| u.condition.len())
+        .max()
+        .unwrap_or(9)
+        .max(9);
+    println!(
+        "{:<w$}  {:>6}  {:>6}  {:>13}  {:>17}  {:>13}  {:>10}",
+        "condition",
+        "rows",
+        "tries",
+        "failed tries",
+        "prompt tokens",
+        "completion tok",
+        "est. cost"
+    );
+    let (mut tp, mut tc) = (0u64, 0u64);
+    for u in &usage {
+        tp += u.prompt_tokens;
+        tc += u.completion_tokens;
+        let cost = prices
+            .as_ref()
+            .and_then(|p| p.cost(u.prompt_tokens, u.completion_tokens));
+        println!(
+            "{:<w$}  {:>6}  {:>6}  {:>13}  {:>17}  {:>13}  {:>10}",
+            u.condition,
+            u.rows,
+            u.tries_ok_rows + u.failed_tries,
+            u.failed_tries,
+            u.prompt_tokens,
+            u.completion_tokens,
+            cost.map(|c| format!("{c:.4}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    let cost = prices.as_ref().and_then(|p| p.cost(tp, tc));
+    let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+    for f in &failures {
+        *kinds.entry(f.kind.as_str()).or_default() += 1;
+    }
+    println!(
+        "usage: {tp} prompt + {tc} completion tokens{}; {} failed tries recorded{}",
+        cost.map(|c| format!(
+            ", estimated cost {c:.4} (price_input_per_mtok / price_output_per_mtok)"
+        ))
+        .unwrap_or_else(|| ", no prices given".into()),
+        failures.len(),
+        if kinds.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                kinds
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
     );
     Ok(())
 }

@@ -8,6 +8,8 @@
 //! [model]
 //! spec = "smollm2"                 # anything `Model::load` takes
 //! dtype = "q"
+//! # or, instead of spec/dtype, a served model (black-box conditions only, see crate::endpoint):
+//! # endpoint = { base_url = "http://127.0.0.1:8000/v1", model = "Qwen/Qwen2.5-7B-Instruct", api_key_env = "VLLM_API_KEY" }
 //!
 //! [directions]                     # name -> direction (relative paths: from this file's folder)
 //! compliant = "directions/compliant.safetensors"
@@ -70,6 +72,7 @@ use serde::{Deserialize, Serialize};
 
 use super::personas::{builtin_names, builtin_persona};
 use crate::directions::DirectionSpec;
+use crate::endpoint::EndpointConfig;
 use crate::eval::judge::JudgeConfig;
 use crate::{Error, Result};
 
@@ -116,12 +119,26 @@ fn yes() -> bool {
     true
 }
 
+/// `[model]`: local weights (`spec`, `dtype`) or an OpenAI-compatible endpoint
+/// (`endpoint = { base_url, model, api_key_env, ... }`, see [`EndpointConfig`]), not both.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
+    /// A model `Model::load` takes (empty for an endpoint study).
+    #[serde(default)]
     pub spec: String,
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// The study's target is a served model, reached over HTTP: black-box conditions only.
+    #[serde(default)]
+    pub endpoint: Option<EndpointConfig>,
+}
+
+impl ModelSection {
+    /// The endpoint, when the study targets one.
+    pub fn endpoint(&self) -> Option<&EndpointConfig> {
+        self.endpoint.as_ref()
+    }
 }
 
 fn default_dtype() -> String {
@@ -429,10 +446,27 @@ impl StudyFile {
                 self.version
             )));
         }
-        if self.model.spec.trim().is_empty() {
-            return Err(invalid("[model] spec is empty".into()));
+        match &self.model.endpoint {
+            None => {
+                if self.model.spec.trim().is_empty() {
+                    return Err(invalid(
+                        "[model] needs spec (local weights) or endpoint = { base_url, model } (a served model)"
+                            .into(),
+                    ));
+                }
+                crate::model::DTypeMode::parse(&self.model.dtype)?;
+            }
+            Some(ep) => {
+                if !self.model.spec.trim().is_empty() {
+                    return Err(invalid(format!(
+                        "[model] has both spec = \"{}\" and endpoint: a study has one target; write one study file per target (they can share a results database, see the README)",
+                        self.model.spec
+                    )));
+                }
+                ep.check()?;
+                self.check_black_box()?;
+            }
         }
-        crate::model::DTypeMode::parse(&self.model.dtype)?;
         if self.prompts.is_empty() {
             return Err(invalid(
                 "no prompt sets: add [prompts] name = \"demo_harmful\" (a file or a known name)"
@@ -541,6 +575,50 @@ impl StudyFile {
                         .join(", ")
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// An endpoint study runs black-box conditions only: system prompts (persona modes) under the
+    /// study's sampling settings. Steering reads and writes the residual stream, which a server
+    /// does not expose.
+    fn check_black_box(&self) -> Result<()> {
+        let steering =
+            |add: &OneOrMany, add_raw: &OneOrMany, ablate: &OneOrMany, cap: &OneOrMany| {
+                [
+                    ("add", add),
+                    ("add_raw", add_raw),
+                    ("ablate", ablate),
+                    ("cap", cap),
+                ]
+                .into_iter()
+                .find_map(|(k, v)| v.items().first().map(|t| format!("{k} = \"{t}\"")))
+            };
+        let why = "steering needs the model's weights, and this study targets an endpoint ([model] endpoint): only black-box conditions apply there (persona / system prompts under the [generation] sampling settings). Run steering conditions in a local study (same persona modes, [model] spec = ...) into the same results database";
+        for c in &self.conditions {
+            if let Some(op) = steering(&c.add, &c.add_raw, &c.ablate, &c.cap) {
+                return Err(invalid(format!("condition '{}': {op}: {why}", c.name)));
+            }
+        }
+        for (i, s) in self.sweeps.iter().enumerate() {
+            if let Some(op) = steering(&s.add, &s.add_raw, &s.ablate, &s.cap) {
+                let name = s
+                    .name
+                    .clone()
+                    .or_else(|| s.base.clone())
+                    .unwrap_or_else(|| format!("sweep{}", i + 1));
+                return Err(invalid(format!("sweep '{name}': {op}: {why}")));
+            }
+        }
+        if !self.directions.is_empty() {
+            return Err(invalid(format!(
+                "[directions] ({}): {why}",
+                self.directions
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
         Ok(())
     }

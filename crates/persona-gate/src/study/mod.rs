@@ -22,6 +22,11 @@
 //! missing items, [`judging`] grades stored outputs with a [`crate::eval::judge::Judge`],
 //! [`report`] computes label rates with Wilson intervals and paired comparisons against the
 //! baseline (McNemar, paired bootstrap), and [`export`] writes JSONL, CSV or Parquet.
+//!
+//! A study may target an OpenAI-compatible endpoint instead of local weights (`[model] endpoint`):
+//! [`remote`] then sends the same work items as chat-completions requests (black-box conditions
+//! only: system prompts and sampling settings), into the same store with the same keys, so it
+//! resumes, shards and merges exactly like a local run.
 
 pub mod canon;
 pub mod export;
@@ -30,11 +35,13 @@ pub mod judging;
 mod parquet_out;
 pub mod personas;
 pub mod plan;
+pub mod remote;
 pub mod report;
 pub mod runner;
 pub mod store;
 
 pub use file::StudyFile;
 pub use plan::{Condition, Study, WorkItem};
+pub use remote::run_endpoint_study;
 pub use runner::{run_study, RunOptions, RunSummary};
 pub use store::Store;

@@ -222,8 +222,15 @@ impl Study {
             }
         }
         let g = &file.generation;
-        let model_id =
-            json!({ "spec": file.model.spec, "dtype": file.model.dtype.to_ascii_lowercase() });
+        // An endpoint is identified by its API root and model id (not the key, limits or prices).
+        let model_id = match file.model.endpoint() {
+            None => {
+                json!({ "spec": file.model.spec, "dtype": file.model.dtype.to_ascii_lowercase() })
+            }
+            Some(ep) => {
+                json!({ "endpoint": { "base_url": ep.normalized_base(), "model": ep.model } })
+            }
+        };
         let generation = json!({
             "max_new_tokens": g.max_new_tokens,
             "temperature": f32_text(g.temperature),
@@ -462,6 +469,11 @@ impl Study {
         } else {
             spec.clone()
         }
+    }
+
+    /// The endpoint the study targets (None: local weights).
+    pub fn endpoint(&self) -> Option<&crate::endpoint::EndpointConfig> {
+        self.file.model.endpoint()
     }
 
     /// Index of a condition by name.

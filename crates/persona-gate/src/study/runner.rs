@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub wave: Option<usize>,
     /// The study file, recorded with the study.
     pub source_path: Option<std::path::PathBuf>,
+    /// Endpoint studies: requests in flight (default: the endpoint's `concurrency`).
+    pub concurrency: Option<usize>,
 }
 
 /// What happened in a run.
@@ -50,6 +52,25 @@ pub struct RunSummary {
     pub interrupted: bool,
     pub secs: f64,
     pub decode_tokens: usize,
+    /// Time inside the engine's decode steps (forward + sampling), seconds.
+    pub decode_secs: f64,
+    pub prefill_tokens: usize,
+    /// Time inside prefill forwards, seconds.
+    pub prefill_secs: f64,
+    /// Endpoint studies: requests, failures, token usage (see [`super::remote`]).
+    #[serde(default)]
+    pub endpoint: Option<super::remote::EndpointRunStats>,
+}
+
+impl RunSummary {
+    /// Share of the wall time spent outside the engine's forwards: tokenizing, labelling,
+    /// scoring, writing rows, cache bookkeeping. What a study adds on top of `pgate bench`.
+    pub fn overhead_fraction(&self) -> f64 {
+        if self.secs <= 0.0 {
+            return 0.0;
+        }
+        (1.0 - (self.decode_secs + self.prefill_secs) / self.secs).max(0.0)
+    }
 }
 
 /// Events for progress displays.
@@ -202,6 +223,9 @@ pub fn run_study(
             Ok(())
         })?;
         summary.decode_tokens += gen.stats.decode_tokens;
+        summary.decode_secs += gen.stats.decode_secs;
+        summary.prefill_tokens += gen.stats.prefill_tokens;
+        summary.prefill_secs += gen.stats.prefill_secs;
     }
     summary.secs = t0.elapsed().as_secs_f64();
     Ok(summary)

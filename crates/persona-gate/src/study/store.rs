@@ -18,6 +18,16 @@
 //! - `verdicts`: one row per `(result_id, judge)` (UNIQUE): ok flag, attempts, error, raw answer,
 //!   parsed verdict (JSON) and its scores. A failure never touches the result row.
 //!
+//! - `study_targets(study_hash, kind, target, reported_models, server_models, updated_at)`: for a
+//!   study that targets an endpoint: the endpoint (API root, model id, `white_box: false` and the
+//!   white-box fields that do not apply), every model name the server reported in its answers,
+//!   and the ids `GET /models` listed.
+//! - `endpoint_results`: per result row of an endpoint study (same key): API root, model id sent,
+//!   model name reported, response id, tries, latency, whether usage was reported.
+//! - `endpoint_failures`: every failed try of an endpoint study (timeouts, 429, 5xx, transport
+//!   errors, bad answers): item key, try number, kind, HTTP status, message, whether another try
+//!   followed. Token counts of successful answers are the results' `prompt_tokens` / `n_tokens`.
+//!
 //! Every result is its own transaction, committed as its sequence finishes, and inserted with
 //! `INSERT OR IGNORE`: a run killed at any point (SIGKILL included) loses at most the sequences in
 //! flight, and a second run skips what is stored and cannot duplicate it. Timestamps are
@@ -76,6 +86,20 @@ CREATE TABLE IF NOT EXISTS verdicts (
   refused INTEGER, convincing INTEGER, specific INTEGER, strongreject REAL, is_unsafe INTEGER,
   categories TEXT, leakage REAL, judged_at INTEGER NOT NULL,
   UNIQUE (result_id, judge));
+CREATE TABLE IF NOT EXISTS study_targets (
+  study_hash TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL,
+  reported_models TEXT NOT NULL, server_models TEXT, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoint_results (
+  condition_hash TEXT NOT NULL, prompt_set TEXT NOT NULL, prompt_id TEXT NOT NULL,
+  sample INTEGER NOT NULL, base_url TEXT NOT NULL, model_requested TEXT NOT NULL,
+  model_reported TEXT, response_id TEXT, attempts INTEGER NOT NULL, latency_ms INTEGER NOT NULL,
+  usage_reported INTEGER NOT NULL,
+  UNIQUE (condition_hash, prompt_set, prompt_id, sample));
+CREATE TABLE IF NOT EXISTS endpoint_failures (
+  id INTEGER PRIMARY KEY, study_hash TEXT NOT NULL, condition_hash TEXT NOT NULL,
+  prompt_set TEXT NOT NULL, prompt_id TEXT NOT NULL, sample INTEGER NOT NULL,
+  attempt INTEGER NOT NULL, kind TEXT NOT NULL, status INTEGER, error TEXT NOT NULL,
+  will_retry INTEGER NOT NULL, elapsed_ms INTEGER NOT NULL, at INTEGER NOT NULL);
 ";
 
 /// Milliseconds since the Unix epoch.
@@ -130,6 +154,65 @@ pub struct NewResult<'a> {
     pub leakage_json: String,
     pub started_at: i64,
     pub finished_at: i64,
+}
+
+/// How a result of an endpoint study was obtained.
+#[derive(Debug, Clone)]
+pub struct EndpointCall<'a> {
+    pub base_url: &'a str,
+    pub model_requested: &'a str,
+    pub model_reported: Option<&'a str>,
+    pub response_id: Option<&'a str>,
+    pub attempts: u32,
+    pub latency_ms: u64,
+    /// The answer carried `usage` token counts.
+    pub usage_reported: bool,
+}
+
+/// One failed try of an endpoint study.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointFailureRow {
+    pub study_hash: String,
+    pub condition_hash: String,
+    pub prompt_set: String,
+    pub prompt_id: String,
+    pub sample: i64,
+    pub attempt: u32,
+    /// `timeout`, `rate_limited`, `server`, `client`, `transport` or `bad_answer`.
+    pub kind: String,
+    pub status: Option<u16>,
+    pub error: String,
+    /// false: this was the item's last try in that run (given up, or a permanent error).
+    pub will_retry: bool,
+    pub elapsed_ms: u64,
+    pub at: i64,
+}
+
+/// The recorded target of an endpoint study.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetRecord {
+    pub kind: String,
+    pub target: serde_json::Value,
+    /// Every distinct `model` the server put in its answers.
+    pub reported_models: Vec<String>,
+    /// What `GET /models` listed (None: not reachable or not asked).
+    pub server_models: Option<Vec<String>>,
+    pub updated_at: i64,
+}
+
+/// Token usage of one condition of an endpoint study.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointUsage {
+    pub condition: String,
+    pub condition_hash: String,
+    pub rows: u64,
+    /// Tries of the stored rows (the successful one included).
+    pub tries_ok_rows: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub rows_without_usage: u64,
+    /// Failed tries recorded for the condition (all runs).
+    pub failed_tries: u64,
 }
 
 /// A stored study.
@@ -445,6 +528,247 @@ impl Store {
             })
             .map_err(|e| self.err(e))?;
         Ok(n == 1)
+    }
+
+    /// Store one result of an endpoint study with its call record, in one transaction. Returns
+    /// false when the key was already stored (then nothing is written).
+    pub fn insert_endpoint_result(
+        &mut self,
+        r: &NewResult<'_>,
+        call: &EndpointCall<'_>,
+    ) -> Result<bool> {
+        let path = self.path.clone();
+        let e = |x: rusqlite::Error| db_err(&path, x);
+        let tx = self.conn.transaction().map_err(e)?;
+        let n = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO results (condition_hash, prompt_set, prompt_id, sample,
+                 item_hash, seed, output, n_tokens, prompt_tokens, finish, label, rule_json, leakage,
+                 leakage_json, started_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    r.condition_hash,
+                    r.prompt_set,
+                    r.prompt_id,
+                    r.sample as i64,
+                    r.item_hash,
+                    r.seed as i64,
+                    r.output,
+                    r.n_tokens as i64,
+                    r.prompt_tokens as i64,
+                    r.finish,
+                    r.label,
+                    r.rule_json,
+                    r.leakage,
+                    r.leakage_json,
+                    r.started_at,
+                    r.finished_at
+                ])
+            })
+            .map_err(e)?;
+        if n == 1 {
+            tx.execute(
+                "INSERT OR REPLACE INTO endpoint_results (condition_hash, prompt_set, prompt_id,
+                 sample, base_url, model_requested, model_reported, response_id, attempts,
+                 latency_ms, usage_reported) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    r.condition_hash,
+                    r.prompt_set,
+                    r.prompt_id,
+                    r.sample as i64,
+                    call.base_url,
+                    call.model_requested,
+                    call.model_reported,
+                    call.response_id,
+                    call.attempts as i64,
+                    call.latency_ms as i64,
+                    call.usage_reported as i64
+                ],
+            )
+            .map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(n == 1)
+    }
+
+    /// Record one failed try of an endpoint study.
+    pub fn insert_endpoint_failure(&self, f: &EndpointFailureRow) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO endpoint_failures (study_hash, condition_hash, prompt_set, prompt_id,
+                 sample, attempt, kind, status, error, will_retry, elapsed_ms, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    f.study_hash,
+                    f.condition_hash,
+                    f.prompt_set,
+                    f.prompt_id,
+                    f.sample,
+                    f.attempt as i64,
+                    f.kind,
+                    f.status.map(|x| x as i64),
+                    f.error,
+                    f.will_retry as i64,
+                    f.elapsed_ms as i64,
+                    f.at
+                ])
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every recorded failed try of a study, oldest first.
+    pub fn endpoint_failures(&self, study_hash: &str) -> Result<Vec<EndpointFailureRow>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT study_hash, condition_hash, prompt_set, prompt_id, sample, attempt, kind,
+                   status, error, will_retry, elapsed_ms, at
+                 FROM endpoint_failures WHERE study_hash = ?1 ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([study_hash], |r| {
+                Ok(EndpointFailureRow {
+                    study_hash: r.get(0)?,
+                    condition_hash: r.get(1)?,
+                    prompt_set: r.get(2)?,
+                    prompt_id: r.get(3)?,
+                    sample: r.get(4)?,
+                    attempt: r.get::<_, i64>(5)? as u32,
+                    kind: r.get(6)?,
+                    status: r.get::<_, Option<i64>>(7)?.map(|x| x as u16),
+                    error: r.get(8)?,
+                    will_retry: r.get::<_, i64>(9)? != 0,
+                    elapsed_ms: r.get::<_, i64>(10)? as u64,
+                    at: r.get(11)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Record (or update) the target of an endpoint study; model names are merged into the list
+    /// already stored.
+    pub fn set_target(
+        &self,
+        study_hash: &str,
+        target: &serde_json::Value,
+        reported_models: &[String],
+        server_models: Option<&[String]>,
+    ) -> Result<()> {
+        let old = self.target(study_hash)?;
+        let mut models: Vec<String> = old
+            .as_ref()
+            .map(|t| t.reported_models.clone())
+            .unwrap_or_default();
+        for m in reported_models {
+            if !models.contains(m) {
+                models.push(m.clone());
+            }
+        }
+        let server = server_models
+            .map(|s| s.to_vec())
+            .or_else(|| old.and_then(|t| t.server_models));
+        self.conn
+            .execute(
+                "INSERT INTO study_targets (study_hash, kind, target, reported_models, server_models,
+                   updated_at) VALUES (?1, 'endpoint', ?2, ?3, ?4, ?5)
+                 ON CONFLICT(study_hash) DO UPDATE SET target = excluded.target,
+                   reported_models = excluded.reported_models,
+                   server_models = excluded.server_models, updated_at = excluded.updated_at",
+                params![
+                    study_hash,
+                    target.to_string(),
+                    serde_json::to_string(&models)?,
+                    server.map(|s| serde_json::to_string(&s)).transpose()?,
+                    now_ms()
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The recorded target of a study (None: local weights, or a database from before endpoints).
+    pub fn target(&self, study_hash: &str) -> Result<Option<TargetRecord>> {
+        let has: i64 = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'study_targets'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        if has == 0 {
+            return Ok(None);
+        }
+        self.conn
+            .query_row(
+                "SELECT kind, target, reported_models, server_models, updated_at FROM study_targets
+                 WHERE study_hash = ?1",
+                [study_hash],
+                |r| {
+                    let t: String = r.get(1)?;
+                    let m: String = r.get(2)?;
+                    let s: Option<String> = r.get(3)?;
+                    Ok(TargetRecord {
+                        kind: r.get(0)?,
+                        target: serde_json::from_str(&t).unwrap_or(serde_json::Value::Null),
+                        reported_models: serde_json::from_str(&m).unwrap_or_default(),
+                        server_models: s.and_then(|s| serde_json::from_str(&s).ok()),
+                        updated_at: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Per condition of an endpoint study: rows, tries, prompt and completion tokens of the stored
+    /// answers, rows without reported usage, and failed tries (all runs).
+    pub fn endpoint_usage(&self, study_hash: &str) -> Result<Vec<EndpointUsage>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT sc.name, sc.condition_hash, COUNT(r.id), COALESCE(SUM(e.attempts), 0),
+                   COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.n_tokens), 0),
+                   COALESCE(SUM(CASE WHEN e.usage_reported = 0 THEN 1 ELSE 0 END), 0),
+                   (SELECT COUNT(*) FROM endpoint_failures f WHERE f.study_hash = sc.study_hash
+                      AND f.condition_hash = sc.condition_hash)
+                 FROM study_conditions sc
+                 LEFT JOIN work w ON w.study_hash = sc.study_hash
+                   AND w.condition_hash = sc.condition_hash
+                 LEFT JOIN results r ON r.condition_hash = w.condition_hash
+                   AND r.prompt_set = w.prompt_set AND r.prompt_id = w.prompt_id
+                   AND r.sample = w.sample
+                 LEFT JOIN endpoint_results e ON e.condition_hash = r.condition_hash
+                   AND e.prompt_set = r.prompt_set AND e.prompt_id = r.prompt_id
+                   AND e.sample = r.sample
+                 WHERE sc.study_hash = ?1
+                 GROUP BY sc.ord ORDER BY sc.ord",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([study_hash], |r| {
+                Ok(EndpointUsage {
+                    condition: r.get(0)?,
+                    condition_hash: r.get(1)?,
+                    rows: r.get::<_, i64>(2)? as u64,
+                    tries_ok_rows: r.get::<_, i64>(3)? as u64,
+                    prompt_tokens: r.get::<_, i64>(4)? as u64,
+                    completion_tokens: r.get::<_, i64>(5)? as u64,
+                    rows_without_usage: r.get::<_, i64>(6)? as u64,
+                    failed_tries: r.get::<_, i64>(7)? as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
     }
 
     /// Number of result rows (all studies).
@@ -809,7 +1133,40 @@ impl Store {
                      AND r.prompt_set = s.prompt_set AND r.prompt_id = s.prompt_id
                      AND r.sample = s.sample;",
             )?;
-            tx.commit()
+            tx.commit()?;
+            // Endpoint tables (absent from databases written before endpoint studies).
+            let has = |t: &str| -> rusqlite::Result<bool> {
+                self.conn
+                    .query_row(
+                        "SELECT COUNT(*) FROM src.sqlite_master WHERE name = ?1",
+                        [t],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .map(|n| n > 0)
+            };
+            if has("study_targets")? {
+                self.conn.execute_batch(
+                    "INSERT OR IGNORE INTO study_targets SELECT * FROM src.study_targets;",
+                )?;
+            }
+            if has("endpoint_results")? {
+                self.conn.execute_batch(
+                    "INSERT OR IGNORE INTO endpoint_results SELECT * FROM src.endpoint_results;",
+                )?;
+            }
+            if has("endpoint_failures")? {
+                self.conn.execute_batch(
+                    "INSERT INTO endpoint_failures (study_hash, condition_hash, prompt_set,
+                       prompt_id, sample, attempt, kind, status, error, will_retry, elapsed_ms, at)
+                     SELECT s.study_hash, s.condition_hash, s.prompt_set, s.prompt_id, s.sample,
+                       s.attempt, s.kind, s.status, s.error, s.will_retry, s.elapsed_ms, s.at
+                     FROM src.endpoint_failures s WHERE NOT EXISTS (SELECT 1 FROM endpoint_failures f
+                       WHERE f.study_hash = s.study_hash AND f.condition_hash = s.condition_hash
+                       AND f.prompt_set = s.prompt_set AND f.prompt_id = s.prompt_id
+                       AND f.sample = s.sample AND f.attempt = s.attempt AND f.at = s.at);",
+                )?;
+            }
+            Ok(())
         })();
         let detach = self.conn.execute("DETACH DATABASE src", []);
         res.map_err(|e| db_err(&path, e))?;

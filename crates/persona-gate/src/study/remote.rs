@@ -1,0 +1,330 @@
+//! Generating a study's missing results through an OpenAI-compatible endpoint.
+//!
+//! Same work items, keys and store as a local run ([`super::runner`]): each pending item becomes
+//! one `POST /chat/completions` (the condition's system prompt, the prompt as the user message,
+//! the study's `max_new_tokens`, `temperature`, `top_p` and the item's seed), sent by
+//! `concurrency` worker threads through [`crate::endpoint::Client`] (rate limits, timeouts,
+//! retries with backoff and jitter). The main thread labels every answer with the same rules as a
+//! local run and commits it at once with its call record (`endpoint_results`); every failed try is
+//! committed to `endpoint_failures` as it happens. An item whose tries all fail is left missing
+//! (the next run tries it again), so a killed or interrupted run resumes without duplicating rows.
+//!
+//! Steering conditions never get here: [`super::file::StudyFile`] rejects them for endpoint
+//! studies, because a server does not expose the residual stream.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::plan::{in_shard, Study, WorkItem};
+use super::runner::{RunEvent, RunOptions, RunSummary};
+use super::store::{now_ms, EndpointCall, EndpointFailureRow, NewResult, Store};
+use crate::endpoint::{Client, Completion, EndpointConfig, Failure};
+use crate::eval::judge::rule_leakage;
+use crate::eval::label_output;
+use crate::{Error, Result};
+
+/// White-box fields of a local study's record that an endpoint study cannot have.
+pub const NOT_APPLICABLE: &[&str] = &[
+    "model files and their sha256",
+    "architecture, layers, width, parameter count",
+    "dtype / quantization",
+    "tokenizer and chat-template hashes",
+    "directions and interventions (add, ablate, cap)",
+    "residual-stream measurements",
+];
+
+/// What an endpoint run did, beyond [`RunSummary`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EndpointRunStats {
+    pub base_url: String,
+    pub model: String,
+    pub concurrency: usize,
+    /// Tries sent (successful and failed).
+    pub requests: usize,
+    pub failed_tries: usize,
+    /// Items whose tries all failed in this run (left missing for the next run).
+    pub gave_up: usize,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Answers without `usage` (their token counts are stored as 0).
+    pub without_usage: usize,
+    /// Distinct `model` names in the answers.
+    pub reported_models: Vec<String>,
+    /// `GET /models` of the server, when it answered.
+    pub server_models: Option<Vec<String>>,
+    /// Estimated cost of this run's answers (when the study gives both prices).
+    pub cost: Option<f64>,
+}
+
+/// The target record of an endpoint study (stored in `study_targets`, copied into receipts).
+pub fn target_json(ep: &EndpointConfig) -> Value {
+    json!({
+        "kind": "endpoint",
+        "api": "openai-chat-completions",
+        "base_url": ep.normalized_base(),
+        "model": ep.model,
+        "api_key_env": ep.api_key_env,
+        "white_box": false,
+        "not_applicable": NOT_APPLICABLE,
+        "conditions": "black-box only: system prompts (persona modes) under the study's sampling settings",
+    })
+}
+
+/// The chat-completions body of one work item.
+pub fn request_body(study: &Study, it: &WorkItem) -> Value {
+    let ep = study.endpoint().expect("endpoint study");
+    let c = &study.conditions[it.condition];
+    let p = &study.prompt_sets[it.set].items[it.prompt];
+    let g = &study.file.generation;
+    let mut messages = Vec::new();
+    if let Some(s) = &c.system {
+        messages.push(json!({"role": "system", "content": s}));
+    }
+    messages.push(json!({"role": "user", "content": p.text}));
+    json!({
+        "model": ep.model,
+        "messages": messages,
+        "max_tokens": g.max_new_tokens,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "seed": it.seed,
+        "stream": false,
+    })
+}
+
+enum Msg {
+    Failure(usize, Failure),
+    Done(usize, Completion, u32, u64, i64),
+    GaveUp,
+}
+
+/// Generate and store the missing results of an endpoint study. Registers the study and records
+/// its target first.
+pub fn run_endpoint_study(
+    study: &Study,
+    store: &mut Store,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(RunEvent<'_>),
+) -> Result<RunSummary> {
+    let t0 = std::time::Instant::now();
+    let ep = study.endpoint().ok_or_else(|| {
+        Error::InvalidValue(format!(
+            "study {} targets local weights ([model] spec), not an endpoint",
+            study.name
+        ))
+    })?;
+    let client = Client::for_endpoint(ep)?;
+    store.register(study, opts.source_path.as_deref())?;
+    let target = target_json(ep);
+    let server_models = client.list_models().ok();
+    store.set_target(&study.hash, &target, &[], server_models.as_deref())?;
+    let concurrency = opts.concurrency.unwrap_or(ep.concurrency).max(1);
+    let mut stats = EndpointRunStats {
+        base_url: ep.normalized_base(),
+        model: ep.model.clone(),
+        concurrency,
+        server_models: server_models.clone(),
+        ..Default::default()
+    };
+
+    let done = store.done_keys(&study.hash)?;
+    let items = study.items();
+    let mut summary = RunSummary {
+        total: items.len(),
+        ..Default::default()
+    };
+    let mut pending: Vec<WorkItem> = Vec::new();
+    for it in items {
+        let set = &study.prompt_sets[it.set];
+        let key = (
+            study.conditions[it.condition].hash.clone(),
+            set.hash.clone(),
+            set.items[it.prompt].id.clone(),
+            it.sample as i64,
+        );
+        if done.contains(&key) {
+            summary.already += 1;
+        } else if opts
+            .shard
+            .is_some_and(|(i, k)| !in_shard(&it.item_hash, i, k))
+        {
+            summary.other_shards += 1;
+        } else {
+            pending.push(it);
+        }
+    }
+    if let Some(n) = opts.limit {
+        pending.truncate(n);
+    }
+    summary.planned = pending.len();
+    on_event(RunEvent::Planned {
+        planned: pending.len(),
+        summary: &summary,
+    });
+    if pending.is_empty() {
+        summary.secs = t0.elapsed().as_secs_f64();
+        summary.endpoint = Some(stats);
+        return Ok(summary);
+    }
+
+    let g = &study.file.generation;
+    let bodies: Vec<(Value, u64)> = pending
+        .iter()
+        .map(|it| {
+            let c = &study.conditions[it.condition];
+            let p = &study.prompt_sets[it.set].items[it.prompt];
+            let chars = c.system.as_deref().map(str::len).unwrap_or(0) + p.text.len();
+            (
+                request_body(study, it),
+                (chars / 4 + 8 + g.max_new_tokens) as u64,
+            )
+        })
+        .collect();
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    let workers = concurrency.min(pending.len());
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    let res = std::thread::scope(|s| -> Result<()> {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, abort, client, bodies) = (&next, &abort, &client, &bodies);
+            s.spawn(move || loop {
+                if stop.load(Ordering::SeqCst) || abort.load(Ordering::SeqCst) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= bodies.len() {
+                    break;
+                }
+                let started = now_ms();
+                let (body, est) = &bodies[i];
+                let out = client.chat(body, *est, stop, &mut |f| {
+                    let _ = tx.send(Msg::Failure(i, f.clone()));
+                });
+                let msg = match out.result {
+                    Ok(c) => Msg::Done(i, c, out.attempts, out.latency_ms, started),
+                    Err(_) => Msg::GaveUp,
+                };
+                if tx.send(msg).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut handle = |msg: Msg| -> Result<()> {
+            match msg {
+                Msg::Failure(i, f) => {
+                    stats.requests += 1;
+                    stats.failed_tries += 1;
+                    let it = &pending[i];
+                    let set = &study.prompt_sets[it.set];
+                    store.insert_endpoint_failure(&EndpointFailureRow {
+                        study_hash: study.hash.clone(),
+                        condition_hash: study.conditions[it.condition].hash.clone(),
+                        prompt_set: set.hash.clone(),
+                        prompt_id: set.items[it.prompt].id.clone(),
+                        sample: it.sample as i64,
+                        attempt: f.attempt,
+                        kind: f.kind.name().to_string(),
+                        status: f.status,
+                        error: f.message.clone(),
+                        will_retry: f.will_retry,
+                        elapsed_ms: f.elapsed_ms,
+                        at: now_ms(),
+                    })?;
+                }
+                Msg::GaveUp => {
+                    if !stop.load(Ordering::SeqCst) {
+                        stats.gave_up += 1;
+                    }
+                }
+                Msg::Done(i, c, attempts, latency_ms, started) => {
+                    stats.requests += 1;
+                    let it = &pending[i];
+                    let cond = &study.conditions[it.condition];
+                    let set = &study.prompt_sets[it.set];
+                    let p = &set.items[it.prompt];
+                    let text = c.content.as_str();
+                    let rule = label_output(text, study.file.english);
+                    let leak = rule_leakage(&p.text, text, rule.label);
+                    let usage = c.prompt_tokens.is_some() && c.completion_tokens.is_some();
+                    let (pt, ct) = (
+                        c.prompt_tokens.unwrap_or(0),
+                        c.completion_tokens.unwrap_or(0),
+                    );
+                    if let Some(m) = &c.model {
+                        reported.insert(m.clone());
+                    }
+                    let inserted = store.insert_endpoint_result(
+                        &NewResult {
+                            condition_hash: &cond.hash,
+                            prompt_set: &set.hash,
+                            prompt_id: &p.id,
+                            sample: it.sample,
+                            item_hash: &it.item_hash,
+                            seed: it.seed,
+                            output: text,
+                            n_tokens: ct as usize,
+                            prompt_tokens: pt as usize,
+                            finish: c.finish_reason.as_deref().unwrap_or("unknown"),
+                            label: rule.label.name(),
+                            rule_json: serde_json::to_string(&rule).map_err(Error::from)?,
+                            leakage: leak.score,
+                            leakage_json: serde_json::to_string(&leak).map_err(Error::from)?,
+                            started_at: started,
+                            finished_at: now_ms(),
+                        },
+                        &EndpointCall {
+                            base_url: &stats.base_url,
+                            model_requested: &stats.model,
+                            model_reported: c.model.as_deref(),
+                            response_id: c.id.as_deref(),
+                            attempts,
+                            latency_ms,
+                            usage_reported: usage,
+                        },
+                    )?;
+                    if inserted {
+                        summary.written += 1;
+                        stats.prompt_tokens += pt;
+                        stats.completion_tokens += ct;
+                        summary.decode_tokens += ct as usize;
+                        summary.prefill_tokens += pt as usize;
+                        if !usage {
+                            stats.without_usage += 1;
+                        }
+                    }
+                    on_event(RunEvent::Written {
+                        condition: &cond.name,
+                        label: rule.label,
+                    });
+                }
+            }
+            Ok(())
+        };
+        for msg in rx {
+            if let Err(e) = handle(msg) {
+                abort.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        Ok(())
+    });
+    // Record the names the server reported even when the run failed half-way.
+    let reported: Vec<String> = reported.into_iter().collect();
+    store.set_target(&study.hash, &target, &reported, None)?;
+    res?;
+    stats.reported_models = reported;
+    stats.cost = ep.cost(stats.prompt_tokens, stats.completion_tokens);
+    summary.interrupted =
+        stop.load(Ordering::SeqCst) && summary.written + stats.gave_up < summary.planned;
+    summary.secs = t0.elapsed().as_secs_f64();
+    summary.endpoint = Some(stats);
+    Ok(summary)
+}
