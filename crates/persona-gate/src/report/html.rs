@@ -292,17 +292,16 @@ pub fn fig_window(receipts: &[Receipt], set: &str) -> Figure {
             })
             .map(|b| b.condition.name.clone());
         if base_cond.is_none() {
-            base_cond = base_name.clone();
+            base_cond = base_name;
         }
         let order = if last.role == "random" { 1 } else { 0 };
         let name = format!(
-            "{}{} projected out{}",
-            base_name.map(|b| format!("{b}: ")).unwrap_or_default(),
+            "{} ({})",
             last.direction,
             if last.role == "random" {
-                " (random control)"
+                "random control"
             } else {
-                ""
+                last.role.as_str()
             }
         );
         series_map
