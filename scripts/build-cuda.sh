@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build `pgate` with CUDA on a machine without a GPU (recipe: ../shared/cuda/NOTES.md), for Hopper (sm_90).
 #
-#   bash scripts/build-cuda.sh            # -> $PGATE_CUDA_OUT (default: gpu-bin/pgate, stripped; gitignored)
+#   bash scripts/build-cuda.sh   # -> gpu-bin/pgate (stripped) and gpu-bin/carry/pgate.xz (gitignored)
 #
 # 1. nvcc, NVVM and the CUDA 13.0 headers/libraries come from PyPI wheels (the GPU machine's driver is CUDA
 #    13.0; a newer nvcc emits code it may reject), downloaded once into $PGATE_CUDA_CACHE
@@ -49,14 +49,14 @@ export LIBRARY_PATH="$CUDA_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvcc --version | tail -2 >&2
 
-# libcuda has no wheel: link against a stub with one empty function per driver symbol that the cudarc
-# and candle rlibs reference. The first build (no stub yet) fails at the final link but leaves the rlibs.
+# libcuda has no wheel: link against a stub with one empty function per driver symbol that the cudarc,
+# candle and persona-gate rlibs reference (PGATE_CUDA_RESTUB=1 remakes it after new driver calls). The first build (no stub yet) fails at the final link but leaves the rlibs.
 # Always build the same package set (-p pgate): another set unifies features differently and recompiles
 # the CUDA kernels.
 if [ ! -e "$CUDA_ROOT/lib/libcuda.so" ] || [ "${PGATE_CUDA_RESTUB:-0}" = 1 ]; then
   echo "== building the dependencies (cuda) in $CARGO_TARGET_DIR; the link step may fail here" >&2
   nice -n "$NICE" cargo build --release -p pgate --features cuda || true
-  syms=$(for f in "$CARGO_TARGET_DIR"/release/deps/lib{cudarc,candle_core,candle_nn}-*.rlib; do
+  syms=$(for f in "$CARGO_TARGET_DIR"/release/deps/lib{cudarc,candle_core,candle_nn,persona_gate}-*.rlib; do
            nm -u "$f" 2>/dev/null || true
          done | awk '{print $NF}' | grep -E '^cu[A-Z][A-Za-z0-9_]*$' | sort -u)
   [ -n "$syms" ] || { echo "no driver symbols found in the rlibs" >&2; exit 1; }
@@ -70,4 +70,9 @@ echo "== building pgate (cuda) in $CARGO_TARGET_DIR" >&2
 nice -n "$NICE" cargo build --release -p pgate --features cuda
 mkdir -p "$(dirname "$OUTBIN")"
 strip -o "$OUTBIN" "$CARGO_TARGET_DIR/release/pgate"
-ls -la "$OUTBIN" >&2
+# What travels to the GPU machine is size-limited (64 MiB): carry gpu-bin/carry/ (scripts/gpu/run.sh).
+CARRY="$(dirname "$OUTBIN")/carry"
+mkdir -p "$CARRY"
+xz -T0 -6 -c "$OUTBIN" >"$CARRY/pgate.xz"
+if [ -f ../shared/bench/hf_gpu_baseline.py ]; then cp ../shared/bench/hf_gpu_baseline.py "$CARRY/"; fi
+ls -la "$OUTBIN" "$CARRY" >&2

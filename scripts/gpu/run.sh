@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything persona-gate does on the GPU machine, in one call (build here with scripts/build-cuda.sh,
-# carry gpu-bin/: the stripped pgate and a copy of ../shared/bench/hf_gpu_baseline.py).
+# Everything persona-gate does on the GPU machine, in one call. Build here with scripts/build-cuda.sh and
+# carry gpu-bin/carry/: pgate.xz (the stripped CUDA binary, xz-compressed to fit what travels) and a copy
+# of ../shared/bench/hf_gpu_baseline.py.
 #
 #   bash scripts/gpu/run.sh check synth bench hf=eager
 #
@@ -19,7 +20,12 @@ mkdir -p "$OUT"
 NV=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))")
 export LD_LIBRARY_PATH="$NV:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
-BIN="${PGATE_BIN:-gpu-bin/pgate}"
+BIN="${PGATE_BIN:-}"
+if [ -z "$BIN" ]; then
+  BIN=/tmp/pgate-bin/pgate
+  mkdir -p /tmp/pgate-bin
+  python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('gpu-bin/carry/pgate.xz'), open('$BIN', 'wb'))" || exit 1
+fi
 SYNTH="${SYNTH:-/tmp/pgate-synth/llama-3.1-8b}"
 chmod +x "$BIN" 2>/dev/null || true
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
@@ -34,7 +40,7 @@ for step in "$@"; do
     bench) "$BIN" "${BENCH[@]}" --batches 1,16,64 --new-tokens 256 --steer none,add,add+ablate \
              --out "$OUT/pgate_bench.json" 2>"$OUT/pgate_bench.log" || { status=1; tail -5 "$OUT/pgate_bench.log"; } ;;
     quick) "$BIN" "${BENCH[@]}" --batches 1,64 --new-tokens 64 --steer none,add+ablate --out "$OUT/pgate_quick.json" || status=1 ;;
-    hf=*) MODE="${step#hf=}" OUT="$OUT" python3 gpu-bin/hf_gpu_baseline.py || status=1 ;;
+    hf=*) MODE="${step#hf=}" OUT="$OUT" python3 gpu-bin/carry/hf_gpu_baseline.py || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

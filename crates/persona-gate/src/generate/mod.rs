@@ -179,11 +179,13 @@ impl<'m> Generator<'m> {
                         &plans,
                         reborrow(&mut extra_hook),
                     )?;
+                    // Timed through the first tokens' pick: on a GPU the forward only enqueues work,
+                    // and reading the picks is where it is waited for.
+                    let picks = self.pick(&logits, &take, reqs, None)?;
                     self.stats.prefill_secs += t.elapsed().as_secs_f64();
                     self.stats.prefill_tokens +=
                         take.iter().map(|&i| reqs[i].prompt.len()).sum::<usize>();
                     let mut keep = Vec::new();
-                    let picks = self.pick(&logits, &take, reqs, None)?;
                     for (row, (&i, tok)) in take.iter().zip(picks).enumerate() {
                         let mut st = Running {
                             req: i,
