@@ -44,6 +44,11 @@ pub enum StudyCmd {
     ///
     /// Example: pgate study judge --db demo.sqlite --judge sr
     Judge(JudgeArgs),
+    /// Compare two studies of one database condition by condition (same condition names, same
+    /// prompts): e.g. a local study and an endpoint study of the same model and persona modes.
+    ///
+    /// Example: pgate study compare --db all.sqlite local-q15 served-q15
+    Compare(CompareArgs),
     /// Merge shard databases into one (results are keyed, so the merge is exact).
     ///
     /// Example: pgate study merge --db all.sqlite shard0.sqlite shard1.sqlite
@@ -83,6 +88,18 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    #[arg(long, default_value = "results.sqlite")]
+    pub db: PathBuf,
+    /// First study (name or hash prefix), e.g. the local one.
+    pub a: String,
+    /// Second study, e.g. the endpoint one.
+    pub b: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args)]
@@ -171,6 +188,7 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
             Ok(())
         }
         StudyCmd::Judge(a) => judge(a),
+        StudyCmd::Compare(a) => compare(a),
         StudyCmd::Merge { db, from } => {
             let mut store = Store::open(&db)?;
             for f in &from {
@@ -951,6 +969,123 @@ fn judge(a: JudgeArgs) -> Result<()> {
             drop(store);
             std::process::exit(130);
         }
+    }
+    Ok(())
+}
+
+/// Pairs the rows of two studies by condition name, prompt set (by hash), prompt and sample.
+fn compare(a: CompareArgs) -> Result<()> {
+    use persona_gate::eval::paired::mcnemar_pairs;
+    use persona_gate::eval::wilson;
+    use std::collections::BTreeMap;
+    let store = Store::open_read(&a.db)?;
+    let ra = store.find_study(Some(&a.a))?;
+    let rb = store.find_study(Some(&a.b))?;
+    type Key = (String, String, String, i64);
+    let index = |rec: &StudyRecord| -> Result<(Vec<String>, BTreeMap<Key, (String, String)>)> {
+        let mut order = Vec::new();
+        let mut m = BTreeMap::new();
+        for r in store.rows(&rec.hash)? {
+            if !order.contains(&r.condition) {
+                order.push(r.condition.clone());
+            }
+            m.insert(
+                (r.condition, r.prompt_set_hash, r.prompt_id, r.sample),
+                (r.label, r.output),
+            );
+        }
+        Ok((order, m))
+    };
+    let (order, ma) = index(&ra)?;
+    let (_, mb) = index(&rb)?;
+    let mut out = Vec::new();
+    for c in &order {
+        let pairs: Vec<(&(String, String), &(String, String))> = ma
+            .iter()
+            .filter(|(k, _)| &k.0 == c)
+            .filter_map(|(k, va)| mb.get(k).map(|vb| (va, vb)))
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        let n = pairs.len();
+        let refused: Vec<(bool, bool)> = pairs
+            .iter()
+            .map(|(x, y)| (x.0 == "refusal", y.0 == "refusal"))
+            .collect();
+        let agree = pairs.iter().filter(|(x, y)| x.0 == y.0).count();
+        let same = pairs
+            .iter()
+            .filter(|(x, y)| x.1.trim() == y.1.trim())
+            .count();
+        let ka = refused.iter().filter(|p| p.0).count();
+        let kb = refused.iter().filter(|p| p.1).count();
+        out.push(serde_json::json!({
+            "condition": c,
+            "n": n,
+            "refusal_a": wilson(ka, n),
+            "refusal_b": wilson(kb, n),
+            "labels_agree": agree,
+            "outputs_identical": same,
+            "mcnemar": mcnemar_pairs(&refused),
+        }));
+    }
+    if out.is_empty() {
+        bail!(
+            "studies {} and {} share no (condition name, prompt) pairs with results",
+            ra.name,
+            rb.name
+        );
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "a": ra.name, "b": rb.name, "conditions": out
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "A = {} ({}), B = {} ({}); pairs: same condition name, prompt and sample; refusal with Wilson 95%",
+        ra.name,
+        &ra.hash[..12],
+        rb.name,
+        &rb.hash[..12]
+    );
+    let w = order.iter().map(|c| c.len()).max().unwrap_or(9).max(9);
+    println!(
+        "{:<w$}  {:>5}  {:<22}  {:<22}  {:>13}  {:>13}  McNemar p",
+        "condition", "n", "refusal A", "refusal B", "labels agree", "same output"
+    );
+    for o in &out {
+        let n = o["n"].as_u64().unwrap_or(0) as f64;
+        let rate = |k: &str| -> String {
+            serde_json::from_value::<persona_gate::eval::Rate>(o[k].clone())
+                .map(|r| pct(&r))
+                .unwrap_or_default()
+        };
+        println!(
+            "{:<w$}  {:>5}  {:<22}  {:<22}  {:>13}  {:>13}  {}",
+            o["condition"].as_str().unwrap_or(""),
+            o["n"].as_u64().unwrap_or(0),
+            rate("refusal_a"),
+            rate("refusal_b"),
+            format!(
+                "{} ({:.0}%)",
+                o["labels_agree"],
+                100.0 * o["labels_agree"].as_f64().unwrap_or(0.0) / n.max(1.0)
+            ),
+            format!(
+                "{} ({:.0}%)",
+                o["outputs_identical"],
+                100.0 * o["outputs_identical"].as_f64().unwrap_or(0.0) / n.max(1.0)
+            ),
+            o["mcnemar"]["p_exact"]
+                .as_f64()
+                .map(pval)
+                .unwrap_or_else(|| "-".into())
+        );
     }
     Ok(())
 }
