@@ -374,6 +374,42 @@ fn endpoint_study_survives_failures_and_records_them() {
     assert!(!raw.windows(needle.len()).any(|w| w == needle));
     assert!(!wal.windows(needle.len()).any(|w| w == needle));
 
+    // Receipts: the endpoint instead of model files; verify passes without weights.
+    drop(store);
+    let sr = persona_gate::report::receipt::build_receipts(
+        &dir.join("r.sqlite"),
+        &persona_gate::report::receipt::ReceiptOptions {
+            study_file: Some(dir.join("study.toml")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(sr.receipts.len(), 3);
+    for r in &sr.receipts {
+        assert_eq!(r.model.format, "openai-chat-completions");
+        assert!(r.model.files.is_empty());
+        let e = r.endpoint.as_ref().expect("endpoint record");
+        assert_eq!(e["target"]["white_box"], false);
+        assert_eq!(e["reported_models"][0], "mock-served-model");
+        assert!(e["completion_tokens"].as_u64().unwrap() > 0);
+        assert!(e["estimated_cost"].as_f64().unwrap() > 0.0);
+    }
+    let rdir = dir.join("receipts");
+    persona_gate::report::receipt::write_receipts(&sr, &rdir).unwrap();
+    let (bundle, loaded) = persona_gate::report::receipt::load_receipts(&rdir).unwrap();
+    let v = persona_gate::report::verify::verify(
+        &loaded,
+        bundle.as_ref(),
+        &persona_gate::report::verify::VerifyOptions {
+            db: None,
+            study_file: Some(dir.join("study.toml")),
+        },
+    )
+    .unwrap();
+    let bad: Vec<_> = v.checks.iter().filter(|c| !c.ok).collect();
+    assert!(bad.is_empty(), "{bad:?}");
+    let mut store = Store::open(&dir.join("r.sqlite")).unwrap();
+
     // Nothing left: a further run sends nothing.
     let before = m.hits.load(Ordering::SeqCst);
     let s =

@@ -304,6 +304,12 @@ pub struct Receipt {
     /// Statistics settings: bootstrap resamples and seed.
     pub stats: Value,
     pub timestamps: Timestamps,
+    /// Endpoint studies only (absent for local weights): the endpoint (API root, model id),
+    /// `white_box: false` and the white-box fields that do not apply, the model names the server
+    /// reported, what `GET /models` listed, and this condition's tries, failed tries, token usage
+    /// and estimated cost. `model` then describes the endpoint: no files, tokenizer or layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Value>,
 }
 
 impl Receipt {
@@ -596,6 +602,26 @@ pub fn op_records(study: &Study, ci: usize, refusal: Option<&str>) -> Result<Vec
 
 /// The model record: opens the model's files (no tensors loaded) and hashes them.
 pub fn model_record(study: &Study) -> Result<ModelRecord> {
+    if let Some(ep) = study.endpoint() {
+        // A served model: nothing to open or hash; the receipt's `endpoint` says what applies.
+        return Ok(ModelRecord {
+            spec: format!("endpoint:{}", ep.normalized_base()),
+            name: ep.model.clone(),
+            source: ep.normalized_base(),
+            format: "openai-chat-completions".into(),
+            architecture: "n/a (endpoint)".into(),
+            dtype: "n/a (endpoint)".into(),
+            n_layers: 0,
+            d_model: 0,
+            n_params: 0,
+            tensor_types: BTreeMap::new(),
+            files: vec![],
+            tokenizer: TokenizerRecord {
+                vocab_sha256: "n/a (endpoint)".into(),
+                chat_template_sha256: None,
+            },
+        });
+    }
     let spec = study.model_spec();
     let src = crate::model::ModelSource::resolve(&spec)?;
     let opts = crate::model::LoadOptions {
@@ -756,6 +782,15 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
         },
     );
     let model = model_record(&study)?;
+    // Endpoint studies: the recorded target and per-condition usage (see study::remote).
+    let target = match study.endpoint() {
+        None => None,
+        Some(_) => store.target(&record.hash)?,
+    };
+    let usage = match &target {
+        None => vec![],
+        Some(_) => store.endpoint_usage(&record.hash)?,
+    };
     let software = software();
     let now = iso_utc(now_ms());
     let policy = opts
@@ -1079,6 +1114,20 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
                 first_result: times.iter().min().map(|t| iso_utc(*t)),
                 last_result: times.iter().max().map(|t| iso_utc(*t)),
             },
+            endpoint: target.as_ref().map(|t| {
+                let u = usage.iter().find(|u| u.condition_hash == c.hash);
+                let ep = study.endpoint();
+                json!({
+                    "target": t.target,
+                    "reported_models": t.reported_models,
+                    "server_models": t.server_models,
+                    "tries": u.map(|u| u.tries_ok_rows + u.failed_tries),
+                    "failed_tries": u.map(|u| u.failed_tries),
+                    "prompt_tokens": u.map(|u| u.prompt_tokens),
+                    "completion_tokens": u.map(|u| u.completion_tokens),
+                    "estimated_cost": u.and_then(|u| ep.and_then(|e| e.cost(u.prompt_tokens, u.completion_tokens))),
+                })
+            }),
         };
         r.seal()?;
         receipts.push(r);

@@ -186,16 +186,24 @@ pub fn verify(
                 found,
             );
         }
-        let tok = tokenizers
-            .entry(
-                r.model
-                    .files
-                    .first()
-                    .map(|f| f.path.clone())
-                    .unwrap_or_default(),
-            )
-            .or_insert_with(|| tokenizer_hashes(r))
-            .clone();
+        // Endpoint receipts have no model files or tokenizer to check (white-box fields n/a).
+        let tok = if r.endpoint.is_some() {
+            Ok((
+                r.model.tokenizer.vocab_sha256.clone(),
+                r.model.tokenizer.chat_template_sha256.clone(),
+            ))
+        } else {
+            tokenizers
+                .entry(
+                    r.model
+                        .files
+                        .first()
+                        .map(|f| f.path.clone())
+                        .unwrap_or_default(),
+                )
+                .or_insert_with(|| tokenizer_hashes(r))
+                .clone()
+        };
         cx.push(
             rn,
             "tokenizer vocabulary sha256".into(),
