@@ -39,7 +39,8 @@ fn keep_pool_memory(c: &candle_core::CudaDevice) {
     // SAFETY: plain driver calls on the device's own default pool with valid out-pointers.
     unsafe {
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+        {
             let mut keep: u64 = u64::MAX;
             let _ = sys::cuMemPoolSetAttribute(
                 pool,

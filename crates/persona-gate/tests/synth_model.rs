@@ -56,7 +56,10 @@ fn synth_models_load_and_generate() {
             max_new_tokens: 8,
             ..Default::default()
         };
-        let prompts = [ChatPrompt::new("Say hi."), ChatPrompt::new("A longer request, please.")];
+        let prompts = [
+            ChatPrompt::new("Say hi."),
+            ChatPrompt::new("A longer request, please."),
+        ];
         let (out, stats) = generate_chat(&model, &prompts, &settings, None, |_, _| Ok(())).unwrap();
         assert_eq!(out.len(), 2);
         assert!(stats.decode_tokens > 0 || out.iter().all(|c| c.tokens.len() <= 1));
@@ -95,11 +98,21 @@ fn padded_batch_logits_match_single_prompts() {
     let dir = tmp("pad");
     write_synth_model("llama-tiny", &dir, &SynthOptions::default()).unwrap();
     let model = load(&dir);
-    let prompts = vec![vec![5u32, 9, 77, 3], vec![11u32, 200, 6, 7, 8, 9, 10, 250, 1]];
+    let prompts = vec![
+        vec![5u32, 9, 77, 3],
+        vec![11u32, 200, 6, 7, 8, 9, 10, 250, 1],
+    ];
     let d = model.config().d_model;
     let plan = InterventionPlan::new()
-        .add(LayerSet::single(0), (0..d).map(|i| (i as f32).sin()).collect(), 4.0)
-        .ablate(LayerSet::single(1), (0..d).map(|i| (i as f32).cos()).collect());
+        .add(
+            LayerSet::single(0),
+            (0..d).map(|i| (i as f32).sin()).collect(),
+            4.0,
+        )
+        .ablate(
+            LayerSet::single(1),
+            (0..d).map(|i| (i as f32).cos()).collect(),
+        );
     let compiled = Arc::new(
         plan.compile(2, d, model.decoder.dtype(), model.decoder.device())
             .unwrap(),
@@ -114,7 +127,11 @@ fn padded_batch_logits_match_single_prompts() {
                 .map(|(a, b)| ((a - b) as f64).powi(2))
                 .sum();
             let den: f64 = one[0].iter().map(|b| (*b as f64).powi(2)).sum();
-            assert!((num / den).sqrt() < 1e-5, "prompt {i}: rel {}", (num / den).sqrt());
+            assert!(
+                (num / den).sqrt() < 1e-5,
+                "prompt {i}: rel {}",
+                (num / den).sqrt()
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -199,7 +199,11 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 #[inline]
 fn value(tseed: u64, i: u64, fill: Fill) -> f32 {
     let r = splitmix64(tseed ^ (i >> 1).wrapping_mul(0xD134_2543_DE82_EF95));
-    let bits = if i & 1 == 0 { r >> 40 } else { (r >> 8) & 0xFF_FFFF };
+    let bits = if i & 1 == 0 {
+        r >> 40
+    } else {
+        (r >> 8) & 0xFF_FFFF
+    };
     let u = (bits as f32 + 0.5) * (2.0 / 16_777_216.0) - 1.0;
     match fill {
         // Uniform on [-a, a] has std a / sqrt(3).
@@ -237,7 +241,11 @@ fn tensor_list(cfg: &ModelConfig, opts: &SynthOptions) -> Vec<(String, Vec<usize
             t.push((format!("{p}.self_attn.v_proj.bias"), vec![kvd], bias));
         }
         t.push((format!("{p}.self_attn.o_proj.weight"), vec![d, qd], w));
-        t.push((format!("{p}.post_attention_layernorm.weight"), vec![d], norm));
+        t.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            norm,
+        ));
         t.push((format!("{p}.mlp.gate_proj.weight"), vec![ff, d], w));
         t.push((format!("{p}.mlp.up_proj.weight"), vec![ff, d], w));
         t.push((format!("{p}.mlp.down_proj.weight"), vec![d, ff], w));
@@ -277,11 +285,7 @@ pub fn write_synth_model(like: &str, out: &Path, opts: &SynthOptions) -> Result<
         offset += n * esize;
     }
     let data_len = offset;
-    let dtype_name = if dtype == DType::BF16 {
-        "BF16"
-    } else {
-        "F32"
-    };
+    let dtype_name = if dtype == DType::BF16 { "BF16" } else { "F32" };
     let mut header = serde_json::Map::new();
     header.insert(
         "__metadata__".into(),
@@ -374,7 +378,14 @@ fn bytes_to_unicode() -> Vec<char> {
 }
 
 /// Chat special tokens, chat template, BOS and end-of-turn of a family.
-fn chat_format(family: Family) -> (Vec<&'static str>, &'static str, Option<&'static str>, &'static str) {
+fn chat_format(
+    family: Family,
+) -> (
+    Vec<&'static str>,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+) {
     match family {
         Family::Qwen2 => (
             vec!["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -456,7 +467,8 @@ fn write_tokenizer(cfg: &ModelConfig, out: &Path) -> Result<()> {
     let eot_id = first_special + specials.iter().position(|s| *s == eot).unwrap_or(0);
     let mut gen = serde_json::json!({"eos_token_id": [eot_id]});
     if let Some(b) = bos {
-        gen["bos_token_id"] = (first_special + specials.iter().position(|s| *s == b).unwrap_or(0)).into();
+        gen["bos_token_id"] =
+            (first_special + specials.iter().position(|s| *s == b).unwrap_or(0)).into();
     }
     let p = out.join("generation_config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&gen)?).map_err(|e| Error::io(&p, e))
