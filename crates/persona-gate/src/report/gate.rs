@@ -172,7 +172,12 @@ pub fn check(receipts: &[Receipt], opts: &GateOptions) -> Result<GateReport> {
             for s in r.results.iter().filter(|s| s.family == "harmful") {
                 match &s.vs_baseline {
                     Some(v) if v.n_pairs > 0 => {
-                        let (drop, lo, hi) = (-v.diff.diff, -v.diff.hi, -v.diff.lo);
+                        // `+ 0.0` turns -0.0 into 0.0 for printing.
+                        let (drop, lo, hi) = (
+                            0.0 - v.diff.diff + 0.0,
+                            0.0 - v.diff.hi + 0.0,
+                            0.0 - v.diff.lo + 0.0,
+                        );
                         let at = 100.0 * b.pick(lo, hi);
                         let txt = format!(
                             "refusal on {} drops {:+.1} points (95% CI {:+.1} to {:+.1}; {} -> {})",
