@@ -50,7 +50,10 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 .with_context(|| format!("reading direction file {}", file.display()))?;
             let v = set.layer(layer)?.to_vec();
             if v.iter().any(|x| !x.is_finite()) {
-                bail!("{}: layer {layer}'s vector has NaN or infinite entries", file.display());
+                bail!(
+                    "{}: layer {layer}'s vector has NaN or infinite entries",
+                    file.display()
+                );
             }
             Some(v)
         }
@@ -74,7 +77,11 @@ pub fn run(a: ExportArgs) -> Result<()> {
         } else {
             format!("; orthogonalized {} matrices", rep.orthogonalized.len())
         },
-        if rep.untied_lm_head { "; LM head untied from the embeddings" } else { "" },
+        if rep.untied_lm_head {
+            "; LM head untied from the embeddings"
+        } else {
+            ""
+        },
     );
     Ok(())
 }
