@@ -9,7 +9,8 @@
 #   check        scripts/gpu/compare_hf.py: pgate CUDA vs transformers, f32 and bf16, with/without a plan
 #   synth        pgate synth-model --like llama-3.1-8b --seed 0 -o $SYNTH (bf16, 16 GB)
 #   bench        pgate bench on it: bf16, batch 1/16/64, 128 prompt + 256 new tokens, EOS ignored,
-#                plans none / add / add+ablate (the HF baseline's), per-step floor from the copy bandwidth
+#                plans none / add / add+ablate (the HF baseline's), per-step floor from the copy bandwidth;
+#                each row with and without CUDA graphs (BENCH_GRAPHS=on|off|both, default both)
 #   quick        batch 1 and 64, plans none and add+ablate, 64 new tokens
 #   hf=MODES     the HF transformers+hooks anchor (MODES: eager, static or eager,static; BATCHES and PLANS
 #                select rows, as for pgate BENCH_BATCHES and BENCH_STEER)
@@ -38,9 +39,9 @@ for step in "$@"; do
     check) python3 scripts/gpu/compare_hf.py --pgate "$BIN" --work /tmp/pgate-compare --out "$OUT" || status=1 ;;
     synth) if [ -e "$SYNTH/model.safetensors" ]; then echo "$SYNTH exists"; else
              mkdir -p "$(dirname "$SYNTH")" && "$BIN" synth-model --like llama-3.1-8b --seed 0 -o "$SYNTH" || status=1; fi ;;
-    bench) "$BIN" "${BENCH[@]}" --batches "${BENCH_BATCHES:-1,16,64}" --new-tokens 256 --steer "${BENCH_STEER:-none,add,add+ablate}" \
+    bench) "$BIN" "${BENCH[@]}" --batches "${BENCH_BATCHES:-1,16,64}" --new-tokens 256 --steer "${BENCH_STEER:-none,add,add+ablate}" --cuda-graphs "${BENCH_GRAPHS:-both}" \
              --out "$OUT/pgate_bench.json" 2>"$OUT/pgate_bench.log" || { status=1; tail -5 "$OUT/pgate_bench.log"; } ;;
-    quick) "$BIN" "${BENCH[@]}" --batches 1,64 --new-tokens 64 --steer none,add+ablate --out "$OUT/pgate_quick.json" || status=1 ;;
+    quick) "$BIN" "${BENCH[@]}" --batches 1,64 --new-tokens 64 --steer none,add+ablate --cuda-graphs both --out "$OUT/pgate_quick.json" || status=1 ;;
     hf=*) MODE="${step#hf=}" OUT="$OUT" python3 gpu-bin/carry/hf_gpu_baseline.py || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac

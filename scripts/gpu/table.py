@@ -22,8 +22,8 @@ for f in sorted(glob.glob(os.path.join(d, "hf_gpu_baseline_*.json"))):
             modes.append(r["mode"])
 bw = max(hf_bw, pg["copy_GBs"] or 0)
 print(f"copy bandwidth: pgate {pg['copy_GBs']:.0f} GB/s, HF {hf_bw} GB/s; floor uses {bw:.0f} GB/s")
-head = "| plan | batch | pgate tok/s | pgate decode ms/step | floor ms | % of floor |"
-sep = "|---|---:|---:|---:|---:|---:|"
+head = "| plan | batch | graphs | pgate tok/s | pgate decode ms/step | floor ms | % of floor |"
+sep = "|---|---:|---|---:|---:|---:|---:|"
 for m in modes:
     head += f" HF {m} tok/s | pgate / HF {m} |"
     sep += "---:|---:|"
@@ -32,7 +32,8 @@ print(sep)
 for r in pg["rows"]:
     n, p, b = r["new_tokens"], r["prompt_tokens"], r["batch"]
     floor = (pg["weight_bytes"] + pg["kv_bytes_per_token"] * (p + n / 2) * b) / (bw * 1e9) * 1e3
-    line = (f"| {r['plan']} | {b} | {r['tok_s']:.0f} | {r['decode_ms_per_step']:.2f} | {floor:.2f} | "
+    g = "on" if r.get("graph_steps", 0) > 0 else "off"
+    line = (f"| {r['plan']} | {b} | {g} | {r['tok_s']:.0f} | {r['decode_ms_per_step']:.2f} | {floor:.2f} | "
             f"{100 * floor / r['decode_ms_per_step']:.0f}% |")
     for m in modes:
         h = hf_rows.get((m, b, r["plan"]))

@@ -40,6 +40,8 @@ pub struct BenchConfig {
     pub warmup: usize,
     /// Device copy bandwidth in GB/s (bytes read + written) for the per-step memory floor.
     pub copy_gbs: Option<f64>,
+    /// Decode through recorded CUDA graphs where possible (CUDA only; see `generate::FixedSlot`).
+    pub cuda_graphs: bool,
 }
 
 impl Default for BenchConfig {
@@ -53,6 +55,7 @@ impl Default for BenchConfig {
             plan_name: "none".into(),
             warmup: 1,
             copy_gbs: None,
+            cuda_graphs: true,
         }
     }
 }
@@ -78,6 +81,9 @@ pub struct BenchRow {
     pub floor_ms: Option<f64>,
     /// floor_ms / decode_ms_per_step.
     pub floor_frac: Option<f64>,
+    /// Decode steps replayed from recorded CUDA graphs in the timed run (0: every step launched
+    /// its kernels one by one).
+    pub graph_steps: usize,
 }
 
 /// Bytes of the model's parameters as loaded (every parameter at the activation dtype's width in
@@ -238,6 +244,9 @@ pub fn run(model: &Model, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         let mut best: Option<BenchRow> = None;
         for rep in 0..cfg.reps.max(1) + cfg.warmup {
             let mut gen = Generator::new(&model.decoder, b);
+            if !cfg.cuda_graphs {
+                gen.fixed_slot = crate::generate::FixedSlot::Never;
+            }
             dev.synchronize()?;
             let t = std::time::Instant::now();
             gen.run(&reqs, None, |_, _| Ok(()))?;
@@ -268,6 +277,7 @@ pub fn run(model: &Model, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
                 issue_ms_per_step: 1e3 * s.decode_issue_secs / s.decode_steps.max(1) as f64,
                 floor_ms,
                 floor_frac: floor_ms.map(|f| f / decode_ms.max(1e-9)),
+                graph_steps: s.graph_replays,
             };
             if best.as_ref().is_none_or(|x| row.tok_s > x.tok_s) {
                 best = Some(row);

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use persona_gate::generate::{GenRequest, Generator, Sampling};
+use persona_gate::generate::{FixedSlot, GenRequest, Generator, Sampling};
 use persona_gate::intervene::{InterventionPlan, LastTokenCapture, LayerSet, RowCtx};
 use persona_gate::model::{DTypeMode, KvCache, LoadOptions, LogitsAt, Model};
 
@@ -216,6 +216,25 @@ fn check_greedy(short: &str, fixture: &str) {
             .collect();
         refill.reverse();
         assert_eq!(batched, refill, "{fixture} {case}: refilled batch differs");
+        // The fixed-slot decode step (device-held slot, position and mask: what CUDA graphs
+        // replay), run eagerly here, refilling a batch of 4: the reference tokens again.
+        if model.decoder.supports_fixed_slot() {
+            let mut g = Generator::new(&model.decoder, 4);
+            g.fixed_slot = FixedSlot::Always;
+            let fixed: Vec<Vec<u32>> = g
+                .run(&reqs, None, |_, _| Ok(()))
+                .unwrap()
+                .into_iter()
+                .map(|o| o.tokens)
+                .collect();
+            same_greedy(
+                fixture,
+                &format!("{case} (fixed-slot)"),
+                &fixed,
+                &want,
+                margins,
+            );
+        }
     }
 }
 

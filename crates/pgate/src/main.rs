@@ -146,6 +146,9 @@ enum Cmd {
         /// Seed of the built-in steering directions.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// CUDA graphs for decode steps: on, off, or both (each row twice, to compare in one run).
+        #[arg(long, default_value = "on", value_parser = ["on", "off", "both"])]
+        cuda_graphs: String,
         /// Full-length warm-up runs before the timed ones.
         #[arg(long, default_value_t = 1)]
         warmup: usize,
@@ -348,6 +351,7 @@ fn run(cli: Cli) -> Result<()> {
             plan,
             steer,
             seed,
+            cuda_graphs,
             warmup,
             out,
             json,
@@ -362,6 +366,7 @@ fn run(cli: Cli) -> Result<()> {
                 plan,
                 steer,
                 seed,
+                cuda_graphs,
                 json,
                 out,
             },

@@ -149,6 +149,7 @@ pub(crate) struct BenchOpts {
     pub plan: Option<PathBuf>,
     pub steer: Vec<String>,
     pub seed: u64,
+    pub cuda_graphs: String,
     pub json: bool,
     pub out: Option<PathBuf>,
 }
@@ -199,26 +200,34 @@ pub(crate) fn run_bench(m: &ModelArgs, o: BenchOpts) -> Result<()> {
         }
     );
     eprintln!("{header}");
+    let graph_modes: &[bool] = match o.cuda_graphs.as_str() {
+        "off" => &[false],
+        "both" => &[true, false],
+        _ => &[true],
+    };
     let mut rows: Vec<BenchRow> = Vec::new();
     for (name, plan) in plans {
         for &b in &o.batches {
-            let r = bench::run(
-                &model,
-                &BenchConfig {
-                    batches: vec![b],
-                    new_tokens: o.new_tokens,
-                    prompt_tokens: o.prompt_tokens,
-                    reps: o.reps,
-                    plan: plan.clone(),
-                    plan_name: name.clone(),
-                    warmup: o.warmup,
-                    copy_gbs,
-                },
-            )?;
-            for row in &r {
-                eprintln!("{}", serde_json::to_string(row)?);
+            for &cuda_graphs in graph_modes {
+                let r = bench::run(
+                    &model,
+                    &BenchConfig {
+                        batches: vec![b],
+                        new_tokens: o.new_tokens,
+                        prompt_tokens: o.prompt_tokens,
+                        reps: o.reps,
+                        plan: plan.clone(),
+                        plan_name: name.clone(),
+                        warmup: o.warmup,
+                        copy_gbs,
+                        cuda_graphs,
+                    },
+                )?;
+                for row in &r {
+                    eprintln!("{}", serde_json::to_string(row)?);
+                }
+                rows.extend(r);
             }
-            rows.extend(r);
         }
     }
     if let Some(p) = &o.out {
@@ -237,7 +246,7 @@ pub(crate) fn run_bench(m: &ModelArgs, o: BenchOpts) -> Result<()> {
     }
     println!("{header}");
     println!(
-        "{:>11} {:>6} {:>7} {:>5} {:>10} {:>9} {:>13} {:>12} {:>9} {:>9} {:>9} {:>7}",
+        "{:>11} {:>6} {:>7} {:>5} {:>10} {:>9} {:>13} {:>12} {:>9} {:>9} {:>9} {:>7} {:>7}",
         "plan",
         "batch",
         "prompt",
@@ -249,11 +258,12 @@ pub(crate) fn run_bench(m: &ModelArgs, o: BenchOpts) -> Result<()> {
         "dec ms",
         "issue ms",
         "floor ms",
-        "floor%"
+        "floor%",
+        "graphs"
     );
     for r in &rows {
         println!(
-            "{:>11} {:>6} {:>7} {:>5} {:>10.1} {:>9.2} {:>13.1} {:>12.1} {:>9.2} {:>9.2} {:>9} {:>7}",
+            "{:>11} {:>6} {:>7} {:>5} {:>10.1} {:>9.2} {:>13.1} {:>12.1} {:>9.2} {:>9.2} {:>9} {:>7} {:>7}",
             r.plan,
             r.batch,
             r.prompt_tokens,
@@ -267,6 +277,7 @@ pub(crate) fn run_bench(m: &ModelArgs, o: BenchOpts) -> Result<()> {
             r.floor_ms.map_or("-".into(), |f| format!("{f:.2}")),
             r.floor_frac
                 .map_or("-".into(), |f| format!("{:.0}%", 100.0 * f)),
+            r.graph_steps,
         );
     }
     Ok(())

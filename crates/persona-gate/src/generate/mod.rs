@@ -7,6 +7,7 @@
 //! positions and RNG are all per sequence).
 
 pub mod chat;
+mod fixed_step;
 pub mod sampling;
 
 use std::collections::VecDeque;
@@ -16,7 +17,10 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 pub use chat::{encode_chat, generate_chat, ChatPrompt, Completion, GenSettings};
+pub use fixed_step::graphs_enabled;
 pub use sampling::{Sampler, Sampling};
+
+use fixed_step::FixedStepper;
 
 use crate::intervene::hook::reborrow;
 use crate::intervene::{CompiledPlan, HookChain, PlanHook, ResidualHook, RowCtx};
@@ -59,7 +63,25 @@ pub struct GenStats {
     /// Host time spent issuing decode forwards (on a GPU: launching kernels, before the step's one
     /// wait for the next tokens). Close to `decode_secs` means the host, not the device, sets the pace.
     pub decode_issue_secs: f64,
+    /// Decode steps replayed from a recorded CUDA graph, and graphs recorded.
+    pub graph_replays: usize,
+    pub graph_captures: usize,
 }
+
+/// When decode steps take the fixed-slot path ([`Decoder::forward_fixed_slot`]), the one CUDA
+/// graphs record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FixedSlot {
+    /// On CUDA, for greedy batches without extra hooks, unless `PGATE_CUDA_GRAPHS=0`.
+    #[default]
+    Auto,
+    /// Whenever possible, on any device (tests compare it with the ordinary path on the CPU).
+    Always,
+    Never,
+}
+
+/// A fixed batch needs at least this many more steps before recording graphs pays off.
+const MIN_FIXED_STEPS: usize = 8;
 
 struct Running {
     req: usize,
@@ -73,6 +95,7 @@ pub struct Generator<'m> {
     model: &'m Decoder,
     batch_size: usize,
     pub stats: GenStats,
+    pub fixed_slot: FixedSlot,
 }
 
 impl<'m> Generator<'m> {
@@ -81,6 +104,7 @@ impl<'m> Generator<'m> {
             model,
             batch_size: batch_size.max(1),
             stats: GenStats::default(),
+            fixed_slot: FixedSlot::Auto,
         }
     }
 
@@ -114,6 +138,14 @@ impl<'m> Generator<'m> {
         let mut running: Vec<Running> = Vec::new();
         let mut cache = KvCache::new(self.model.n_layers());
         let dev = self.model.device().clone();
+        let mut stepper: Option<FixedStepper> = None;
+        let fixed_ok = match self.fixed_slot {
+            FixedSlot::Never => false,
+            FixedSlot::Always => self.model.supports_fixed_slot(),
+            FixedSlot::Auto => {
+                dev.is_cuda() && graphs_enabled() && self.model.supports_fixed_slot()
+            }
+        };
 
         let mut finish = |i: usize,
                           out: Vec<u32>,
@@ -230,19 +262,45 @@ impl<'m> Generator<'m> {
                     prompt_len: reqs[r.req].prompt.len(),
                 })
                 .collect();
-            let tokens = Tensor::from_vec(ids, (b, 1), &dev)?;
+            let more = running
+                .iter()
+                .map(|r| reqs[r.req].max_new_tokens.saturating_sub(r.out.len()))
+                .max()
+                .unwrap_or(0);
+            let fixed = fixed_ok
+                && extra_hook.is_none()
+                && running.iter().all(|r| reqs[r.req].sampling.is_greedy())
+                && (stepper.as_ref().is_some_and(|s| s.matches(&cache))
+                    || more >= MIN_FIXED_STEPS
+                    || self.fixed_slot == FixedSlot::Always);
             let t = std::time::Instant::now();
-            let logits = self.forward(
-                &tokens,
-                &rows,
-                &mut cache,
-                &plans,
-                reborrow(&mut extra_hook),
-            )?;
-            self.stats.decode_issue_secs += t.elapsed().as_secs_f64();
-            let reqs_idx: Vec<usize> = running.iter().map(|r| r.req).collect();
-            let samplers: Vec<&mut Sampler> = running.iter_mut().map(|r| &mut r.sampler).collect();
-            let picks = pick_with(&logits, &reqs_idx, reqs, samplers)?;
+            let picks = if fixed {
+                if !stepper.as_ref().is_some_and(|s| s.matches(&cache)) {
+                    if let Some(s) = stepper.take() {
+                        self.stats.graph_replays += s.replays;
+                        self.stats.graph_captures += s.captures;
+                    }
+                    stepper = Some(FixedStepper::new(self.model, &mut cache, &ids, more)?);
+                }
+                let s = stepper.as_mut().expect("set above");
+                let picks = s.step(self.model, &mut cache, &rows, &plans)?;
+                self.stats.decode_issue_secs += t.elapsed().as_secs_f64();
+                picks
+            } else {
+                let tokens = Tensor::from_vec(ids, (b, 1), &dev)?;
+                let logits = self.forward(
+                    &tokens,
+                    &rows,
+                    &mut cache,
+                    &plans,
+                    reborrow(&mut extra_hook),
+                )?;
+                self.stats.decode_issue_secs += t.elapsed().as_secs_f64();
+                let reqs_idx: Vec<usize> = running.iter().map(|r| r.req).collect();
+                let samplers: Vec<&mut Sampler> =
+                    running.iter_mut().map(|r| &mut r.sampler).collect();
+                pick_with(&logits, &reqs_idx, reqs, samplers)?
+            };
             self.stats.decode_secs += t.elapsed().as_secs_f64();
             self.stats.decode_tokens += b;
             self.stats.decode_steps += 1;
@@ -269,6 +327,10 @@ impl<'m> Generator<'m> {
             if keep.len() != b {
                 cache.select(&keep)?;
             }
+        }
+        if let Some(s) = stepper.take() {
+            self.stats.graph_replays += s.replays;
+            self.stats.graph_captures += s.captures;
         }
         results
             .into_iter()

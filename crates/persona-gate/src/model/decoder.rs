@@ -132,6 +132,35 @@ struct StepInputs<'a> {
     b: usize,
     l: usize,
     cfg: &'a ModelConfig,
+    /// How K/V of this chunk enter the cache.
+    kv: KvWrite<'a>,
+}
+
+/// How a forward writes K/V into the cache.
+#[derive(Clone, Copy)]
+enum KvWrite<'a> {
+    /// Append at the host-known length (prefill and ordinary decode).
+    Append,
+    /// One token per row at a device-held slot, attending over the first `view_len` slots
+    /// (the CUDA-graph decode step; see [`FixedSlotInputs`]).
+    Fixed {
+        slot_idx: &'a Tensor,
+        view_len: usize,
+    },
+}
+
+/// Device-resident inputs of a decode step whose kernels must not depend on host values, so that
+/// one captured CUDA graph can replay it at every step: the caller rewrites these buffers between
+/// replays.
+pub struct FixedSlotInputs<'a> {
+    /// `[b]` u32: RoPE position of each row's new token.
+    pub positions: &'a Tensor,
+    /// `[b, 1, 1, 1, view_len]` additive mask (0 or -inf) in the activation dtype.
+    pub mask: &'a Tensor,
+    /// `[b, n_kv_heads, 1, head_dim]` u32, every entry the cache slot being written.
+    pub slot_idx: &'a Tensor,
+    /// Cache slots attended over (>= the slot written + 1; the mask hides the rest).
+    pub view_len: usize,
 }
 
 /// Which positions' logits a forward returns.
@@ -284,7 +313,7 @@ impl Decoder {
         tokens: &Tensor,
         rows: &[RowCtx],
         cache: &mut KvCache,
-        mut hook: Option<&mut dyn ResidualHook>,
+        hook: Option<&mut dyn ResidualHook>,
         logits_at: LogitsAt,
     ) -> Result<Option<Tensor>> {
         let (b, l) = tokens.dims2()?;
@@ -333,8 +362,66 @@ impl Decoder {
             b,
             l,
             cfg: &self.cfg,
+            kv: KvWrite::Append,
         };
+        let out = self.run_blocks(tokens, rows, cache, hook, logits_at, &step)?;
+        cache.advance(l);
+        Ok(out)
+    }
 
+    /// True when [`Decoder::forward_fixed_slot`] can run this model (no sliding-window layers,
+    /// whose masks differ per layer).
+    pub fn supports_fixed_slot(&self) -> bool {
+        !self.blocks.iter().any(|b| b.sliding)
+    }
+
+    /// One decode token per row (`tokens`: `[b, 1]`) with every host-dependent value taken from
+    /// device buffers (`inp`), so the whole call can be captured once as a CUDA graph and replayed.
+    /// Returns last-position logits `[b, vocab]` (f32). Does not advance the cache length: the
+    /// caller does, once per replay.
+    pub fn forward_fixed_slot(
+        &self,
+        tokens: &Tensor,
+        rows: &[RowCtx],
+        cache: &mut KvCache,
+        hook: Option<&mut dyn ResidualHook>,
+        inp: &FixedSlotInputs<'_>,
+    ) -> Result<Tensor> {
+        let (b, l) = tokens.dims2()?;
+        if l != 1 || rows.len() != b || cache.batch() != b || !self.supports_fixed_slot() {
+            return Err(Error::InvalidValue(format!(
+                "fixed-slot decode needs one token for each of the cache's {} rows and no sliding window",
+                cache.batch()
+            )));
+        }
+        let step = StepInputs {
+            rope_global: self.rope_global.gather(inp.positions, b, 1)?,
+            rope_local: None,
+            mask_global: Some(inp.mask.clone()),
+            mask_local: None,
+            b,
+            l: 1,
+            cfg: &self.cfg,
+            kv: KvWrite::Fixed {
+                slot_idx: inp.slot_idx,
+                view_len: inp.view_len,
+            },
+        };
+        self.run_blocks(tokens, rows, cache, hook, LogitsAt::Last, &step)?
+            .ok_or_else(|| Error::InvalidValue("model returned no logits".into()))
+    }
+
+    /// Embedding, blocks with hooks, final norm and head: shared by both forwards.
+    fn run_blocks(
+        &self,
+        tokens: &Tensor,
+        rows: &[RowCtx],
+        cache: &mut KvCache,
+        mut hook: Option<&mut dyn ResidualHook>,
+        logits_at: LogitsAt,
+        step: &StepInputs<'_>,
+    ) -> Result<Option<Tensor>> {
+        let l = step.l;
         let mut h = self.embed.forward(tokens, self.dtype)?;
         if let Some(s) = self.cfg.embed_scale {
             h = (h * s as f64)?;
@@ -356,7 +443,7 @@ impl Decoder {
                 li,
                 block,
                 &h,
-                &step,
+                step,
                 cache,
                 crate::intervene::hook::reborrow(&mut hook),
                 rows,
@@ -381,7 +468,6 @@ impl Decoder {
                 }
             }
         }
-        cache.advance(l);
         let out = match logits_at {
             LogitsAt::None => return Ok(None),
             LogitsAt::Last => h.narrow(1, l - 1, 1)?,
@@ -467,7 +553,12 @@ impl Decoder {
         };
         let q = rope.apply(&q, cs)?;
         let k = rope.apply(&k, cs)?;
-        let (k_all, v_all) = cache.append(li, &k, &v)?;
+        let (k_all, v_all) = match s.kv {
+            KvWrite::Append => cache.append(li, &k, &v)?,
+            KvWrite::Fixed { slot_idx, view_len } => {
+                cache.write_at(li, &k, &v, slot_idx, view_len)?
+            }
+        };
         let total = k_all.dim(2)?;
 
         // Grouped-query attention without copying K/V per head: the n_rep query heads of one KV

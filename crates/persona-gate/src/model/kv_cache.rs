@@ -16,6 +16,9 @@ pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
     pads: Vec<usize>,
+    /// Bumped whenever storage is reallocated (growth, [`KvCache::select`], [`KvCache::merge`]):
+    /// a captured CUDA graph holds raw pointers into the storage and is valid for one generation.
+    generation: u64,
 }
 
 impl KvCache {
@@ -24,7 +27,70 @@ impl KvCache {
             layers: vec![None; n_layers],
             len: 0,
             pads: Vec::new(),
+            generation: 0,
         }
+    }
+
+    /// Storage generation (see the field's doc).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Slots allocated along time (the same for every layer once the first chunk is in).
+    pub fn capacity(&self) -> usize {
+        self.capacity_of(0)
+    }
+
+    /// Grow every allocated layer to at least `cap` slots now, so that later single-slot writes
+    /// never reallocate (a captured decode graph writes into fixed storage).
+    pub fn reserve(&mut self, cap: usize) -> Result<()> {
+        let cap = cap.next_multiple_of(64);
+        for slot in self.layers.iter_mut() {
+            if let Some((k, v)) = slot.take() {
+                if k.dim(2)? >= cap {
+                    *slot = Some((k, v));
+                    continue;
+                }
+                let grow = |old: &Tensor| -> Result<Tensor> {
+                    let (b, h, _, d) = old.dims4()?;
+                    let t = Tensor::zeros((b, h, cap, d), old.dtype(), old.device())?;
+                    if self.len > 0 {
+                        t.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
+                    Ok(t)
+                };
+                *slot = Some((grow(&k)?, grow(&v)?));
+                self.generation += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write one slot per row (`k`, `v`: `[b, h, 1, d]`) for `layer` at the slot held *on the
+    /// device* by `slot_idx` (`[b, h, 1, d]` u32, every entry the same slot), and return views of
+    /// the first `view_len` slots. Nothing here depends on host-side lengths, so a CUDA graph that
+    /// captured it stays valid at every step. Storage must already be large enough
+    /// ([`KvCache::reserve`]); the caller advances the length.
+    pub(crate) fn write_at(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        slot_idx: &Tensor,
+        view_len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (ck, cv) = self.layers[layer].as_ref().ok_or_else(|| {
+            crate::Error::InvalidValue("fixed-slot cache write before any prefill".into())
+        })?;
+        if ck.dim(2)? < view_len {
+            return Err(crate::Error::InvalidValue(format!(
+                "fixed-slot cache view of {view_len} slots exceeds capacity {}",
+                ck.dim(2)?
+            )));
+        }
+        ck.scatter_set(slot_idx, &k.contiguous()?, 2)?;
+        cv.scatter_set(slot_idx, &v.contiguous()?, 2)?;
+        Ok((ck.narrow(2, 0, view_len)?, cv.narrow(2, 0, view_len)?))
     }
 
     /// Number of time slots in use (padding included).
@@ -82,6 +148,7 @@ impl KvCache {
             let nk = grow(old.as_ref().map(|x| &x.0), k.dtype(), k.device())?;
             let nv = grow(old.as_ref().map(|x| &x.1), v.dtype(), v.device())?;
             self.layers[layer] = Some((nk, nv));
+            self.generation += 1;
         }
         let (ck, cv) = self.layers[layer].as_ref().expect("allocated above");
         ck.slice_set(&k.contiguous()?, 2, self.len)?;
@@ -104,7 +171,9 @@ impl KvCache {
     /// dropped, so a long-finished sequence does not keep the time axis long.
     pub fn select(&mut self, rows: &[usize]) -> Result<()> {
         if rows.is_empty() {
+            let g = self.generation + 1;
             *self = Self::new(self.layers.len());
+            self.generation = g;
             return Ok(());
         }
         let trim = rows.iter().map(|&r| self.pads[r]).min().unwrap_or(0);
@@ -135,6 +204,7 @@ impl KvCache {
         }
         self.pads = rows.iter().map(|&r| self.pads[r] - trim).collect();
         self.len = new_len;
+        self.generation += 1;
         Ok(())
     }
 
@@ -142,7 +212,9 @@ impl KvCache {
     /// time axis.
     pub fn merge(&mut self, other: KvCache) -> Result<()> {
         if self.batch() == 0 {
+            let g = self.generation.max(other.generation) + 1;
             *self = other;
+            self.generation = g;
             return Ok(());
         }
         if other.batch() == 0 {
@@ -193,6 +265,7 @@ impl KvCache {
             .chain(other.pads.iter().map(|p| p + sb))
             .collect();
         self.len = len;
+        self.generation += 1;
         Ok(())
     }
 }

@@ -22,7 +22,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 pub use config::{Family, ModelConfig};
-pub use decoder::{Decoder, LogitsAt};
+pub use decoder::{Decoder, FixedSlotInputs, LogitsAt};
 pub use kv_cache::KvCache;
 pub use source::ModelSource;
 pub use weights::DTypeMode;
