@@ -104,20 +104,31 @@ impl Rope {
     }
 }
 
+/// Q, K and V projections: three layers, or one fused layer for dense weights ([`Linear::fuse`]).
+#[derive(Debug, Clone)]
+enum QkvProj {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// Gate and up projections of the MLP, split or fused like [`QkvProj`].
+#[derive(Debug, Clone)]
+enum GateUpProj {
+    Split { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: QkvProj,
     o: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     post_ffw_norm: Option<RmsNorm>,
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUpProj,
     down: Linear,
     sliding: bool,
 }
@@ -217,11 +228,22 @@ impl Decoder {
         for i in 0..cfg.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
             let bias = |s: &str| cfg.qkv_bias.then(|| p(s));
+            let q = w.linear(&p("attn_q.weight"), bias("attn_q.bias").as_deref())?;
+            let k = w.linear(&p("attn_k.weight"), bias("attn_k.bias").as_deref())?;
+            let v = w.linear(&p("attn_v.weight"), bias("attn_v.bias").as_deref())?;
+            let qkv = match Linear::fuse(&[&q, &k, &v])? {
+                Some(f) => QkvProj::Fused(f),
+                None => QkvProj::Split { q, k, v },
+            };
+            let gate = w.linear(&p("ffn_gate.weight"), None)?;
+            let up = w.linear(&p("ffn_up.weight"), None)?;
+            let gate_up = match Linear::fuse(&[&gate, &up])? {
+                Some(f) => GateUpProj::Fused(f),
+                None => GateUpProj::Split { gate, up },
+            };
             blocks.push(Block {
                 attn_norm: norm(&p("attn_norm.weight"))?,
-                q: w.linear(&p("attn_q.weight"), bias("attn_q.bias").as_deref())?,
-                k: w.linear(&p("attn_k.weight"), bias("attn_k.bias").as_deref())?,
-                v: w.linear(&p("attn_v.weight"), bias("attn_v.bias").as_deref())?,
+                qkv,
                 o: w.linear(&p("attn_output.weight"), None)?,
                 q_norm: if cfg.qk_norm {
                     opt_norm(&p("attn_q_norm.weight"))?
@@ -244,8 +266,7 @@ impl Decoder {
                 } else {
                     None
                 },
-                gate: w.linear(&p("ffn_gate.weight"), None)?,
-                up: w.linear(&p("ffn_up.weight"), None)?,
+                gate_up,
                 down: w.linear(&p("ffn_down.weight"), None)?,
                 sliding: cfg.is_sliding(i),
             });
@@ -537,9 +558,20 @@ impl Decoder {
         let (b, l) = (s.b, s.l);
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let xn = bl.attn_norm.forward(x)?;
-        let q = bl.q.forward(&xn)?.reshape((b, l, nh, hd))?;
-        let k = bl.k.forward(&xn)?.reshape((b, l, nkv, hd))?;
-        let v = bl.v.forward(&xn)?.reshape((b, l, nkv, hd))?;
+        let (q, k, v) = match &bl.qkv {
+            QkvProj::Split { q, k, v } => (q.forward(&xn)?, k.forward(&xn)?, v.forward(&xn)?),
+            QkvProj::Fused(f) => {
+                let y = f.forward(&xn)?;
+                (
+                    y.narrow(2, 0, nh * hd)?,
+                    y.narrow(2, nh * hd, nkv * hd)?,
+                    y.narrow(2, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+        };
+        let q = q.contiguous()?.reshape((b, l, nh, hd))?;
+        let k = k.contiguous()?.reshape((b, l, nkv, hd))?;
+        let v = v.contiguous()?.reshape((b, l, nkv, hd))?;
         let (q, k) = match (&bl.q_norm, &bl.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
@@ -608,12 +640,19 @@ impl Decoder {
         }
 
         let hn = bl.ffn_norm.forward(&h)?;
-        let g = bl.gate.forward(&hn)?;
+        let (g, u) = match &bl.gate_up {
+            GateUpProj::Split { gate, up } => (gate.forward(&hn)?, up.forward(&hn)?),
+            GateUpProj::Fused(f) => {
+                let y = f.forward(&hn)?;
+                let ffn = f.out_features / 2;
+                (y.narrow(2, 0, ffn)?, y.narrow(2, ffn, ffn)?)
+            }
+        };
         let g = match cfg.activation {
             Activation::Silu => candle_nn::ops::silu(&g)?,
             Activation::GeluTanh => g.gelu()?,
         };
-        let mut m = bl.down.forward(&(g * bl.up.forward(&hn)?)?)?;
+        let mut m = bl.down.forward(&(g * u)?)?;
         if let Some(n) = &bl.post_ffw_norm {
             m = n.forward(&m)?;
         }

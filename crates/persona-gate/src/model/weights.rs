@@ -104,6 +104,45 @@ impl Linear {
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quant(QMatMul::QTensor(_)))
     }
+
+    /// One layer computing `parts` side by side (outputs concatenated in order), when every part is
+    /// dense with the same input width: one GEMM instead of several reads the same bytes but keeps the
+    /// GPU's memory system busier (a step's small K/V projections are far from peak bandwidth on their
+    /// own) and issues fewer kernels. `None` for quantized parts, which keep their own kernels.
+    pub fn fuse(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let mut ws = Vec::with_capacity(parts.len());
+        for p in parts {
+            match (&p.weight, &p.compact) {
+                (LinearWeight::Dense(w), None) if p.in_features == first.in_features => {
+                    ws.push(w.clone())
+                }
+                _ => return Ok(None),
+            }
+        }
+        let weight = Tensor::cat(&ws, 0)?;
+        let bias = if parts.iter().any(|p| p.bias.is_some()) {
+            let mut bs = Vec::with_capacity(parts.len());
+            for p in parts {
+                bs.push(match &p.bias {
+                    Some(b) => b.clone(),
+                    None => Tensor::zeros(p.out_features, weight.dtype(), weight.device())?,
+                });
+            }
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Ok(Some(Linear {
+            weight: LinearWeight::Dense(weight),
+            compact: None,
+            bias,
+            out_features: parts.iter().map(|p| p.out_features).sum(),
+            in_features: first.in_features,
+        }))
+    }
 }
 
 /// The compact-kernel view of a CPU quantized weight, when its block type has one.
