@@ -200,7 +200,8 @@ impl FixedStepper {
         Ok(())
     }
 
-    #[cfg(not(feature = "cuda"))]
+    /// Run step `ri`'s work: replay its graph, or run it eagerly (warming up or recording a graph
+    /// on CUDA).
     fn run_recorded(
         &mut self,
         model: &Decoder,
@@ -210,35 +211,39 @@ impl FixedStepper {
         ri: usize,
     ) -> Result<()> {
         let (mask, view_len) = (self.recorded[ri].mask.clone(), self.recorded[ri].view_len);
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cd) = model.device() {
+            return self.run_on_cuda(cd, model, cache, rows, plans, ri, &mask, view_len);
+        }
         self.body(model, cache, rows, plans, &mask, view_len)?;
         self.recorded[ri].eager_runs += 1;
         Ok(())
     }
 
     #[cfg(feature = "cuda")]
-    fn run_recorded(
+    #[allow(clippy::too_many_arguments)]
+    fn run_on_cuda(
         &mut self,
+        cd: &candle_core::CudaDevice,
         model: &Decoder,
         cache: &mut KvCache,
         rows: &[RowCtx],
         plans: &[Option<Arc<CompiledPlan>>],
         ri: usize,
+        mask: &Tensor,
+        view_len: usize,
     ) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let (mask, view_len) = (self.recorded[ri].mask.clone(), self.recorded[ri].view_len);
         if let Some(g) = &self.recorded[ri].graph {
             g.launch().map_err(cuda_err)?;
             self.replays += 1;
             return Ok(());
         }
-        let Device::Cuda(cd) = model.device() else {
-            return self.body(model, cache, rows, plans, &mask, view_len);
-        };
         // Kernel-parameter and small-upload caches on: the eager run fills them, recording then
         // finds every upload there (no host copies are allowed while recording).
         let _cache_guard = cd.enable_cuda_graph_htod_cache();
         if !self.use_graphs || self.recorded[ri].eager_runs == 0 {
-            self.body(model, cache, rows, plans, &mask, view_len)?;
+            self.body(model, cache, rows, plans, mask, view_len)?;
             self.recorded[ri].eager_runs += 1;
             return Ok(());
         }
@@ -246,7 +251,7 @@ impl FixedStepper {
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(cuda_err)?;
-        let recorded = self.body(model, cache, rows, plans, &mask, view_len);
+        let recorded = self.body(model, cache, rows, plans, mask, view_len);
         // Always end the capture, even after an error, so the stream leaves capture mode.
         let graph = stream.end_capture(
             sys::CUgraphInstantiate_flags_enum::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
@@ -263,7 +268,7 @@ impl FixedStepper {
                         "[pgate] CUDA graph instantiation failed ({e:?}); decoding without graphs"
                     );
                 }
-                return self.body(model, cache, rows, plans, &mask, view_len);
+                return self.body(model, cache, rows, plans, mask, view_len);
             }
         };
         self.captures += 1;
