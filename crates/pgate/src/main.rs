@@ -239,12 +239,38 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    if writes_only_to_stdout(&cli.cmd) {
+        restore_sigpipe();
+    }
     if let Err(e) = run(cli) {
         let msg = format!("{e:#}").replace('\n', " ");
         eprintln!("error: {msg}");
         std::process::exit(1);
     }
 }
+
+/// Commands that talk to no network peer. Rust ignores SIGPIPE, so `pgate study table | head` would
+/// panic on the closed pipe; these commands get the default disposition back (the process ends
+/// quietly, like any Unix filter). Servers and HTTP clients keep SIGPIPE ignored: a peer closing its
+/// socket must be an error they handle, not the end of the process.
+fn writes_only_to_stdout(cmd: &Cmd) -> bool {
+    use study_cli::StudyCmd;
+    !matches!(
+        cmd,
+        Cmd::Serve(_) | Cmd::ServeBench(_) | Cmd::Study(StudyCmd::Run(_) | StudyCmd::Judge(_))
+    )
+}
+
+#[cfg(unix)]
+fn restore_sigpipe() {
+    // SAFETY: setting a signal disposition to its default at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn restore_sigpipe() {}
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {

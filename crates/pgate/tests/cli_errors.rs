@@ -260,3 +260,26 @@ fn inspect_describes_a_real_model() {
         );
     }
 }
+
+/// `pgate ... | head` ends quietly: a reader closing the pipe is not a panic.
+#[test]
+fn closed_stdout_pipe_is_not_a_panic() {
+    use std::process::Stdio;
+    let db =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/results/paper_q15.sqlite");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgate"))
+        .args(["study", "table", "--by-category", "--db"])
+        .arg(&db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pgate");
+    // Close the read end before pgate writes its table.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "stderr: {err}"
+    );
+}
