@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::generate::{encode_chat, ChatPrompt, GenRequest, Generator, Sampling};
-use crate::intervene::{CompiledPlan, InterventionPlan, LayerSet, PlanHook, ResidualHook, RowCtx};
+use crate::intervene::{CompiledPlan, InterventionPlan, LayerSet, PlanHook, ResidualHook};
 use crate::model::{KvCache, LogitsAt, Model};
 use crate::{Error, Result};
 
@@ -175,25 +175,8 @@ pub fn last_token_logits(
     prompts: &[Vec<u32>],
     plan: Option<Arc<CompiledPlan>>,
 ) -> Result<Vec<Vec<f32>>> {
-    let lmax = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if lmax == 0 || prompts.iter().any(|p| p.is_empty()) {
-        return Err(Error::Empty("a prompt has no tokens".into()));
-    }
-    let mut ids = Vec::with_capacity(prompts.len() * lmax);
-    let mut rows = Vec::with_capacity(prompts.len());
-    for (i, p) in prompts.iter().enumerate() {
-        let pad = lmax - p.len();
-        ids.extend(std::iter::repeat_n(p[0], pad));
-        ids.extend_from_slice(p);
-        rows.push(RowCtx {
-            seq: i,
-            chunk_pad: pad,
-            start_pos: 0,
-            prompt_len: p.len(),
-        });
-    }
     let dev = model.decoder.device();
-    let tokens = Tensor::from_vec(ids, (prompts.len(), lmax), dev)?;
+    let (tokens, rows) = crate::generate::left_padded(prompts, dev)?;
     let mut cache = KvCache::new(model.decoder.n_layers());
     let plans = vec![plan; prompts.len()];
     let mut hook = PlanHook::new(&plans, model.decoder.n_layers());

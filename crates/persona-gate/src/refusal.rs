@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::directions::{refusal_candidates, CaptureOptions, DirectionSet, Position};
 use crate::generate::{encode_chat, ChatPrompt};
-use crate::intervene::{CompiledPlan, InterventionPlan, LayerSet, OpKind, PlanHook, RowCtx, Sites};
+use crate::intervene::{CompiledPlan, InterventionPlan, LayerSet, OpKind, PlanHook, Sites};
 use crate::model::{KvCache, LogitsAt, Model};
 use crate::{Error, Result};
 
@@ -118,24 +118,7 @@ pub fn last_logits(
     let dec = &model.decoder;
     let mut outs = Vec::new();
     for chunk in prompts.chunks(batch.max(1)) {
-        let lmax = chunk.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(chunk.len() * lmax);
-        let mut rows = Vec::with_capacity(chunk.len());
-        for (i, p) in chunk.iter().enumerate() {
-            if p.is_empty() {
-                return Err(Error::Empty("a prompt has no tokens".into()));
-            }
-            let pad = lmax - p.len();
-            ids.extend(std::iter::repeat_n(p[0], pad));
-            ids.extend_from_slice(p);
-            rows.push(RowCtx {
-                seq: i,
-                chunk_pad: pad,
-                start_pos: 0,
-                prompt_len: p.len(),
-            });
-        }
-        let tokens = Tensor::from_vec(ids, (chunk.len(), lmax), dec.device())?;
+        let (tokens, rows) = crate::generate::left_padded(chunk, dec.device())?;
         let plans: Vec<Option<Arc<CompiledPlan>>> = vec![plan.cloned(); chunk.len()];
         let mut hook = PlanHook::new(&plans, dec.n_layers());
         let mut cache = KvCache::new(dec.n_layers());

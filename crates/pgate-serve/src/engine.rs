@@ -340,22 +340,8 @@ impl State<'_> {
             }
         }
         let n_rows = prompts.len();
-        let lmax = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(n_rows * lmax);
-        let mut rows = Vec::with_capacity(n_rows);
-        for (i, p) in prompts.iter().enumerate() {
-            let pad = lmax - p.len();
-            ids.extend(std::iter::repeat_n(p[0], pad));
-            ids.extend_from_slice(p);
-            rows.push(RowCtx {
-                seq: i,
-                chunk_pad: pad,
-                start_pos: 0,
-                prompt_len: p.len(),
-            });
-        }
         let dev = self.model.decoder.device().clone();
-        let tokens = Tensor::from_vec(ids, (n_rows, lmax), &dev)?;
+        let (tokens, rows) = persona_gate::generate::left_padded(&prompts, &dev)?;
         let mut new_cache = KvCache::new(self.n_layers);
         let mut cap = (!self.capture_layers.is_empty())
             .then(|| LastTokenCapture::new(self.n_layers, self.capture_layers.iter().copied()));

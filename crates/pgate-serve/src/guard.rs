@@ -24,9 +24,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use persona_gate::directions::DirectionSet;
-use persona_gate::intervene::{
-    CompiledPlan, HookChain, LastTokenCapture, PlanHook, ResidualHook, RowCtx,
-};
+use persona_gate::intervene::{CompiledPlan, HookChain, LastTokenCapture, PlanHook, ResidualHook};
 use persona_gate::model::{KvCache, LogitsAt, Model};
 use persona_gate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -337,24 +335,7 @@ pub fn capture_last(
     let n_layers = dec.n_layers();
     let mut out = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(batch.max(1)) {
-        let lmax = chunk.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(chunk.len() * lmax);
-        let mut rows = Vec::with_capacity(chunk.len());
-        for (i, p) in chunk.iter().enumerate() {
-            if p.is_empty() {
-                return Err(Error::Empty("a prompt has no tokens".into()));
-            }
-            let pad = lmax - p.len();
-            ids.extend(std::iter::repeat_n(p[0], pad));
-            ids.extend_from_slice(p);
-            rows.push(RowCtx {
-                seq: i,
-                chunk_pad: pad,
-                start_pos: 0,
-                prompt_len: p.len(),
-            });
-        }
-        let tokens = Tensor::from_vec(ids, (chunk.len(), lmax), dec.device())?;
+        let (tokens, rows) = persona_gate::generate::left_padded(chunk, dec.device())?;
         let plans: Vec<Option<Arc<CompiledPlan>>> = vec![plan.cloned(); chunk.len()];
         let mut plan_hook = PlanHook::new(&plans, n_layers);
         let mut cap = LastTokenCapture::new(n_layers, layers.iter().copied());

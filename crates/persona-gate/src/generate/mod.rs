@@ -182,26 +182,12 @@ impl<'m> Generator<'m> {
                     .filter(|&i| reqs[i].max_new_tokens > 0)
                     .collect();
                 if !take.is_empty() {
-                    let lmax = take
-                        .iter()
-                        .map(|&i| reqs[i].prompt.len())
-                        .max()
-                        .unwrap_or(0);
-                    let mut ids = Vec::with_capacity(take.len() * lmax);
-                    let mut rows = Vec::with_capacity(take.len());
-                    for &i in &take {
-                        let p = &reqs[i].prompt;
-                        let pad = lmax - p.len();
-                        ids.extend(std::iter::repeat_n(p[0], pad));
-                        ids.extend_from_slice(p);
-                        rows.push(RowCtx {
-                            seq: i,
-                            chunk_pad: pad,
-                            start_pos: 0,
-                            prompt_len: p.len(),
-                        });
+                    let prompts: Vec<&[u32]> =
+                        take.iter().map(|&i| reqs[i].prompt.as_slice()).collect();
+                    let (tokens, mut rows) = left_padded(&prompts, &dev)?;
+                    for (r, &i) in rows.iter_mut().zip(&take) {
+                        r.seq = i;
                     }
-                    let tokens = Tensor::from_vec(ids, (take.len(), lmax), &dev)?;
                     let mut new_cache = KvCache::new(self.model.n_layers());
                     let t = std::time::Instant::now();
                     let logits = self.forward(
@@ -385,6 +371,37 @@ impl<'m> Generator<'m> {
         let toks = pick_with(logits, idx, reqs, samplers.iter_mut().collect())?;
         Ok(toks.into_iter().zip(samplers).collect())
     }
+}
+
+/// One left-padded batch `[n, max_len]` of token ids with a [`RowCtx`] per row (`seq` = row index):
+/// padding repeats each prompt's first token, and the attention mask hides it. Every batched
+/// prefill (generation, capture, scoring, serving) starts here.
+pub fn left_padded<P: AsRef<[u32]>>(
+    prompts: &[P],
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Vec<RowCtx>)> {
+    let lmax = prompts.iter().map(|p| p.as_ref().len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len() * lmax);
+    let mut rows = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let p = p.as_ref();
+        let Some(&first) = p.first() else {
+            return Err(Error::Empty(format!("prompt {i} has no tokens")));
+        };
+        let pad = lmax - p.len();
+        ids.extend(std::iter::repeat_n(first, pad));
+        ids.extend_from_slice(p);
+        rows.push(RowCtx {
+            seq: i,
+            chunk_pad: pad,
+            start_pos: 0,
+            prompt_len: p.len(),
+        });
+    }
+    if prompts.is_empty() {
+        return Err(Error::Empty("no prompts to batch".into()));
+    }
+    Ok((Tensor::from_vec(ids, (prompts.len(), lmax), dev)?, rows))
 }
 
 /// Choose the next token of each row. All-greedy batches take the argmax on the device so only
