@@ -68,6 +68,16 @@ pub struct GenStats {
     pub graph_captures: usize,
 }
 
+impl GenStats {
+    /// Count a retired stepper's graph replays and recordings.
+    fn absorb(&mut self, stepper: Option<FixedStepper>) {
+        if let Some(s) = stepper {
+            self.graph_replays += s.replays;
+            self.graph_captures += s.captures;
+        }
+    }
+}
+
 /// When decode steps take the fixed-slot path ([`Decoder::forward_fixed_slot`]), the one CUDA
 /// graphs record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -262,10 +272,7 @@ impl<'m> Generator<'m> {
             let t = std::time::Instant::now();
             let picks = if fixed {
                 if !stepper.as_ref().is_some_and(|s| s.matches(&cache)) {
-                    if let Some(s) = stepper.take() {
-                        self.stats.graph_replays += s.replays;
-                        self.stats.graph_captures += s.captures;
-                    }
+                    self.stats.absorb(stepper.take());
                     stepper = Some(FixedStepper::new(self.model, &mut cache, &ids, more)?);
                 }
                 let s = stepper.as_mut().expect("set above");
@@ -314,10 +321,7 @@ impl<'m> Generator<'m> {
                 cache.select(&keep)?;
             }
         }
-        if let Some(s) = stepper.take() {
-            self.stats.graph_replays += s.replays;
-            self.stats.graph_captures += s.captures;
-        }
+        self.stats.absorb(stepper.take());
         results
             .into_iter()
             .enumerate()

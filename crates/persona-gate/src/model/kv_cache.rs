@@ -6,7 +6,7 @@
 //! refills and shrinks as sequences finish. Storage is preallocated along time and grows by doubling,
 //! so a decode step writes one slot instead of copying the whole cache.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 use crate::Result;
 
@@ -51,15 +51,10 @@ impl KvCache {
                     *slot = Some((k, v));
                     continue;
                 }
-                let grow = |old: &Tensor| -> Result<Tensor> {
-                    let (b, h, _, d) = old.dims4()?;
-                    let t = Tensor::zeros((b, h, cap, d), old.dtype(), old.device())?;
-                    if self.len > 0 {
-                        t.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    }
-                    Ok(t)
-                };
-                *slot = Some((grow(&k)?, grow(&v)?));
+                *slot = Some((
+                    with_capacity(&k, 0, self.len, cap)?,
+                    with_capacity(&v, 0, self.len, cap)?,
+                ));
                 self.generation += 1;
             }
         }
@@ -130,23 +125,19 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (b, h, l, d) = k.dims4()?;
+        let l = k.dim(2)?;
         let need = self.len + l;
         let have = self.capacity_of(layer);
         if self.layers[layer].is_none() || need > have {
             let cap = need.max(have * 2).max(64).next_multiple_of(64);
-            let grow = |old: Option<&Tensor>, dtype: DType, dev: &Device| -> Result<Tensor> {
-                let t = Tensor::zeros((b, h, cap, d), dtype, dev)?;
-                if let Some(old) = old {
-                    if self.len > 0 {
-                        t.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    }
-                }
-                Ok(t)
+            // The first chunk allocates (shaped like `k` / `v`); later growth keeps what is there.
+            let grow = |old: Option<&Tensor>, like: &Tensor| match old {
+                Some(o) => with_capacity(o, 0, self.len, cap),
+                None => with_capacity(like, 0, 0, cap),
             };
             let old = self.layers[layer].take();
-            let nk = grow(old.as_ref().map(|x| &x.0), k.dtype(), k.device())?;
-            let nv = grow(old.as_ref().map(|x| &x.1), v.dtype(), v.device())?;
+            let nk = grow(old.as_ref().map(|x| &x.0), k)?;
+            let nv = grow(old.as_ref().map(|x| &x.1), v)?;
             self.layers[layer] = Some((nk, nv));
             self.generation += 1;
         }
@@ -188,15 +179,9 @@ impl KvCache {
             let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
             for slot in self.layers.iter_mut() {
                 if let Some((k, v)) = slot.take() {
+                    let cap = new_len.max(64).next_multiple_of(64);
                     let pick = |t: &Tensor| -> Result<Tensor> {
-                        let t = t.index_select(&idx, 0)?;
-                        let (b, h, _, d) = t.dims4()?;
-                        let cap = new_len.max(64).next_multiple_of(64);
-                        let out = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
-                        if new_len > 0 {
-                            out.slice_set(&t.narrow(2, trim, new_len)?.contiguous()?, 2, 0)?;
-                        }
-                        Ok(out)
+                        with_capacity(&t.index_select(&idx, 0)?, trim, new_len, cap)
                     };
                     *slot = Some((pick(&k)?, pick(&v)?));
                 }
@@ -268,4 +253,15 @@ impl KvCache {
         self.generation += 1;
         Ok(())
     }
+}
+
+/// Slots `from..from + len` of `t` (`[b, h, slots, d]`) at the start of fresh zeroed storage of `cap`
+/// slots: how the cache grows, reserves and compacts.
+fn with_capacity(t: &Tensor, from: usize, len: usize, cap: usize) -> Result<Tensor> {
+    let (b, h, _, d) = t.dims4()?;
+    let out = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
+    if len > 0 {
+        out.slice_set(&t.narrow(2, from, len)?.contiguous()?, 2, 0)?;
+    }
+    Ok(out)
 }
