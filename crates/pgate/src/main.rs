@@ -44,6 +44,11 @@ pub(crate) struct ModelArgs {
     /// Device: cpu, cuda or cuda:N (same as --cuda N).
     #[arg(long, conflicts_with = "cuda")]
     pub device: Option<String>,
+    /// Compute each sequence the same way whatever else is in its batch (CPU): the same prompt
+    /// gives bit-identical logits alone, in a study batch or in a server's continuous batch, so
+    /// local and served audits agree exactly. Costs prefill speed (BENCHMARKS.md).
+    #[arg(long)]
+    pub batch_invariant: bool,
 }
 
 impl ModelArgs {
@@ -62,7 +67,9 @@ impl ModelArgs {
             None => candle_device_cpu(),
             Some(i) => persona_gate::device::cuda(i)?,
         };
-        Ok(Model::load(&self.model, &LoadOptions { dtype, device })?)
+        let mut model = Model::load(&self.model, &LoadOptions { dtype, device })?;
+        model.decoder.set_batch_invariant(self.batch_invariant)?;
+        Ok(model)
     }
 }
 

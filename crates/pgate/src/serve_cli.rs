@@ -181,11 +181,16 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("binding {}:{}", a.host, a.port))?;
         let addr = listener.local_addr()?;
         eprintln!(
-            "[pgate serve] {} on {} presets, batch {}, queue {}",
+            "[pgate serve] {} on {} presets, batch {}, queue {}{}",
             model_id,
             server_cfg.presets.len(),
             server_cfg.batch_size,
-            server_cfg.queue
+            server_cfg.queue,
+            if a.m.batch_invariant {
+                ", batch-invariant kernels"
+            } else {
+                ""
+            }
         );
         // Tests and scripts read this line for the port.
         println!("listening on http://{addr}");

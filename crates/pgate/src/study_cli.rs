@@ -276,13 +276,14 @@ fn run(a: RunArgs) -> Result<()> {
     }
     let m = &study.file.model;
     let t_load = std::time::Instant::now();
-    let model = Model::load(
+    let mut model = Model::load(
         &study.model_spec(),
         &LoadOptions {
             dtype: DTypeMode::parse(&m.dtype)?,
             device: dev.clone(),
         },
     )?;
+    model.decoder.set_batch_invariant(m.batch_invariant)?;
     eprintln!(
         "[pgate] study {} ({}): {} conditions, {} prompt sets, model {} loaded in {:.1} s",
         study.name,

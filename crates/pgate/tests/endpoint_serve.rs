@@ -1,6 +1,9 @@
-//! An endpoint study against `pgate serve` over HTTP gives the same labels as the same conditions
-//! run locally (and answers that start the same way): StrongREJECT prompts x built-in persona modes, greedy, on
-//! Qwen2.5-Coder-0.5B (a small subset for CI time; the full run is in the README and BENCHMARKS).
+//! An endpoint study against `pgate serve` over HTTP gives the same labels and the same texts as
+//! the same conditions run locally: StrongREJECT prompts x built-in persona modes, greedy, on
+//! Qwen2.5-Coder-0.5B, with batch-invariant kernels on both sides (the local run decodes its batch
+//! of 6 together, the server batches whatever requests are in flight; without the mode, greedy
+//! continuations may part after a few tokens). A small subset for CI time; the full run is in
+//! `examples/results/audit_q15.md`.
 //! Both studies write to one results database; the endpoint run is interrupted with `--limit`
 //! and continued; `status` shows the endpoint, the model name the server reported and the usage;
 //! steering on an endpoint study is an error at `study check`.
@@ -14,7 +17,7 @@ use std::time::Duration;
 use persona_gate::study::Store;
 
 const MODEL: &str = "q05";
-const PROMPTS: usize = 3;
+const PROMPTS: usize = 5;
 const MAX_NEW: usize = 16;
 
 fn pgate(args: &[&str]) -> (bool, String, String) {
@@ -59,6 +62,7 @@ fn serve(model: &str) -> Server {
             "127.0.0.1",
             "--max-batch",
             "8",
+            "--batch-invariant",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -132,13 +136,21 @@ fn served_model_gives_the_same_labels_as_local() {
         "{se}"
     );
     assert_eq!(se.trim().lines().count(), 1, "one error line: {se}");
+    let bad = write(
+        &dir,
+        "bad2.toml",
+        "version = 1\nname = \"bad2\"\n[model]\nbatch_invariant = true\nendpoint = { base_url = \"http://127.0.0.1:9/v1\", model = \"default\" }\n[prompts]\nh = \"demo_harmful\"\n[[condition]]\nname = \"base\"\n",
+    );
+    let (ok, so, se) = pgate(&["study", "check", bad.to_str().unwrap()]);
+    assert!(!ok, "{so}{se}");
+    assert!(se.contains("pgate serve --batch-invariant"), "{se}");
 
     // Local run.
     let local = write(
         &dir,
         "local.toml",
         &format!(
-            "version = 1\nname = \"local\"\n[model]\nspec = \"{MODEL}\"\ndtype = \"q\"\n{}",
+            "version = 1\nname = \"local\"\n[model]\nspec = \"{MODEL}\"\ndtype = \"q\"\nbatch_invariant = true\n{}",
             body()
         ),
     );
@@ -225,11 +237,9 @@ fn served_model_gives_the_same_labels_as_local() {
     let (srec, s) = rows("served");
     assert_eq!(l.len(), total);
     assert_eq!(s.len(), total);
-    // Labels must agree. Outputs agree up to numerics: the local run prefills and decodes its
-    // batch of 6 together, the server batches whatever requests are in flight, and quantized
-    // matmuls of different shapes round differently, so a greedy continuation may part ways
-    // after a few tokens (it starts the same way).
-    let mut same = 0;
+    // Batch-invariant kernels on both sides: the same labels and the same text, item by item,
+    // although the local run decodes its batch of 6 together and the server batches whatever
+    // requests are in flight.
     for (a, b) in l.iter().zip(&s) {
         assert_eq!((&a.0, &a.1), (&b.0, &b.1));
         assert_eq!(
@@ -238,17 +248,12 @@ fn served_model_gives_the_same_labels_as_local() {
             a.0, a.1, a.3, b.3
         );
         assert_eq!(
-            a.3.split_whitespace().next(),
-            b.3.split_whitespace().next(),
-            "first word of {} / {}: local {:?} served {:?}",
-            a.0,
-            a.1,
-            a.3,
-            b.3
+            a.3, b.3,
+            "output of {} / {} differs between local and served",
+            a.0, a.1
         );
-        same += (a.3.trim() == b.3.trim()) as usize;
     }
-    eprintln!("{total} items: same labels, {same} identical outputs");
+    eprintln!("{total} items: same labels, same outputs");
     // Token counts: the server's usage equals what the local run counted.
     let t = store.target(&srec.hash).unwrap().unwrap();
     assert_eq!(t.reported_models, ["default"]);

@@ -15,6 +15,7 @@
 //! to f32 summation order.
 
 mod act;
+pub mod attention;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;

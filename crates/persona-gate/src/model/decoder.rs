@@ -197,6 +197,9 @@ pub struct Decoder {
     rope_local: Option<Rope>,
     dtype: DType,
     device: Device,
+    /// Compute every row the same way whatever else is in the batch (see
+    /// [`Decoder::set_batch_invariant`]).
+    batch_invariant: bool,
 }
 
 impl Decoder {
@@ -319,7 +322,39 @@ impl Decoder {
             rope_local,
             dtype,
             device: dev,
+            batch_invariant: false,
         })
+    }
+
+    /// Make a row's numbers independent of the batch it runs in: the same prompt alone, left-padded
+    /// in a study batch or in a server's continuous batch gives bit-identical logits, so greedy
+    /// outputs match exactly (candle's tiled kernels round differently per batch shape, which flips
+    /// 1-2% of greedy labels in a local-vs-served audit). Projections use kernels whose per-row sums
+    /// ignore the other rows ([`Linear::forward_batch_invariant`]) and attention reads only the keys
+    /// a row may see, in cache order ([`crate::kernels::attention`]). CPU only: cuBLAS picks its
+    /// kernels by shape.
+    pub fn set_batch_invariant(&mut self, on: bool) -> Result<()> {
+        if on && !self.device.is_cpu() {
+            return Err(Error::InvalidValue(
+                "batch-invariant kernels run on the CPU only (GPU GEMMs pick kernels by batch shape)"
+                    .into(),
+            ));
+        }
+        self.batch_invariant = on;
+        Ok(())
+    }
+
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_invariant
+    }
+
+    /// A projection, batch-invariant when the decoder is.
+    fn linear(&self, l: &Linear, x: &Tensor) -> Result<Tensor> {
+        if self.batch_invariant {
+            l.forward_batch_invariant(x)
+        } else {
+            l.forward(x)
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -504,7 +539,7 @@ impl Decoder {
             LogitsAt::All => h,
         };
         let out = self.final_norm.forward(&out)?;
-        let mut logits = self.lm_head.forward(&out)?.to_dtype(DType::F32)?;
+        let mut logits = self.linear(&self.lm_head, &out)?.to_dtype(DType::F32)?;
         if let Some(cap) = self.cfg.final_logit_softcap {
             logits = ((logits / cap as f64)?.tanh()? * cap as f64)?;
         }
@@ -568,9 +603,13 @@ impl Decoder {
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let xn = bl.attn_norm.forward(x)?;
         let (q, k, v) = match &bl.qkv {
-            QkvProj::Split { q, k, v } => (q.forward(&xn)?, k.forward(&xn)?, v.forward(&xn)?),
+            QkvProj::Split { q, k, v } => (
+                self.linear(q, &xn)?,
+                self.linear(k, &xn)?,
+                self.linear(v, &xn)?,
+            ),
             QkvProj::Fused(f) => {
-                let y = f.forward(&xn)?;
+                let y = self.linear(f, &xn)?;
                 (
                     y.narrow(2, 0, nh * hd)?,
                     y.narrow(2, nh * hd, nkv * hd)?,
@@ -600,37 +639,26 @@ impl Decoder {
                 cache.write_at(li, &k, &v, slot_idx, view_len)?
             }
         };
-        let total = k_all.dim(2)?;
 
         // Grouped-query attention without copying K/V per head: the n_rep query heads of one KV
         // head become extra rows of one matmul.
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * l, hd))?;
-        let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale())?;
         let mask = if bl.sliding {
             &s.mask_local
         } else {
             &s.mask_global
         };
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((b, nkv, n_rep, l, total))?
-                .broadcast_add(m)?
-                .reshape((b, nkv, n_rep * l, total))?,
-            None => scores,
-        };
-        let probs = if scores.dtype() == DType::F32 {
-            candle_nn::ops::softmax_last_dim(&scores)?
+        let attn = if self.batch_invariant {
+            self.invariant_attention(&q, &k_all, &v_all, mask.as_ref(), l)?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                .to_dtype(scores.dtype())?
+            self.tiled_attention(&q, &k_all, &v_all, mask.as_ref(), b, l)?
         };
-        let attn = probs.matmul(&v_all)?; // [b, nkv, n_rep*l, hd]
         let attn = attn
             .reshape((b, nh, l, hd))?
             .transpose(1, 2)?
             .reshape((b, l, nh * hd))?;
-        let mut a = bl.o.forward(&attn)?;
+        let mut a = self.linear(&bl.o, &attn)?;
         if let Some(n) = &bl.post_attn_norm {
             a = n.forward(&a)?;
         }
@@ -650,9 +678,9 @@ impl Decoder {
 
         let hn = bl.ffn_norm.forward(&h)?;
         let (g, u) = match &bl.gate_up {
-            GateUpProj::Split { gate, up } => (gate.forward(&hn)?, up.forward(&hn)?),
+            GateUpProj::Split { gate, up } => (self.linear(gate, &hn)?, self.linear(up, &hn)?),
             GateUpProj::Fused(f) => {
-                let y = f.forward(&hn)?;
+                let y = self.linear(f, &hn)?;
                 let ffn = f.out_features / 2;
                 (y.narrow(2, 0, ffn)?, y.narrow(2, ffn, ffn)?)
             }
@@ -661,11 +689,67 @@ impl Decoder {
             Activation::Silu => candle_nn::ops::silu(&g)?,
             Activation::GeluTanh => g.gelu()?,
         };
-        let mut m = bl.down.forward(&(g * u)?)?;
+        let mut m = self.linear(&bl.down, &(g * u)?)?;
         if let Some(n) = &bl.post_ffw_norm {
             m = n.forward(&m)?;
         }
         Ok((h + m)?)
+    }
+
+    /// Batched matmuls and softmax (tiled kernels; fast, rounding depends on the batch shape).
+    /// `q: [b, nkv, n_rep*l, hd]`, `k_all, v_all: [b, nkv, total, hd]`, mask `[b, 1, 1, l, total]`.
+    fn tiled_attention(
+        &self,
+        q: &Tensor,
+        k_all: &Tensor,
+        v_all: &Tensor,
+        mask: Option<&Tensor>,
+        b: usize,
+        l: usize,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nkv, n_rep) = (cfg.n_kv_heads, cfg.n_heads / cfg.n_kv_heads);
+        let total = k_all.dim(2)?;
+        let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale())?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, nkv, n_rep, l, total))?
+                .broadcast_add(m)?
+                .reshape((b, nkv, n_rep * l, total))?,
+            None => scores,
+        };
+        let probs = if scores.dtype() == DType::F32 {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(scores.dtype())?
+        };
+        Ok(probs.matmul(v_all)?) // [b, nkv, n_rep*l, hd]
+    }
+
+    /// [`crate::kernels::attention::InvariantAttention`] in f32, cast back to the activation dtype.
+    fn invariant_attention(
+        &self,
+        q: &Tensor,
+        k_all: &Tensor,
+        v_all: &Tensor,
+        mask: Option<&Tensor>,
+        l: usize,
+    ) -> Result<Tensor> {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let mask = match mask {
+            Some(m) => Some(std::sync::Arc::new(
+                m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            None => None,
+        };
+        let op = crate::kernels::attention::InvariantAttention {
+            scale: self.cfg.attn_scale() as f32,
+            l,
+            mask,
+        };
+        let out = f32(&q.contiguous()?)?.apply_op3_no_bwd(&f32(k_all)?, &f32(v_all)?, &op)?;
+        Ok(out.to_dtype(q.dtype())?)
     }
 }
 

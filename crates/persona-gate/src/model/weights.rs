@@ -101,6 +101,42 @@ impl Linear {
         Ok(y.reshape(out)?)
     }
 
+    /// [`Self::forward`] with every row computed the same way whatever the number of rows, so a
+    /// row's result does not depend on the batch it is in (see [`crate::kernels::attention`] for
+    /// why audits need that). Quantized weights with compact kernels use them for any row count
+    /// (their per-row sums are independent of the other rows); anything else goes one row at a
+    /// time through the one-row path. Prefill pays for it (BENCHMARKS.md), decode barely.
+    pub fn forward_batch_invariant(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        if m == 0 {
+            return self.forward(x);
+        }
+        let x2 = x.reshape((m, k))?;
+        let y = match (&self.weight, &self.compact) {
+            (_, Some(c)) if x2.dtype() == DType::F32 => x2.contiguous()?.apply_op1_no_bwd(c)?,
+            _ => {
+                let one = |i: usize| -> Result<Tensor> {
+                    let r = x2.narrow(0, i, 1)?;
+                    Ok(match &self.weight {
+                        LinearWeight::Dense(w) => r.matmul(&w.t()?)?,
+                        LinearWeight::Quant(q) => q.forward(&r)?,
+                    })
+                };
+                let rows = (0..m).map(one).collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().expect("rank >= 1") = self.out_features;
+        Ok(y.reshape(out)?)
+    }
+
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quant(QMatMul::QTensor(_)))
     }

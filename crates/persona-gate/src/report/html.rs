@@ -513,7 +513,7 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
             esc(&m.name),
             esc(&m.spec),
             esc(&m.architecture),
-            esc(&m.dtype),
+            esc(&m.dtype_label()),
             esc(m.files.first().map(|f| &f.sha256[..16.min(f.sha256.len())]).unwrap_or("-")),
             esc(&b.policy_version),
             esc(&b.software.version),

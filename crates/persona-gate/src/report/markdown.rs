@@ -32,7 +32,7 @@ pub fn render_markdown(bundle: &Bundle, receipts: &[Receipt], gate: Option<&Gate
             cell(&r.model.name),
             cell(&r.model.spec),
             r.model.architecture,
-            r.model.dtype,
+            r.model.dtype_label(),
             r.model.files.first().map(|f| &f.sha256[..16.min(f.sha256.len())]).unwrap_or("-"),
             &bundle.study.hash[..12.min(bundle.study.hash.len())],
             cell(&bundle.policy_version),

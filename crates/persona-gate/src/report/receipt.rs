@@ -89,6 +89,9 @@ pub struct ModelRecord {
     pub architecture: String,
     /// Numeric mode the study ran in (`q`, `f32`, `bf16`, `f16`).
     pub dtype: String,
+    /// Ran with batch-invariant kernels (outputs independent of the batch size); absent when not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch_invariant: bool,
     pub n_layers: usize,
     pub d_model: usize,
     pub n_params: u64,
@@ -96,6 +99,17 @@ pub struct ModelRecord {
     pub tensor_types: BTreeMap<String, usize>,
     pub files: Vec<FileHash>,
     pub tokenizer: TokenizerRecord,
+}
+
+impl ModelRecord {
+    /// The numeric mode as reports print it (`q`, `q, batch-invariant`).
+    pub fn dtype_label(&self) -> String {
+        if self.batch_invariant {
+            format!("{}, batch-invariant", self.dtype)
+        } else {
+            self.dtype.clone()
+        }
+    }
 }
 
 /// One intervention of a condition, in application order.
@@ -611,6 +625,7 @@ pub fn model_record(study: &Study) -> Result<ModelRecord> {
             format: "openai-chat-completions".into(),
             architecture: "n/a (endpoint)".into(),
             dtype: "n/a (endpoint)".into(),
+            batch_invariant: false,
             n_layers: 0,
             d_model: 0,
             n_params: 0,
@@ -647,6 +662,7 @@ pub fn model_record(study: &Study) -> Result<ModelRecord> {
         format: info.format.clone(),
         architecture: info.architecture.clone(),
         dtype: study.file.model.dtype.to_ascii_lowercase(),
+        batch_invariant: study.file.model.batch_invariant,
         n_layers: info.n_layers,
         d_model: info.d_model,
         n_params: info.n_params,

@@ -132,6 +132,10 @@ pub struct ModelSection {
     /// The study's target is a served model, reached over HTTP: black-box conditions only.
     #[serde(default)]
     pub endpoint: Option<EndpointConfig>,
+    /// Run the local model in batch-invariant mode (`Decoder::set_batch_invariant`): outputs no
+    /// longer depend on `batch_size`, and match `pgate serve --batch-invariant` exactly.
+    #[serde(default)]
+    pub batch_invariant: bool,
 }
 
 impl ModelSection {
@@ -594,6 +598,12 @@ impl StudyFile {
                 .into_iter()
                 .find_map(|(k, v)| v.items().first().map(|t| format!("{k} = \"{t}\"")))
             };
+        if self.model.batch_invariant {
+            return Err(invalid(
+                "[model] batch_invariant applies to local models: for an endpoint it is the server's setting (`pgate serve --batch-invariant`)"
+                    .to_string(),
+            ));
+        }
         let why = "steering needs the model's weights, and this study targets an endpoint ([model] endpoint): only black-box conditions apply there (persona / system prompts under the [generation] sampling settings). Run steering conditions in a local study (same persona modes, [model] spec = ...) into the same results database";
         for c in &self.conditions {
             if let Some(op) = steering(&c.add, &c.add_raw, &c.ablate, &c.cap) {

@@ -225,7 +225,12 @@ impl Study {
         // An endpoint is identified by its API root and model id (not the key, limits or prices).
         let model_id = match file.model.endpoint() {
             None => {
-                json!({ "spec": file.model.spec, "dtype": file.model.dtype.to_ascii_lowercase() })
+                let mut id = json!({ "spec": file.model.spec, "dtype": file.model.dtype.to_ascii_lowercase() });
+                // Only when on, so studies written before the option keep their hashes.
+                if file.model.batch_invariant {
+                    id["batch_invariant"] = json!(true);
+                }
+                id
             }
             Some(ep) => {
                 json!({ "endpoint": { "base_url": ep.normalized_base(), "model": ep.model } })
