@@ -100,6 +100,9 @@ pub struct CompareArgs {
     pub b: String,
     #[arg(long)]
     pub json: bool,
+    /// Also list up to N pairs whose labels differ (condition, prompt, both labels and outputs).
+    #[arg(long, default_value_t = 0)]
+    pub show: usize,
 }
 
 #[derive(clap::Args)]
@@ -300,43 +303,11 @@ fn run(a: RunArgs) -> Result<()> {
         source_path: Some(a.study.clone()),
         concurrency: None,
     };
-    let pb = bar(0, "items", a.quiet);
-    let mut labels = [0usize; 3];
-    let summary = run_study(
-        &study,
-        &mut store,
-        &model,
-        &opts,
-        &STOP,
-        &mut |ev| match ev {
-            RunEvent::Planned { planned, summary } => {
-                pb.set_length(planned as u64);
-                say(
-                    &pb,
-                    format!(
-                        "[pgate] {} items: {} stored, {} to generate{}",
-                        summary.total,
-                        summary.already,
-                        planned,
-                        if summary.other_shards > 0 {
-                            format!(", {} in other shards", summary.other_shards)
-                        } else {
-                            String::new()
-                        }
-                    ),
-                );
-            }
-            RunEvent::Written { label, .. } => {
-                labels[label as usize] += 1;
-                pb.set_message(format!(
-                    "refusal {} bypass {} degenerate {}",
-                    labels[0], labels[1], labels[2]
-                ));
-                pb.inc(1);
-            }
-        },
-    )?;
-    pb.finish_and_clear();
+    let mut progress = RunProgress::new("generate", a.quiet);
+    let summary = run_study(&study, &mut store, &model, &opts, &STOP, &mut |ev| {
+        progress.on(ev)
+    })?;
+    progress.finish();
     eprintln!(
         "[pgate] wrote {} results in {:.1} s ({} decode tokens)",
         summary.written, summary.secs, summary.decode_tokens
@@ -384,6 +355,56 @@ fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The progress bar of `study run` (local and endpoint): planned work, then one tick per stored
+/// row with the running label counts.
+struct RunProgress {
+    pb: indicatif::ProgressBar,
+    labels: [usize; 3],
+    /// What happens to the pending items: "generate" or "request".
+    verb: &'static str,
+}
+
+impl RunProgress {
+    fn new(verb: &'static str, quiet: bool) -> Self {
+        Self {
+            pb: bar(0, "items", quiet),
+            labels: [0; 3],
+            verb,
+        }
+    }
+
+    fn on(&mut self, ev: RunEvent<'_>) {
+        match ev {
+            RunEvent::Planned { planned, summary } => {
+                self.pb.set_length(planned as u64);
+                let others = if summary.other_shards > 0 {
+                    format!(", {} in other shards", summary.other_shards)
+                } else {
+                    String::new()
+                };
+                say(
+                    &self.pb,
+                    format!(
+                        "[pgate] {} items: {} stored, {} to {}{others}",
+                        summary.total, summary.already, planned, self.verb
+                    ),
+                );
+            }
+            RunEvent::Written { label, .. } => {
+                self.labels[label as usize] += 1;
+                let [r, b, d] = self.labels;
+                self.pb
+                    .set_message(format!("refusal {r} bypass {b} degenerate {d}"));
+                self.pb.inc(1);
+            }
+        }
+    }
+
+    fn finish(&self) {
+        self.pb.finish_and_clear();
+    }
+}
+
 /// `study run` for an endpoint study: no model is loaded; requests go to the server.
 fn run_endpoint(
     a: &RunArgs,
@@ -410,36 +431,9 @@ fn run_endpoint(
         source_path: Some(a.study.clone()),
         concurrency: a.concurrency,
     };
-    let pb = bar(0, "items", a.quiet);
-    let mut labels = [0usize; 3];
-    let summary = run_endpoint_study(study, store, &opts, &STOP, &mut |ev| match ev {
-        RunEvent::Planned { planned, summary } => {
-            pb.set_length(planned as u64);
-            say(
-                &pb,
-                format!(
-                    "[pgate] {} items: {} stored, {} to request{}",
-                    summary.total,
-                    summary.already,
-                    planned,
-                    if summary.other_shards > 0 {
-                        format!(", {} in other shards", summary.other_shards)
-                    } else {
-                        String::new()
-                    }
-                ),
-            );
-        }
-        RunEvent::Written { label, .. } => {
-            labels[label as usize] += 1;
-            pb.set_message(format!(
-                "refusal {} bypass {} degenerate {}",
-                labels[0], labels[1], labels[2]
-            ));
-            pb.inc(1);
-        }
-    })?;
-    pb.finish_and_clear();
+    let mut progress = RunProgress::new("request", a.quiet);
+    let summary = run_endpoint_study(study, store, &opts, &STOP, &mut |ev| progress.on(ev))?;
+    progress.finish();
     let e = summary.endpoint.clone().unwrap_or_default();
     eprintln!(
         "[pgate] wrote {} results in {:.1} s: {:.2} items/s, {:.1} completion tok/s at {} in flight; {} tries, {} failed (recorded), {} items gave up{}",
@@ -974,7 +968,8 @@ fn judge(a: JudgeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Pairs the rows of two studies by condition name, prompt set (by hash), prompt and sample.
+/// Pairs the rows of two studies by condition name, prompt (id and text) and sample: two studies
+/// that drew different subsets of one prompt source pair on the prompts they share.
 fn compare(a: CompareArgs) -> Result<()> {
     use persona_gate::eval::paired::mcnemar_pairs;
     use persona_gate::eval::wilson;
@@ -983,6 +978,7 @@ fn compare(a: CompareArgs) -> Result<()> {
     let ra = store.find_study(Some(&a.a))?;
     let rb = store.find_study(Some(&a.b))?;
     type Key = (String, String, String, i64);
+    // (label, output, prompt id)
     let index = |rec: &StudyRecord| -> Result<(Vec<String>, BTreeMap<Key, (String, String)>)> {
         let mut order = Vec::new();
         let mut m = BTreeMap::new();
@@ -991,7 +987,7 @@ fn compare(a: CompareArgs) -> Result<()> {
                 order.push(r.condition.clone());
             }
             m.insert(
-                (r.condition, r.prompt_set_hash, r.prompt_id, r.sample),
+                (r.condition, r.prompt_id, r.prompt, r.sample),
                 (r.label, r.output),
             );
         }
@@ -1000,11 +996,19 @@ fn compare(a: CompareArgs) -> Result<()> {
     let (order, ma) = index(&ra)?;
     let (_, mb) = index(&rb)?;
     let mut out = Vec::new();
+    let mut flips = Vec::new();
     for c in &order {
         let pairs: Vec<(&(String, String), &(String, String))> = ma
             .iter()
             .filter(|(k, _)| &k.0 == c)
-            .filter_map(|(k, va)| mb.get(k).map(|vb| (va, vb)))
+            .filter_map(|(k, va)| {
+                mb.get(k).map(|vb| {
+                    if va.0 != vb.0 {
+                        flips.push((k.clone(), va.clone(), vb.clone()));
+                    }
+                    (va, vb)
+                })
+            })
             .collect();
         if pairs.is_empty() {
             continue;
@@ -1039,10 +1043,20 @@ fn compare(a: CompareArgs) -> Result<()> {
         );
     }
     if a.json {
+        let disagreements: Vec<_> = flips
+            .iter()
+            .take(a.show)
+            .map(|(k, x, y)| {
+                serde_json::json!({
+                    "condition": k.0, "prompt_id": k.1, "sample": k.3,
+                    "label_a": x.0, "label_b": y.0, "output_a": x.1, "output_b": y.1,
+                })
+            })
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "a": ra.name, "b": rb.name, "conditions": out
+                "a": ra.name, "b": rb.name, "conditions": out, "disagreements": disagreements
             }))?
         );
         return Ok(());
@@ -1087,6 +1101,29 @@ fn compare(a: CompareArgs) -> Result<()> {
                 .map(pval)
                 .unwrap_or_else(|| "-".into())
         );
+    }
+    if a.show > 0 {
+        println!(
+            "\nlabels differ on {} pairs{}",
+            flips.len(),
+            if flips.len() > a.show {
+                format!(" (first {})", a.show)
+            } else {
+                String::new()
+            }
+        );
+        let clip = |t: &str| -> String {
+            let t = t.trim().replace('\n', " ");
+            match t.char_indices().nth(100) {
+                Some((i, _)) => format!("{}...", &t[..i]),
+                None => t,
+            }
+        };
+        for (k, x, y) in flips.iter().take(a.show) {
+            println!("{} / {} (sample {}):", k.0, k.1, k.3);
+            println!("  A {:<10} {:?}", x.0, clip(&x.1));
+            println!("  B {:<10} {:?}", y.0, clip(&y.1));
+        }
     }
     Ok(())
 }

@@ -498,35 +498,7 @@ impl Store {
 
     /// Store one result (its own transaction). Returns false when the key was already stored.
     pub fn insert_result(&self, r: &NewResult<'_>) -> Result<bool> {
-        let n = self
-            .conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO results (condition_hash, prompt_set, prompt_id, sample,
-                 item_hash, seed, output, n_tokens, prompt_tokens, finish, label, rule_json, leakage,
-                 leakage_json, started_at, finished_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    r.condition_hash,
-                    r.prompt_set,
-                    r.prompt_id,
-                    r.sample as i64,
-                    r.item_hash,
-                    r.seed as i64,
-                    r.output,
-                    r.n_tokens as i64,
-                    r.prompt_tokens as i64,
-                    r.finish,
-                    r.label,
-                    r.rule_json,
-                    r.leakage,
-                    r.leakage_json,
-                    r.started_at,
-                    r.finished_at
-                ])
-            })
-            .map_err(|e| self.err(e))?;
+        let n = insert_result_row(&self.conn, r).map_err(|e| self.err(e))?;
         Ok(n == 1)
     }
 
@@ -540,34 +512,7 @@ impl Store {
         let path = self.path.clone();
         let e = |x: rusqlite::Error| db_err(&path, x);
         let tx = self.conn.transaction().map_err(e)?;
-        let n = tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO results (condition_hash, prompt_set, prompt_id, sample,
-                 item_hash, seed, output, n_tokens, prompt_tokens, finish, label, rule_json, leakage,
-                 leakage_json, started_at, finished_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    r.condition_hash,
-                    r.prompt_set,
-                    r.prompt_id,
-                    r.sample as i64,
-                    r.item_hash,
-                    r.seed as i64,
-                    r.output,
-                    r.n_tokens as i64,
-                    r.prompt_tokens as i64,
-                    r.finish,
-                    r.label,
-                    r.rule_json,
-                    r.leakage,
-                    r.leakage_json,
-                    r.started_at,
-                    r.finished_at
-                ])
-            })
-            .map_err(e)?;
+        let n = insert_result_row(&tx, r).map_err(e)?;
         if n == 1 {
             tx.execute(
                 "INSERT OR REPLACE INTO endpoint_results (condition_hash, prompt_set, prompt_id,
@@ -1180,4 +1125,33 @@ fn db_err(path: &Path, e: rusqlite::Error) -> Error {
         path,
         std::io::Error::other(format!("results database: {e}")),
     )
+}
+
+/// The one INSERT of a result row, shared by local and endpoint studies (`conn` may be a
+/// transaction). `INSERT OR IGNORE`: returns 0 when the key was already stored.
+fn insert_result_row(conn: &rusqlite::Connection, r: &NewResult<'_>) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO results (condition_hash, prompt_set, prompt_id, sample,
+         item_hash, seed, output, n_tokens, prompt_tokens, finish, label, rule_json, leakage,
+         leakage_json, started_at, finished_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+    )?
+    .execute(params![
+        r.condition_hash,
+        r.prompt_set,
+        r.prompt_id,
+        r.sample as i64,
+        r.item_hash,
+        r.seed as i64,
+        r.output,
+        r.n_tokens as i64,
+        r.prompt_tokens as i64,
+        r.finish,
+        r.label,
+        r.rule_json,
+        r.leakage,
+        r.leakage_json,
+        r.started_at,
+        r.finished_at
+    ])
 }
