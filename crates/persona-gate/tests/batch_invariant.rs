@@ -6,7 +6,10 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use persona_gate::generate::{encode_chat, generate_chat, ChatPrompt, GenSettings, Sampling};
+use persona_gate::intervene::{InterventionPlan, LayerSet};
 use persona_gate::model::{LoadOptions, Model};
 use persona_gate::refusal::last_logits;
 
@@ -66,27 +69,52 @@ fn logits_do_not_depend_on_the_batch() {
     }
 }
 
+/// Greedy tokens at batch 1 and batch 5, plain and under an add + project-out plan (the hooks'
+/// per-row projections must not reintroduce batch dependence).
 #[test]
 fn greedy_tokens_do_not_depend_on_the_batch() {
     let model = load(true);
+    let cfg = model.config().clone();
     let prompts: Vec<ChatPrompt> = PROMPTS.iter().map(|p| ChatPrompt::new(*p)).collect();
-    let run = |batch_size: usize| {
-        let settings = GenSettings {
-            max_new_tokens: 24,
-            sampling: Sampling::greedy(),
-            batch_size,
+    // A fixed pseudo-random unit direction.
+    let mut dir: Vec<f32> = (0..cfg.d_model)
+        .map(|i| ((i as f32 * 12.9898).sin() * 43758.547).fract() - 0.5)
+        .collect();
+    let norm = dir.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dir.iter_mut().for_each(|x| *x /= norm);
+    let plan = InterventionPlan::new()
+        .add(LayerSet::single(6), dir.clone(), 4.0)
+        .ablate(LayerSet((12..16).collect()), dir);
+    let plan = Arc::new(
+        plan.compile(
+            cfg.n_layers,
+            cfg.d_model,
+            model.decoder.dtype(),
+            model.decoder.device(),
+        )
+        .unwrap(),
+    );
+    for plan in [None, Some(plan)] {
+        let run = |batch_size: usize| {
+            let settings = GenSettings {
+                max_new_tokens: 24,
+                sampling: Sampling::greedy(),
+                batch_size,
+            };
+            let (out, _) =
+                generate_chat(&model, &prompts, &settings, plan.clone(), |_, _| Ok(())).unwrap();
+            out.into_iter().map(|c| c.tokens).collect::<Vec<_>>()
         };
-        let (out, _) = generate_chat(&model, &prompts, &settings, None, |_, _| Ok(())).unwrap();
-        out.into_iter().map(|c| c.tokens).collect::<Vec<_>>()
-    };
-    let one = run(1);
-    let all = run(prompts.len());
-    for (i, (a, b)) in one.iter().zip(&all).enumerate() {
-        assert_eq!(
-            a,
-            b,
-            "prompt {i}: greedy tokens differ at batch 1 and batch {}",
-            prompts.len()
-        );
+        let one = run(1);
+        let all = run(prompts.len());
+        for (i, (a, b)) in one.iter().zip(&all).enumerate() {
+            assert_eq!(
+                a,
+                b,
+                "prompt {i} (plan: {}): greedy tokens differ at batch 1 and batch {}",
+                plan.is_some(),
+                prompts.len()
+            );
+        }
     }
 }

@@ -37,6 +37,9 @@ pub struct HookCtx<'a> {
     pub layer: usize,
     pub rows: &'a [RowCtx],
     pub chunk_len: usize,
+    /// The decoder runs in batch-invariant mode: hooks that reduce over the residual must compute
+    /// each row the same way whatever the batch (a per-row sum, not a batched matmul).
+    pub batch_invariant: bool,
 }
 
 impl HookCtx<'_> {

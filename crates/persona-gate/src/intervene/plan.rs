@@ -481,12 +481,12 @@ impl PlanHook<'_> {
                         (h + delta)?
                     }
                     OpKind::Ablate => {
-                        let proj = h.broadcast_matmul(&op.col)?; // [b, l, 1]
+                        let proj = project(&h, op, ctx.batch_invariant)?; // [b, l, 1]
                         let proj = masked(proj)?;
                         (&h - proj.broadcast_mul(&op.row)?)?
                     }
                     OpKind::Cap { lo, hi } => {
-                        let proj = h.broadcast_matmul(&op.col)?;
+                        let proj = project(&h, op, ctx.batch_invariant)?;
                         let lo = lo.map(|x| x as f64).unwrap_or(f64::NEG_INFINITY);
                         let hi = hi.map(|x| x as f64).unwrap_or(f64::INFINITY);
                         let clamped = proj.clamp(lo, hi)?;
@@ -499,6 +499,18 @@ impl PlanHook<'_> {
         }
         Ok(changed.then_some(h))
     }
+}
+
+/// `h · v` per row (`[b, l, 1]`). A batched matmul is fastest, but its summation order can depend
+/// on how many rows there are; in batch-invariant mode each row is an elementwise product and a
+/// last-axis sum, which reads only that row.
+fn project(h: &Tensor, op: &CompiledOp, batch_invariant: bool) -> Result<Tensor> {
+    Ok(if batch_invariant {
+        h.broadcast_mul(&op.row)?
+            .sum_keepdim(candle_core::D::Minus1)?
+    } else {
+        h.broadcast_matmul(&op.col)?
+    })
 }
 
 #[cfg(test)]

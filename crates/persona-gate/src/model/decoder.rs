@@ -497,6 +497,7 @@ impl Decoder {
                     layer: crate::intervene::hook::EMBEDDING_LAYER,
                     rows,
                     chunk_len: l,
+                    batch_invariant: self.batch_invariant,
                 };
                 if let Some(new) = hk.on_embedding(&h, &ctx)? {
                     h = new;
@@ -519,6 +520,7 @@ impl Decoder {
                         layer: li,
                         rows,
                         chunk_len: l,
+                        batch_invariant: self.batch_invariant,
                     };
                     if let Some(new) = hk.on_block_output(&h, &ctx)? {
                         if new.dims() != h.dims() {
@@ -669,6 +671,7 @@ impl Decoder {
                     layer: li,
                     rows,
                     chunk_len: s.l,
+                    batch_invariant: self.batch_invariant,
                 };
                 if let Some(new) = hk.on_mid(&h, &ctx)? {
                     h = new;
