@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::plan::{in_shard, Study, WorkItem};
+use super::plan::{Study, WorkItem};
 use super::runner::{RunEvent, RunOptions, RunSummary};
 use super::store::{now_ms, EndpointCall, EndpointFailureRow, NewResult, Store};
 use crate::endpoint::{Client, Completion, EndpointConfig, Failure};
@@ -132,36 +132,7 @@ pub fn run_endpoint_study(
         ..Default::default()
     };
 
-    let done = store.done_keys(&study.hash)?;
-    let items = study.items();
-    let mut summary = RunSummary {
-        total: items.len(),
-        ..Default::default()
-    };
-    let mut pending: Vec<WorkItem> = Vec::new();
-    for it in items {
-        let set = &study.prompt_sets[it.set];
-        let key = (
-            study.conditions[it.condition].hash.clone(),
-            set.hash.clone(),
-            set.items[it.prompt].id.clone(),
-            it.sample as i64,
-        );
-        if done.contains(&key) {
-            summary.already += 1;
-        } else if opts
-            .shard
-            .is_some_and(|(i, k)| !in_shard(&it.item_hash, i, k))
-        {
-            summary.other_shards += 1;
-        } else {
-            pending.push(it);
-        }
-    }
-    if let Some(n) = opts.limit {
-        pending.truncate(n);
-    }
-    summary.planned = pending.len();
+    let (pending, mut summary) = super::runner::plan_pending(study, store, opts)?;
     on_event(RunEvent::Planned {
         planned: pending.len(),
         summary: &summary,

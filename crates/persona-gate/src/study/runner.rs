@@ -85,36 +85,30 @@ pub enum RunEvent<'a> {
     Written { condition: &'a str, label: Label },
 }
 
-/// Generate and store the missing results of `study` with `model` (loaded from the study's model
-/// spec by the caller). Registers the study in the store first.
-pub fn run_study(
+/// The items of `study` still to run in this invocation (not stored, in this shard, within
+/// `--limit`), with the summary's counts filled in. Local and endpoint runs share it, so both
+/// resume and shard identically.
+pub(crate) fn plan_pending(
     study: &Study,
-    store: &mut Store,
-    model: &Model,
+    store: &Store,
     opts: &RunOptions,
-    stop: &AtomicBool,
-    on_event: &mut dyn FnMut(RunEvent<'_>),
-) -> Result<RunSummary> {
-    let t0 = std::time::Instant::now();
-    store.register(study, opts.source_path.as_deref())?;
+) -> Result<(Vec<WorkItem>, RunSummary)> {
     let done = store.done_keys(&study.hash)?;
     let items = study.items();
     let mut summary = RunSummary {
         total: items.len(),
         ..Default::default()
     };
-    let key = |it: &WorkItem| {
+    let mut pending: Vec<WorkItem> = Vec::new();
+    for it in items {
         let set = &study.prompt_sets[it.set];
-        (
+        let key = (
             study.conditions[it.condition].hash.clone(),
             set.hash.clone(),
             set.items[it.prompt].id.clone(),
             it.sample as i64,
-        )
-    };
-    let mut pending: Vec<WorkItem> = Vec::new();
-    for it in items {
-        if done.contains(&key(&it)) {
+        );
+        if done.contains(&key) {
             summary.already += 1;
         } else if opts
             .shard
@@ -129,6 +123,22 @@ pub fn run_study(
         pending.truncate(n);
     }
     summary.planned = pending.len();
+    Ok((pending, summary))
+}
+
+/// Generate and store the missing results of `study` with `model` (loaded from the study's model
+/// spec by the caller). Registers the study in the store first.
+pub fn run_study(
+    study: &Study,
+    store: &mut Store,
+    model: &Model,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(RunEvent<'_>),
+) -> Result<RunSummary> {
+    let t0 = std::time::Instant::now();
+    store.register(study, opts.source_path.as_deref())?;
+    let (pending, mut summary) = plan_pending(study, store, opts)?;
     on_event(RunEvent::Planned {
         planned: pending.len(),
         summary: &summary,
