@@ -29,6 +29,10 @@ pub struct DirModelArgs {
     /// Run on CUDA device N (needs a build with --features cuda).
     #[arg(long)]
     pub cuda: Option<usize>,
+    /// Batch-invariant kernels (CPU): activations, and so directions, do not depend on the batch
+    /// size the prompts were captured in.
+    #[arg(long)]
+    pub batch_invariant: bool,
 }
 
 impl DirModelArgs {
@@ -38,7 +42,9 @@ impl DirModelArgs {
             None => persona_gate::device::Device::Cpu,
             Some(i) => persona_gate::device::cuda(i)?,
         };
-        Ok(Model::load(&self.model, &LoadOptions { dtype, device })?)
+        let mut model = Model::load(&self.model, &LoadOptions { dtype, device })?;
+        model.decoder.set_batch_invariant(self.batch_invariant)?;
+        Ok(model)
     }
 }
 
