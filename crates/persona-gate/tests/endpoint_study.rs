@@ -556,7 +556,7 @@ fn endpoint_studies_reject_steering_and_mixed_targets() {
         ),
     ];
     for (text, want) in cases {
-        let e = StudyFile::parse(text, &base).err().expect(text).to_string();
+        let e = StudyFile::parse(text, &base).expect_err(text).to_string();
         assert!(e.contains(want), "{e}\nwanted: {want}");
     }
     // A black-box study parses; the endpoint (not the key, limits or prices) is in the hashes.

@@ -370,6 +370,9 @@ pub fn split_rows(caps: &[Option<Tensor>], rows: usize) -> Result<Vec<Vec<Option
     Ok(out)
 }
 
+/// A prompt set's name and its prompts.
+pub type NamedPrompts = (String, Vec<String>);
+
 /// What `pgate guard calibrate` needs.
 #[derive(Debug, Clone)]
 pub struct CalibrateInput {
@@ -382,7 +385,7 @@ pub struct CalibrateInput {
     pub harmful: (String, Vec<String>),
     pub harmless: (String, Vec<String>),
     /// Held-out (harmful, harmless) pairs to report rates on.
-    pub heldout: Vec<((String, Vec<String>), (String, Vec<String>))>,
+    pub heldout: Vec<(NamedPrompts, NamedPrompts)>,
     /// Highest false positive rate of refusal intent on the calibration harmless set; the
     /// threshold is the larger of 0.5 and the value that keeps it.
     pub max_fpr: f64,

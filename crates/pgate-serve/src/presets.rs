@@ -277,7 +277,8 @@ pub fn build_presets(
                 };
                 b.plan_file(&p)?;
             }
-            let groups: [(&Vec<String>, fn(&str) -> Result<DirectionSpec>); 4] = [
+            type Parse = fn(&str) -> Result<DirectionSpec>;
+            let groups: [(&Vec<String>, Parse); 4] = [
                 (&spec.ablate, DirectionSpec::parse_ablate),
                 (&spec.cap, DirectionSpec::parse_cap),
                 (&spec.add, DirectionSpec::parse_add),

@@ -106,10 +106,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         g.check_model(&model)?;
     }
     let presets = build_presets(
-        presets_file
-            .as_ref()
-            .zip(a.presets.as_deref())
-            .map(|(f, p)| (f, p)),
+        presets_file.as_ref().zip(a.presets.as_deref()),
         &dirs,
         &model,
         default_guard,

@@ -977,9 +977,11 @@ fn compare(a: CompareArgs) -> Result<()> {
     let store = Store::open_read(&a.db)?;
     let ra = store.find_study(Some(&a.a))?;
     let rb = store.find_study(Some(&a.b))?;
+    // (condition, prompt id, prompt text, sample) -> (label, output)
     type Key = (String, String, String, i64);
-    // (label, output, prompt id)
-    let index = |rec: &StudyRecord| -> Result<(Vec<String>, BTreeMap<Key, (String, String)>)> {
+    type Entry = (String, String);
+    type Index = BTreeMap<Key, Entry>;
+    let index = |rec: &StudyRecord| -> Result<(Vec<String>, Index)> {
         let mut order = Vec::new();
         let mut m = BTreeMap::new();
         for r in store.rows(&rec.hash)? {
@@ -998,7 +1000,7 @@ fn compare(a: CompareArgs) -> Result<()> {
     let mut out = Vec::new();
     let mut flips = Vec::new();
     for c in &order {
-        let pairs: Vec<(&(String, String), &(String, String))> = ma
+        let pairs: Vec<(&Entry, &Entry)> = ma
             .iter()
             .filter(|(k, _)| &k.0 == c)
             .filter_map(|(k, va)| {

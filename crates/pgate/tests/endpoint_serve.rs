@@ -125,9 +125,7 @@ fn served_model_gives_the_same_labels_as_local() {
     let bad = write(
         &dir,
         "bad.toml",
-        &format!(
-            "version = 1\nname = \"bad\"\n[model]\nendpoint = {{ base_url = \"http://127.0.0.1:9/v1\", model = \"default\" }}\n[prompts]\nh = \"demo_harmful\"\n[[condition]]\nname = \"steer\"\nadd = [\"compliant.safetensors:8@12\"]\n"
-        ),
+        "version = 1\nname = \"bad\"\n[model]\nendpoint = { base_url = \"http://127.0.0.1:9/v1\", model = \"default\" }\n[prompts]\nh = \"demo_harmful\"\n[[condition]]\nname = \"steer\"\nadd = [\"compliant.safetensors:8@12\"]\n",
     );
     let (ok, so, se) = pgate(&["study", "check", bad.to_str().unwrap()]);
     assert!(!ok, "{so}{se}");

@@ -444,7 +444,13 @@ fn continuous_batching_matches_one_at_a_time() {
     // differ between one row and many, so a near-tie can flip a greedy token.)
     let srv = Server::start(&["--api-key", KEY, "--max-batch", "8", "--dtype", "f32"]);
     // A steered preset in the mix: each sequence keeps its own plan.
-    let model_of = |i: usize| if i % 2 == 0 { "default" } else { "steer" };
+    let model_of = |i: usize| {
+        if i.is_multiple_of(2) {
+            "default"
+        } else {
+            "steer"
+        }
+    };
     let mut sequential = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let (s, _, v) = srv.chat(&chat_body(model_of(i), p, 24));

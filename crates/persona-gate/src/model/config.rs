@@ -104,7 +104,7 @@ impl ModelConfig {
     /// Whether block `layer` uses sliding-window attention.
     pub fn is_sliding(&self, layer: usize) -> bool {
         match (self.sliding_window, self.sliding_window_pattern) {
-            (Some(_), Some(p)) if p > 0 => (layer + 1) % p != 0,
+            (Some(_), Some(p)) if p > 0 => !(layer + 1).is_multiple_of(p),
             (Some(_), None) => true,
             _ => false,
         }
@@ -123,13 +123,13 @@ impl ModelConfig {
         if self.n_layers == 0 || self.d_model == 0 || self.n_heads == 0 || self.vocab_size == 0 {
             return bad(format!("zero-sized dimension in {self:?}"));
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} attention heads cannot be grouped over {} kv heads",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} is odd", self.head_dim));
         }
         Ok(())

@@ -116,7 +116,7 @@ pub struct Figure {
     pub caption: String,
 }
 
-fn baseline<'a>(receipts: &'a [Receipt]) -> Option<&'a Receipt> {
+fn baseline(receipts: &[Receipt]) -> Option<&Receipt> {
     receipts.iter().find(|r| r.condition.is_baseline)
 }
 
@@ -419,7 +419,7 @@ pub fn fig_category(receipts: &[Receipt], set: &str) -> Figure {
     }
     let title = format!("Refusal per category: {set}");
     let id = format!("category-{set}");
-    let has = !cats.is_empty() && !(cats.len() == 1 && cats[0] == "(none)");
+    let has = !cats.is_empty() && (cats.len() != 1 || cats[0] != "(none)");
     Figure {
         svg: has.then(|| svg::heatmap(&id, &title, &rows, &cats, &vals, 0.0, 1.0, Some(&texts), "prompt category")),
         id,
@@ -670,6 +670,6 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
         );
     }
     h.push_str("</tbody></table>");
-    let _ = write!(h, "<script>{JS}</script></body></html>\n");
+    let _ = writeln!(h, "<script>{JS}</script></body></html>");
     h
 }

@@ -1207,9 +1207,12 @@ pub fn write_receipts(sr: &StudyReceipts, dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The bundle (when there is one) and each receipt with the file it came from.
+pub type LoadedReceipts = (Option<Bundle>, Vec<(PathBuf, Receipt)>);
+
 /// Receipts from a path: a receipt file, a `bundle.json`, or a folder holding one. Returns the
 /// bundle when there is one.
-pub fn load_receipts(path: &Path) -> Result<(Option<Bundle>, Vec<(PathBuf, Receipt)>)> {
+pub fn load_receipts(path: &Path) -> Result<LoadedReceipts> {
     let bundle_path = if path.is_dir() {
         Some(path.join("bundle.json"))
     } else if path.file_name().is_some_and(|n| n == "bundle.json") {
