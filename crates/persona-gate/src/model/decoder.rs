@@ -1,6 +1,8 @@
 //! The one decoder shared by every family: pre-norm blocks with grouped-query attention, RoPE and a
 //! gated MLP, and a hook point after each block. Family differences come from [`ModelConfig`].
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Activation, ModelConfig};
@@ -140,11 +142,20 @@ struct StepInputs<'a> {
     rope_local: Option<(Tensor, Tensor)>,
     mask_global: Option<Tensor>,
     mask_local: Option<Tensor>,
+    /// The same masks as host values, read once per step for batch-invariant attention (which
+    /// runs on the CPU); `None` in the default mode.
+    host_masks: Option<HostMasks>,
     b: usize,
     l: usize,
     cfg: &'a ModelConfig,
     /// How K/V of this chunk enter the cache.
     kv: KvWrite<'a>,
+}
+
+/// Host copies of a step's additive masks, shared by every layer.
+struct HostMasks {
+    global: Option<Arc<Vec<f32>>>,
+    local: Option<Arc<Vec<f32>>>,
 }
 
 /// How a forward writes K/V into the cache.
@@ -419,11 +430,13 @@ impl Decoder {
             Some(r) if any_local => Some(r.gather(&positions, b, l)?),
             _ => None,
         };
+        let host_masks = self.host_masks(&mask_global, &mask_local)?;
         let step = StepInputs {
             rope_global: self.rope_global.gather(&positions, b, l)?,
             rope_local,
             mask_global,
             mask_local,
+            host_masks,
             b,
             l,
             cfg: &self.cfg,
@@ -459,11 +472,14 @@ impl Decoder {
                 cache.batch()
             )));
         }
+        let mask_global = Some(inp.mask.clone());
+        let host_masks = self.host_masks(&mask_global, &None)?;
         let step = StepInputs {
             rope_global: self.rope_global.gather(inp.positions, b, 1)?,
             rope_local: None,
-            mask_global: Some(inp.mask.clone()),
+            mask_global,
             mask_local: None,
+            host_masks,
             b,
             l: 1,
             cfg: &self.cfg,
@@ -646,15 +662,19 @@ impl Decoder {
         // head become extra rows of one matmul.
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * l, hd))?;
-        let mask = if bl.sliding {
-            &s.mask_local
-        } else {
-            &s.mask_global
-        };
-        let attn = if self.batch_invariant {
-            self.invariant_attention(&q, &k_all, &v_all, mask.as_ref(), l)?
-        } else {
-            self.tiled_attention(&q, &k_all, &v_all, mask.as_ref(), b, l)?
+        let attn = match &s.host_masks {
+            Some(hm) => {
+                let mask = if bl.sliding { &hm.local } else { &hm.global };
+                self.invariant_attention(&q, &k_all, &v_all, mask.clone(), l)?
+            }
+            None => {
+                let mask = if bl.sliding {
+                    &s.mask_local
+                } else {
+                    &s.mask_global
+                };
+                self.tiled_attention(&q, &k_all, &v_all, mask.as_ref(), b, l)?
+            }
         };
         let attn = attn
             .reshape((b, nh, l, hd))?
@@ -730,22 +750,42 @@ impl Decoder {
         Ok(probs.matmul(v_all)?) // [b, nkv, n_rep*l, hd]
     }
 
+    /// The step's masks as host values for [`Self::invariant_attention`] (batch-invariant mode
+    /// only), read once per step rather than once per layer.
+    fn host_masks(
+        &self,
+        global: &Option<Tensor>,
+        local: &Option<Tensor>,
+    ) -> Result<Option<HostMasks>> {
+        if !self.batch_invariant {
+            return Ok(None);
+        }
+        let host = |m: &Option<Tensor>| -> Result<Option<Arc<Vec<f32>>>> {
+            Ok(match m {
+                Some(m) => Some(Arc::new(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
+                None => None,
+            })
+        };
+        let global = host(global)?;
+        // Only sliding-window layers read the local mask.
+        let local = if self.blocks.iter().any(|b| b.sliding) {
+            host(local)?
+        } else {
+            None
+        };
+        Ok(Some(HostMasks { global, local }))
+    }
+
     /// [`crate::kernels::attention::InvariantAttention`] in f32, cast back to the activation dtype.
     fn invariant_attention(
         &self,
         q: &Tensor,
         k_all: &Tensor,
         v_all: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<Arc<Vec<f32>>>,
         l: usize,
     ) -> Result<Tensor> {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let mask = match mask {
-            Some(m) => Some(std::sync::Arc::new(
-                m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-            )),
-            None => None,
-        };
         let op = crate::kernels::attention::InvariantAttention {
             scale: self.cfg.attn_scale() as f32,
             l,

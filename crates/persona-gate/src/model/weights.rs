@@ -81,16 +81,36 @@ enum LinearWeight {
 impl Linear {
     /// Apply to `x` of shape `[..., in_features]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    /// [`Self::forward`] with every row computed the same way whatever the number of rows, so a
+    /// row's result does not depend on the batch it is in (see [`crate::kernels::attention`] for
+    /// why audits need that). Quantized weights with compact kernels use them for any row count
+    /// (their per-row sums are independent of the other rows); anything else goes one row at a
+    /// time through the one-row path. Prefill pays for it (BENCHMARKS.md), decode barely.
+    pub fn forward_batch_invariant(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    /// Flatten to `[m, k]`, multiply (kernel chosen by row count, or batch-invariantly), add the
+    /// bias, restore the leading dims.
+    fn apply(&self, x: &Tensor, batch_invariant: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
         let m: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((m, k))?;
         let y = match (&self.weight, &self.compact) {
-            (_, Some(c)) if m <= c.max_rows() && x2.dtype() == DType::F32 => {
+            (_, Some(c)) if x2.dtype() == DType::F32 && (batch_invariant || m <= c.max_rows()) => {
                 x2.contiguous()?.apply_op1_no_bwd(c)?
             }
-            (LinearWeight::Dense(w), _) => x2.matmul(&w.t()?)?,
-            (LinearWeight::Quant(q), _) => q.forward(&x2)?,
+            _ if batch_invariant && m > 1 => {
+                let rows = (0..m)
+                    .map(|i| self.matmul(&x2.narrow(0, i, 1)?))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
+            _ => self.matmul(&x2)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -101,40 +121,12 @@ impl Linear {
         Ok(y.reshape(out)?)
     }
 
-    /// [`Self::forward`] with every row computed the same way whatever the number of rows, so a
-    /// row's result does not depend on the batch it is in (see [`crate::kernels::attention`] for
-    /// why audits need that). Quantized weights with compact kernels use them for any row count
-    /// (their per-row sums are independent of the other rows); anything else goes one row at a
-    /// time through the one-row path. Prefill pays for it (BENCHMARKS.md), decode barely.
-    pub fn forward_batch_invariant(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        let m: usize = dims[..dims.len() - 1].iter().product();
-        if m == 0 {
-            return self.forward(x);
-        }
-        let x2 = x.reshape((m, k))?;
-        let y = match (&self.weight, &self.compact) {
-            (_, Some(c)) if x2.dtype() == DType::F32 => x2.contiguous()?.apply_op1_no_bwd(c)?,
-            _ => {
-                let one = |i: usize| -> Result<Tensor> {
-                    let r = x2.narrow(0, i, 1)?;
-                    Ok(match &self.weight {
-                        LinearWeight::Dense(w) => r.matmul(&w.t()?)?,
-                        LinearWeight::Quant(q) => q.forward(&r)?,
-                    })
-                };
-                let rows = (0..m).map(one).collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&rows, 0)?
-            }
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out = dims;
-        *out.last_mut().expect("rank >= 1") = self.out_features;
-        Ok(y.reshape(out)?)
+    /// `x2 W^T` with candle's kernels (dense GEMM or quantized matmul).
+    fn matmul(&self, x2: &Tensor) -> Result<Tensor> {
+        Ok(match &self.weight {
+            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
+            LinearWeight::Quant(q) => q.forward(x2)?,
+        })
     }
 
     pub fn is_quantized(&self) -> bool {
