@@ -18,6 +18,7 @@ pub mod generate;
 pub mod hash;
 pub mod intervene;
 pub mod kernels;
+pub mod label;
 pub mod model;
 pub mod refusal;
 pub mod report;

@@ -13,6 +13,7 @@ use persona_gate::model::{DTypeMode, LoadOptions, Model, ModelSource};
 
 mod directions_cli;
 mod export_cli;
+mod label_cli;
 mod refusal_cli;
 mod report_cli;
 mod serve_cli;
@@ -208,6 +209,11 @@ enum Cmd {
     /// Example: pgate study run examples/demo_study.toml --db demo.sqlite
     #[command(subcommand)]
     Study(study_cli::StudyCmd),
+    /// Label outputs as refusal / bypass / degenerate with a measured labeler; train and measure
+    /// the labelers (docs/labels.md).
+    ///
+    /// Example: pgate label q15 --in outputs.jsonl -o labeled.jsonl
+    Label(label_cli::LabelCmd),
     /// Refusal receipts: one JSON audit record per condition of a study (`pgate receipt DB -o DIR`),
     /// and `pgate receipt verify RECEIPT` to recompute every hash they record.
     ///
@@ -414,6 +420,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Geometry(args) => directions_cli::run_geometry(args),
         Cmd::Directions(cmd) => directions_cli::run_directions(cmd),
         Cmd::Study(cmd) => study_cli::run_study_cmd(cmd),
+        Cmd::Label(cmd) => label_cli::run(cmd),
         Cmd::Receipt(a) => report_cli::run_receipt(a),
         Cmd::Report(a) => report_cli::run_report(a),
         Cmd::Check(a) => report_cli::run_check(a),

@@ -40,3 +40,4 @@ pub use random::{random_directions, RandomOptions};
 pub use set::{Direction, DirectionMeta, DirectionSet};
 pub use spec::{DirectionSpec, PlanBuilder};
 pub use traits::{InstructionPair, TraitSpec, BUILTIN_TRAITS};
+pub use util::model_sha256;
