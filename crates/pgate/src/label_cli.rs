@@ -41,6 +41,23 @@ pub enum LabelSub {
     ///
     /// Example: pgate label lengths q15 --devset data/labels/devset.jsonl --lengths 24,64,128,256
     Lengths(LengthsArgs),
+    /// Cut each row's output to its first N tokens (the view a shorter generation would give;
+    /// exact for greedy decoding): sets "max_tokens" and suffixes "id" with "@N".
+    ///
+    /// Example: pgate label cut q15 --in rows.jsonl --tokens 24 -o rows24.jsonl
+    Cut(CutArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CutArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    #[arg(long = "in")]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub tokens: usize,
+    #[arg(short, long)]
+    pub out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -133,6 +150,7 @@ pub fn run(cmd: LabelCmd) -> Result<()> {
         (Some(LabelSub::Train(a)), _) => train(a),
         (Some(LabelSub::Eval(a)), _) => eval(a),
         (Some(LabelSub::Lengths(a)), _) => lengths(a),
+        (Some(LabelSub::Cut(a)), _) => cut(a),
         (None, Some(a)) => label(a),
         (None, None) => anyhow::bail!("pgate label needs --in and -o (or a subcommand: train, eval, lengths)"),
     }
@@ -292,5 +310,23 @@ fn lengths(a: LengthsArgs) -> Result<()> {
     for r in out {
         println!("| {} | {} / {} | {} / {} |", r.tokens, r.differ_from_full_careful, r.n, r.differ_from_longest, r.n);
     }
+    Ok(())
+}
+
+fn cut(a: CutArgs) -> Result<()> {
+    let rows = jsonl::read(&a.input)?;
+    let model = a.m.load()?;
+    let mut out = Vec::with_capacity(rows.objects.len());
+    for (mut o, r) in rows.objects.into_iter().zip(&rows.inputs) {
+        let text = ops::cut_tokens(&model, &r.output, a.tokens)?;
+        o.insert("output".into(), serde_json::Value::String(text));
+        o.insert("max_tokens".into(), a.tokens.into());
+        if let Some(id) = &r.id {
+            o.insert("id".into(), format!("{id}@{}", a.tokens).into());
+        }
+        out.push(o);
+    }
+    jsonl::write(&a.out, &out)?;
+    println!("{} rows cut to {} tokens -> {}", out.len(), a.tokens, a.out.display());
     Ok(())
 }
