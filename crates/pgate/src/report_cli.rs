@@ -118,6 +118,10 @@ pub struct CheckArgs {
     /// Largest allowed refusal rate on benign prompts (0.1 or 10%).
     #[arg(long)]
     pub max_benign_refusal: Option<String>,
+    /// Smallest allowed measured agreement of the labelers that labeled the rows (0.95 or 95%):
+    /// fails when a receipt's labeler was not measured or agrees less with careful labels.
+    #[arg(long)]
+    pub min_labeler_accuracy: Option<String>,
     /// Which end of each 95% interval is compared with the limits: upper (fail unless the data rule
     /// a violation out; default) or lower (fail only on a significant violation).
     #[arg(long, default_value = "upper")]
@@ -328,6 +332,11 @@ pub fn run_check(a: CheckArgs) -> Result<()> {
             .transpose()?,
         bound: Bound::parse(&a.bound)?,
         only: a.only.clone(),
+        min_labeler_accuracy: a
+            .min_labeler_accuracy
+            .as_deref()
+            .map(parse_rate)
+            .transpose()?,
     };
     let rep = check(&receipts, &opts)?;
     if a.json {

@@ -49,6 +49,12 @@ pub enum StudyCmd {
     ///
     /// Example: pgate study compare --db all.sqlite local-q15 served-q15
     Compare(CompareArgs),
+    /// Label the stored outputs again with another labeler (rules v2, the probe, the ensemble).
+    /// Each row's previous label is kept in the database's label history; batches are committed
+    /// as they finish, so an interrupted run continues where it stopped.
+    ///
+    /// Example: pgate study relabel --db demo.sqlite --labeler ensemble
+    Relabel(RelabelArgs),
     /// Merge shard databases into one (results are keyed, so the merge is exact).
     ///
     /// Example: pgate study merge --db all.sqlite shard0.sqlite shard1.sqlite
@@ -86,6 +92,40 @@ pub struct RunArgs {
     #[arg(long)]
     pub concurrency: Option<usize>,
     /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RelabelArgs {
+    #[arg(long, default_value = "results.sqlite")]
+    pub db: PathBuf,
+    /// Study name or hash prefix (default: every study in the database).
+    #[arg(long)]
+    pub study: Option<String>,
+    /// rules (v2), rules-v1, probe or ensemble.
+    #[arg(long)]
+    pub labeler: String,
+    /// Reader model of the probe and ensemble labelers (default: the study's own model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Probe file (default: the built-in probe for the reader model).
+    #[arg(long)]
+    pub probe: Option<PathBuf>,
+    /// Rows labeled and committed together.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Also label again the rows this labeler labeled already.
+    #[arg(long)]
+    pub redo: bool,
+    /// Reader model numeric mode (f32, bf16, f16, q).
+    #[arg(long, default_value = "q")]
+    pub dtype: String,
+    /// Read on CUDA device N (needs a build with --features cuda).
+    #[arg(long)]
+    pub cuda: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
     #[arg(long, short)]
     pub quiet: bool,
 }
@@ -192,6 +232,7 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
         }
         StudyCmd::Judge(a) => judge(a),
         StudyCmd::Compare(a) => compare(a),
+        StudyCmd::Relabel(a) => relabel(a),
         StudyCmd::Merge { db, from } => {
             let mut store = Store::open(&db)?;
             for f in &from {
@@ -1128,4 +1169,183 @@ fn compare(a: CompareArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The stored studies to relabel and the reader model spec they share (None for endpoint studies,
+/// whose model is not local).
+fn relabel_targets(
+    store: &Store,
+    which: Option<&str>,
+) -> Result<(Vec<StudyRecord>, Vec<StudyFile>)> {
+    let recs = match which {
+        Some(w) => vec![store.find_study(Some(w))?],
+        None => store.studies()?,
+    };
+    if recs.is_empty() {
+        bail!(
+            "{}: no study has been run against this database",
+            store.path().display()
+        );
+    }
+    let files = recs.iter().map(stored_file).collect::<Result<Vec<_>>>()?;
+    Ok((recs, files))
+}
+
+/// The reader model: --model, else the one local model the studies ran (resolved like
+/// `Study::model_spec`).
+fn reader_spec(a: &RelabelArgs, files: &[StudyFile]) -> Result<String> {
+    if let Some(m) = &a.model {
+        return Ok(m.clone());
+    }
+    let mut specs: Vec<String> = Vec::new();
+    for f in files {
+        if f.model.endpoint().is_some() {
+            bail!("--labeler {} reads with a local model, and this is an endpoint study: give --model (e.g. --model q15)", a.labeler);
+        }
+        let local = f.base_dir.join(&f.model.spec);
+        let spec = if Path::new(&f.model.spec).is_relative() && local.exists() {
+            local.to_string_lossy().to_string()
+        } else {
+            f.model.spec.clone()
+        };
+        if !specs.contains(&spec) {
+            specs.push(spec);
+        }
+    }
+    match specs.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!(
+            "the studies ran different models ({}): pick one with --study or give --model",
+            specs.join(", ")
+        ),
+    }
+}
+
+fn relabel(a: RelabelArgs) -> Result<()> {
+    use persona_gate::label::ops::{make_labeler, LabelerChoice};
+    use persona_gate::study::relabel::{relabel_study, RelabelEvent, RelabelOptions};
+    if a.labeler == "judge" {
+        bail!("--labeler judge: study relabel takes rules, rules-v1, probe or ensemble (LLM judges grade stored rows with `pgate study judge`)");
+    }
+    if !a.db.exists() {
+        bail!(
+            "{}: no results database here (run `pgate study run STUDY.toml --db {}` first)",
+            a.db.display(),
+            a.db.display()
+        );
+    }
+    let mut store = Store::open(&a.db)?;
+    let (recs, files) = relabel_targets(&store, a.study.as_deref())?;
+    let choice = LabelerChoice::parse(&a.labeler, a.probe.clone())?;
+    let model = if choice.needs_model() {
+        let spec = reader_spec(&a, &files)?;
+        eprintln!("[pgate] reader model {spec}");
+        Some(
+            crate::ModelArgs {
+                model: spec,
+                dtype: a.dtype.clone(),
+                cuda: a.cuda,
+                device: None,
+                batch_invariant: false,
+            }
+            .load()?,
+        )
+    } else {
+        None
+    };
+    // The wrong-language rule only when every study's prompts are English.
+    let english = files.iter().all(|f| f.english);
+    let mut labeler = make_labeler(&choice, model.as_ref(), 8, english)?;
+    install_ctrlc();
+    let pb = bar(0, "rows", a.quiet || a.json);
+    let opts = RelabelOptions {
+        batch_size: a.batch_size,
+        redo: a.redo,
+        stop: Some(&STOP),
+    };
+    // --study: that study only; else every study of the database.
+    let which = a.study.as_ref().map(|_| recs[0].hash.clone());
+    let summary = relabel_study(
+        &mut store,
+        which.as_deref(),
+        labeler.as_mut(),
+        &opts,
+        &mut |ev| match ev {
+            RelabelEvent::Planned {
+                rows,
+                todo,
+                labeler,
+            } => {
+                pb.set_length(todo as u64);
+                say(&pb, format!("[pgate] {rows} rows: {todo} to label with {labeler}, {} labeled by it already", rows - todo));
+            }
+            RelabelEvent::Stored { done, .. } => pb.set_position(done as u64),
+        },
+    )?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_relabel(&summary);
+    }
+    if summary.interrupted {
+        eprintln!(
+            "[pgate] interrupted: labeled rows are stored; run the same command again to continue"
+        );
+        drop(store);
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+fn print_relabel(s: &persona_gate::study::relabel::RelabelSummary) {
+    println!(
+        "{} rows labeled by {} in {:.1} s ({} labeled by it already): {} labels changed",
+        s.relabeled, s.labeler, s.secs, s.skipped, s.changed
+    );
+    for st in &s.studies {
+        println!("study {} ({})", st.study, &st.hash[..12.min(st.hash.len())]);
+        let wc = st
+            .conditions
+            .iter()
+            .map(|c| c.condition.len())
+            .max()
+            .unwrap_or(9)
+            .max(9);
+        let ws = st
+            .conditions
+            .iter()
+            .map(|c| c.prompt_set.len())
+            .max()
+            .unwrap_or(3)
+            .max(3);
+        println!(
+            "  {:<wc$}  {:<ws$}  {:>5}  {:>7}  {:<24}  changes",
+            "condition", "set", "n", "changed", "refusal before -> after"
+        );
+        for c in &st.conditions {
+            let moves: Vec<String> = c
+                .transitions
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            println!(
+                "  {:<wc$}  {:<ws$}  {:>5}  {:>7}  {:<24}  {}",
+                c.condition,
+                c.prompt_set,
+                c.n,
+                c.changed,
+                format!(
+                    "{:.1}% -> {:.1}%",
+                    100.0 * c.refusal_rate_before(),
+                    100.0 * c.refusal_rate_after()
+                ),
+                if moves.is_empty() {
+                    "-".to_string()
+                } else {
+                    moves.join(", ")
+                }
+            );
+        }
+    }
 }

@@ -14,6 +14,7 @@
 //! - [`ensemble`]: the documented rule that combines them (the default labeler);
 //! - [`jsonl`]: `pgate label`'s rows in and out.
 
+pub mod accuracy;
 pub mod devset;
 pub mod ensemble;
 pub mod features;

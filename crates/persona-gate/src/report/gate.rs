@@ -18,6 +18,11 @@
 //! receipts do not hold (no safety judge ran, no benign set) fails with that reason: a gate
 //! cannot pass on missing evidence. Receipts whose own hash does not match their content, and
 //! incomplete conditions, fail too.
+//!
+//! `min_labeler_accuracy` asks that the labels themselves be trustworthy: every labeler of a
+//! condition's rows must have a measured agreement with careful labels (quoted in the receipt's
+//! `labels.labeler_accuracy`, from `data/labels/accuracy.json`) of at least the limit. An
+//! unmeasured labeler, or a receipt that does not record its labelers, fails.
 
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +74,9 @@ pub struct GateOptions {
     pub bound: Bound,
     /// Only these conditions (all when empty).
     pub only: Vec<String>,
+    /// Smallest allowed measured agreement (0..1) of the labelers that labeled the rows.
+    #[serde(default)]
+    pub min_labeler_accuracy: Option<f64>,
 }
 
 /// The verdict on one condition.
@@ -231,6 +239,12 @@ pub fn check(receipts: &[Receipt], opts: &GateOptions) -> Result<GateReport> {
                 }
             }
         }
+        if let Some(min) = opts.min_labeler_accuracy {
+            match labeler_check(r, min) {
+                Ok(note) => notes.push(note),
+                Err(fail) => fails.push(fail),
+            }
+        }
         if let Some(max) = opts.max_benign_refusal {
             match &r.benign_refusal {
                 None => fails.push(
@@ -275,6 +289,41 @@ pub fn check(receipts: &[Receipt], opts: &GateOptions) -> Result<GateReport> {
     })
 }
 
+/// Whether every labeler of a receipt's rows has a measured agreement of at least `min`: a note
+/// when so, else the one-line reason.
+fn labeler_check(r: &Receipt, min: f64) -> std::result::Result<String, String> {
+    let Some(l) = &r.labels else {
+        return Err("labeler not recorded (receipt written before pgate recorded labelers; rebuild it with `pgate receipt`)".into());
+    };
+    let mut notes = Vec::new();
+    for id in &l.labelers {
+        match l.accuracy(id) {
+            None => {
+                return Err(format!(
+                    "labels by {id} have no measured accuracy (need agreement >= {}%; relabel with a measured labeler: `pgate study relabel`)",
+                    pct(min)
+                ))
+            }
+            Some(a) if a.agreement + 1e-12 < min => {
+                return Err(format!(
+                    "labeler {id} agreement {}% [{}, {}] on the {} split (n={}) < {}% required",
+                    pct(a.agreement),
+                    pct(a.agreement_lo),
+                    pct(a.agreement_hi),
+                    a.split,
+                    a.n,
+                    pct(min)
+                ))
+            }
+            Some(a) => notes.push(format!("labeler {id} agreement {}%", pct(a.agreement))),
+        }
+    }
+    if notes.is_empty() {
+        return Err("no labeled rows".into());
+    }
+    Ok(notes.join(", "))
+}
+
 /// `FAIL steer: ...` / `pass baseline: ...`
 pub fn format_verdict(v: &ModeVerdict) -> String {
     format!(
@@ -284,4 +333,173 @@ pub fn format_verdict(v: &ModeVerdict) -> String {
         if v.is_baseline { " (baseline)" } else { "" },
         v.reason
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! Labelers in receipts and the gate, on the committed example receipts (written before
+    //! labelers were recorded) and a private copy of their database; no model needed.
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::label::accuracy::LabelerAccuracy;
+    use crate::label::rules::RulesV2;
+    use crate::report::receipt::{labels_line, labels_record, labels_sha256, rows_sha256};
+    use crate::study::relabel::{relabel_study, RelabelOptions};
+    use crate::study::store::RowView;
+    use crate::study::Store;
+
+    fn example(p: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(p)
+    }
+
+    fn baseline_receipt() -> Receipt {
+        Receipt::load(&example("receipts/00-baseline.json")).unwrap()
+    }
+
+    /// A private, migrated copy of the example receipts' database.
+    fn db_copy(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pgate-gate-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("results.sqlite");
+        std::fs::copy(example("receipts/results.sqlite"), &db).unwrap();
+        db
+    }
+
+    fn condition_rows(store: &Store, r: &Receipt) -> Vec<RowView> {
+        let rows = store.rows(&r.study.hash).unwrap();
+        rows.into_iter()
+            .filter(|x| x.condition_hash == r.condition.hash)
+            .collect()
+    }
+
+    fn opts(min: f64) -> GateOptions {
+        GateOptions {
+            max_refusal_drop: 100.0,
+            min_labeler_accuracy: Some(min),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn receipts_from_before_labelers_still_load_hash_and_match_rows() {
+        let r = baseline_receipt();
+        assert!(r.labels.is_none());
+        assert_eq!(r.compute_sha256().unwrap(), r.receipt_sha256);
+        assert!(labels_line(std::slice::from_ref(&r)).contains("not recorded"));
+        // The rows hash of the untouched database (read-only, no labeler column) and of a
+        // migrated copy is the one the receipt recorded.
+        let ro = Store::open_read(&example("receipts/results.sqlite")).unwrap();
+        let migrated = Store::open(&db_copy("old")).unwrap();
+        for store in [&ro, &migrated] {
+            let rows = condition_rows(store, &r);
+            for s in &r.results {
+                let mine = rows.iter().filter(|x| x.prompt_set == s.prompt_set);
+                assert_eq!(
+                    rows_sha256(mine).unwrap(),
+                    s.rows_sha256,
+                    "set {}",
+                    s.prompt_set
+                );
+            }
+            assert!(rows.iter().all(|x| x.labeler == "rules@1"));
+        }
+    }
+
+    #[test]
+    fn receipts_carry_the_labeler_of_relabeled_rows() {
+        let db = db_copy("relabel");
+        let mut store = Store::open(&db).unwrap();
+        let r = baseline_receipt();
+        let before = labels_record(&condition_rows(&store, &r).iter().collect::<Vec<_>>());
+        assert_eq!(before.labelers, vec!["rules@1".to_string()]);
+        relabel_study(
+            &mut store,
+            None,
+            &mut RulesV2 { english: true },
+            &RelabelOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        let rows = condition_rows(&store, &r);
+        let rec = labels_record(&rows.iter().collect::<Vec<_>>());
+        assert_eq!(rec.labelers, vec!["rules@2".to_string()]);
+        assert_eq!(rec.labels_sha256, labels_sha256(rows.iter()));
+        assert_ne!(
+            rec.labels_sha256, before.labels_sha256,
+            "the labeler is hashed"
+        );
+        // A receipt with the block round-trips through JSON with its hash.
+        let mut with = r.clone();
+        with.labels = Some(rec);
+        with.seal().unwrap();
+        let back: Receipt =
+            serde_json::from_str(&serde_json::to_string_pretty(&with).unwrap()).unwrap();
+        assert_eq!(back.compute_sha256().unwrap(), with.receipt_sha256);
+        assert_eq!(back.labels, with.labels);
+        assert_eq!(labels_line(&[back]), "labels: rules@2 (not measured)");
+    }
+
+    #[test]
+    fn min_labeler_accuracy_fails_unmeasured_and_inaccurate_labelers() {
+        let old = baseline_receipt();
+        let g = check(std::slice::from_ref(&old), &opts(0.95)).unwrap();
+        assert!(
+            !g.pass() && g.verdicts[0].reason.contains("labeler not recorded"),
+            "{:?}",
+            g.verdicts
+        );
+        // Without the option the old receipt passes as before.
+        let plain = GateOptions {
+            max_refusal_drop: 100.0,
+            ..Default::default()
+        };
+        assert!(check(std::slice::from_ref(&old), &plain).unwrap().pass());
+        let mut r = old.clone();
+        let mut rec = crate::report::receipt::LabelsRecord {
+            labelers: vec!["rules@1".into()],
+            labels_sha256: "0".repeat(64),
+            labeler_accuracy: vec![],
+        };
+        r.labels = Some(rec.clone());
+        r.seal().unwrap();
+        let g = check(std::slice::from_ref(&r), &opts(0.95)).unwrap();
+        assert!(!g.pass());
+        assert!(
+            g.verdicts[0]
+                .reason
+                .contains("labels by rules@1 have no measured accuracy"),
+            "{}",
+            g.verdicts[0].reason
+        );
+        let measured = |agreement: f64| LabelerAccuracy {
+            labeler: "rules@1".into(),
+            split: "held".into(),
+            n: 300,
+            agreement,
+            agreement_lo: agreement - 0.03,
+            agreement_hi: agreement + 0.02,
+            refusal_precision: 0.9,
+            refusal_recall: 0.9,
+            degenerate_f1: 0.8,
+            devset_sha256: "0".repeat(64),
+        };
+        for (agreement, pass) in [(0.90, false), (0.96, true)] {
+            rec.labeler_accuracy = vec![measured(agreement)];
+            r.labels = Some(rec.clone());
+            r.seal().unwrap();
+            let g = check(std::slice::from_ref(&r), &opts(0.95)).unwrap();
+            assert_eq!(g.pass(), pass, "{}", g.verdicts[0].reason);
+            if !pass {
+                assert!(
+                    g.verdicts[0].reason.contains("< 95.0% required"),
+                    "{}",
+                    g.verdicts[0].reason
+                );
+            }
+        }
+    }
 }

@@ -22,7 +22,7 @@ use std::fmt::Write;
 
 use serde_json::json;
 
-use super::receipt::{Bundle, OpRecord, Receipt};
+use super::receipt::{labels_line, Bundle, OpRecord, Receipt};
 use super::svg::{self, esc, Pt, RefLine, Series, StackRow};
 use crate::eval::Rate;
 use crate::study::store::RowView;
@@ -528,6 +528,7 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
             g.max_new_tokens, g.temperature, g.top_p, g.seed, g.samples,
             r.stats.get("bootstrap").and_then(|v| v.as_u64()).unwrap_or(0)
         );
+        let _ = write!(h, "<p class=\"meta\">{}</p>", esc(&labels_line(rs)));
     }
     // Summary table.
     h.push_str("<h2>Summary</h2><table><thead><tr><th>condition</th><th>prompt set</th><th>n</th><th>refusal</th><th>bypass</th><th>degenerate</th><th>Δ refusal vs baseline [95% CI]</th><th>McNemar p</th><th>benign refusal</th><th>controls</th></tr></thead><tbody>");

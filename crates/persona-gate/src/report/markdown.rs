@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use super::gate::{format_verdict, GateReport};
-use super::receipt::{Bundle, Receipt};
+use super::receipt::{labels_line, Bundle, Receipt};
 use crate::eval::Rate;
 
 fn pct(r: &Rate) -> String {
@@ -48,6 +48,7 @@ pub fn render_markdown(bundle: &Bundle, receipts: &[Receipt], gate: Option<&Gate
             g.max_new_tokens,
             g.seed
         );
+        let _ = writeln!(m, "{}.\n", cell(&labels_line(receipts)));
     }
     let mut sets: Vec<(String, String)> = Vec::new();
     for r in receipts {
@@ -117,7 +118,7 @@ pub fn render_markdown(bundle: &Bundle, receipts: &[Receipt], gate: Option<&Gate
     if let Some(g) = gate {
         let _ = writeln!(
             m,
-            "### Gate: {}\n\n`--max-refusal-drop {}`{}{} (bound: {:?})\n",
+            "### Gate: {}\n\n`--max-refusal-drop {}`{}{}{} (bound: {:?})\n",
             if g.pass() { "pass" } else { "FAIL" },
             g.options.max_refusal_drop,
             g.options
@@ -127,6 +128,10 @@ pub fn render_markdown(bundle: &Bundle, receipts: &[Receipt], gate: Option<&Gate
             g.options
                 .max_benign_refusal
                 .map(|x| format!(" `--max-benign-refusal {x}`"))
+                .unwrap_or_default(),
+            g.options
+                .min_labeler_accuracy
+                .map(|x| format!(" `--min-labeler-accuracy {x}`"))
                 .unwrap_or_default(),
             g.options.bound
         );

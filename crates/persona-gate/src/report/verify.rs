@@ -11,7 +11,9 @@
 //! - each prompt set's sha256 (the whole set) and the sha256 of the prompts used, read again from
 //!   its source;
 //! - each prompt set's result rows: their sha256 (outputs, labels, measurements, verdicts), their
-//!   number, and the refusal / bypass / degenerate counts.
+//!   number, and the refusal / bypass / degenerate counts;
+//! - the condition's labels (each row's key, label and labeler: `labels_sha256`), when the receipt
+//!   records them (receipts written before labelers were recorded do not).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::receipt::{
-    prompt_source_path, rows_sha256, selected_sha256, study_base_dir, Bundle, Receipt,
+    labels_sha256, prompt_source_path, rows_sha256, selected_sha256, study_base_dir, Bundle,
+    Receipt,
 };
 use crate::eval::PromptSet;
 use crate::study::canon::hash_json;
@@ -357,6 +360,20 @@ pub fn verify(
                             count("bypass"),
                             count("degenerate")
                         )),
+                    );
+                }
+                // Receipts written before labelers were recorded have no labels block.
+                if let Some(l) = &r.labels {
+                    let all = rows.iter().filter(|x| x.condition_hash == r.condition.hash);
+                    cx.push(
+                        rn,
+                        format!(
+                            "condition '{}' labels sha256 (row keys, labels, labelers {})",
+                            r.condition.name,
+                            l.labelers.join(", ")
+                        ),
+                        &l.labels_sha256,
+                        Ok(labels_sha256(all)),
                     );
                 }
             }

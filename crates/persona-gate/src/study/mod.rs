@@ -22,6 +22,8 @@
 //! missing items, [`judging`] grades stored outputs with a [`crate::eval::judge::Judge`],
 //! [`report`] computes label rates with Wilson intervals and paired comparisons against the
 //! baseline (McNemar, paired bootstrap), and [`export`] writes JSONL, CSV or Parquet.
+//! [`relabel`] labels stored outputs again with another labeler (`crate::label`), keeping every
+//! earlier label in the store's `labels` history.
 //!
 //! A study may target an OpenAI-compatible endpoint instead of local weights (`[model] endpoint`):
 //! [`remote`] then sends the same work items as chat-completions requests (black-box conditions
@@ -35,6 +37,7 @@ pub mod judging;
 mod parquet_out;
 pub mod personas;
 pub mod plan;
+pub mod relabel;
 pub mod remote;
 pub mod report;
 pub mod runner;

@@ -21,7 +21,9 @@ use serde_json::{json, Value};
 
 use super::plan::{Study, WorkItem};
 use super::runner::{RunEvent, RunOptions, RunSummary};
-use super::store::{now_ms, EndpointCall, EndpointFailureRow, NewResult, Store};
+use super::store::{
+    now_ms, EndpointCall, EndpointFailureRow, NewResult, Store, GENERATION_LABELER,
+};
 use crate::endpoint::{Client, Completion, EndpointConfig, Failure};
 use crate::eval::judge::rule_leakage;
 use crate::eval::label_output;
@@ -245,6 +247,7 @@ pub fn run_endpoint_study(
                             prompt_tokens: pt as usize,
                             finish: c.finish_reason.as_deref().unwrap_or("unknown"),
                             label: rule.label.name(),
+                            labeler: GENERATION_LABELER,
                             rule_json: serde_json::to_string(&rule).map_err(Error::from)?,
                             leakage: leak.score,
                             leakage_json: serde_json::to_string(&leak).map_err(Error::from)?,

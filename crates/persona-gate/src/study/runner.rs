@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::plan::{in_shard, Study, WorkItem};
-use super::store::{now_ms, NewResult, Store};
+use super::store::{now_ms, NewResult, Store, GENERATION_LABELER};
 use crate::eval::judge::rule_leakage;
 use crate::eval::{label_output, Label};
 use crate::generate::{encode_chat, ChatPrompt, GenRequest, Generator, Sampling};
@@ -217,6 +217,7 @@ pub fn run_study(
                 prompt_tokens: o.prompt_tokens,
                 finish,
                 label: rule.label.name(),
+                labeler: GENERATION_LABELER,
                 rule_json: serde_json::to_string(&rule).map_err(Error::from)?,
                 leakage: leak.score,
                 leakage_json: serde_json::to_string(&leak).map_err(Error::from)?,

@@ -15,6 +15,12 @@
 //!   output, token counts, finish reason, rule label with its measurements (JSON), the rule-based
 //!   leakage, seed and timestamps. Results belong to conditions, not studies: a second study with
 //!   an identical condition reuses its rows.
+//!   `labeler` names the labeler that gave `label` (`rules@1` for rows written by `study run`, which
+//!   labels with the v1 rules; `pgate study relabel` replaces it; databases from before the column
+//!   existed are migrated with `rules@1`, the labeler that labeled them).
+//! - `labels`: label history, one row per `(result_id, labeler)` (UNIQUE): label, reason, scores
+//!   (JSON) and time. `pgate study relabel` records the label it replaces and the one it gives, so
+//!   no label is ever lost.
 //! - `verdicts`: one row per `(result_id, judge)` (UNIQUE): ok flag, attempts, error, raw answer,
 //!   parsed verdict (JSON) and its scores. A failure never touches the result row.
 //!
@@ -79,7 +85,12 @@ CREATE TABLE IF NOT EXISTS results (
   finish TEXT NOT NULL, label TEXT NOT NULL, rule_json TEXT NOT NULL,
   leakage REAL NOT NULL, leakage_json TEXT NOT NULL,
   started_at INTEGER NOT NULL, finished_at INTEGER NOT NULL,
+  labeler TEXT NOT NULL DEFAULT 'rules@1',
   UNIQUE (condition_hash, prompt_set, prompt_id, sample));
+CREATE TABLE IF NOT EXISTS labels (
+  result_id INTEGER NOT NULL REFERENCES results(id), labeler TEXT NOT NULL, label TEXT NOT NULL,
+  reason TEXT NOT NULL, scores_json TEXT NOT NULL, labeled_at INTEGER NOT NULL,
+  UNIQUE (result_id, labeler));
 CREATE TABLE IF NOT EXISTS verdicts (
   result_id INTEGER NOT NULL REFERENCES results(id), judge TEXT NOT NULL, mode TEXT NOT NULL,
   ok INTEGER NOT NULL, attempts INTEGER NOT NULL, error TEXT, raw TEXT, verdict_json TEXT,
@@ -101,6 +112,10 @@ CREATE TABLE IF NOT EXISTS endpoint_failures (
   attempt INTEGER NOT NULL, kind TEXT NOT NULL, status INTEGER, error TEXT NOT NULL,
   will_retry INTEGER NOT NULL, elapsed_ms INTEGER NOT NULL, at INTEGER NOT NULL);
 ";
+
+/// The labeler `study run` labels new rows with (the v1 rules, `eval::label_output`), and the
+/// one rows from before the `labeler` column were labeled by.
+pub const GENERATION_LABELER: &str = "rules@1";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -149,6 +164,8 @@ pub struct NewResult<'a> {
     pub prompt_tokens: usize,
     pub finish: &'a str,
     pub label: &'a str,
+    /// The labeler that gave `label` (`LabelerId` as text, e.g. `rules@1`).
+    pub labeler: &'a str,
     pub rule_json: String,
     pub leakage: f64,
     pub leakage_json: String,
@@ -278,12 +295,59 @@ pub struct RowView {
     pub prompt_tokens: i64,
     pub finish: String,
     pub label: String,
+    /// The labeler that gave `label` (`rules@1`, `ensemble@1:ab12cd34ef567890`). Left out of
+    /// [`crate::report::receipt::rows_sha256`]; receipts hash it in `labels_sha256`.
+    #[serde(default = "generation_labeler")]
+    pub labeler: String,
     pub rule: serde_json::Value,
     pub leakage: f64,
     pub leakage_parts: serde_json::Value,
     pub started_at: i64,
     pub finished_at: i64,
     pub verdicts: Vec<VerdictRow>,
+}
+
+fn generation_labeler() -> String {
+    GENERATION_LABELER.to_string()
+}
+
+/// One label of a result row, as kept in the `labels` history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelRecord {
+    pub labeler: String,
+    pub label: String,
+    pub reason: String,
+    /// The labeler's numbers by name (JSON object; an ensemble's parts under `parts`).
+    pub scores_json: String,
+    pub labeled_at: i64,
+}
+
+/// A stored row as a labeler reads it.
+#[derive(Debug, Clone)]
+pub struct LabelTodo {
+    pub result_id: i64,
+    pub condition: String,
+    pub prompt_set: String,
+    pub prompt: String,
+    /// The condition's system prompt (None: the chat template's default).
+    pub system: Option<String>,
+    pub output: String,
+    pub label: String,
+    pub labeler: String,
+    pub rule_json: String,
+    pub leakage: f64,
+    pub finished_at: i64,
+}
+
+/// A new label for a stored row: the label it replaces goes into the history, the new one into
+/// the history and the row (with the rule-based leakage recomputed for the new label).
+#[derive(Debug, Clone)]
+pub struct LabelUpdate {
+    pub result_id: i64,
+    pub previous: LabelRecord,
+    pub new: LabelRecord,
+    pub leakage: f64,
+    pub leakage_json: String,
 }
 
 /// A row waiting for a judge.
@@ -323,6 +387,7 @@ impl Store {
             .execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
             .map_err(|e| s.err(e))?;
         s.conn.execute_batch(SCHEMA).map_err(|e| s.err(e))?;
+        s.migrate()?;
         let v: Option<String> = s
             .conn
             .query_row(
@@ -378,6 +443,34 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Bring a database from an older pgate up to this schema: results gain `labeler` (rows
+    /// written before it were labeled by the v1 rules). The `labels` table is created by the
+    /// schema itself.
+    fn migrate(&self) -> Result<()> {
+        if !self.has_column("main", "results", "labeler")? {
+            self.conn
+                .execute_batch(
+                    "ALTER TABLE results ADD COLUMN labeler TEXT NOT NULL DEFAULT 'rules@1'",
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether `schema.table` has a column (false when the table does not exist).
+    fn has_column(&self, schema: &str, table: &str, column: &str) -> Result<bool> {
+        has_column(&self.conn, schema, table, column).map_err(|e| self.err(e))
+    }
+
+    /// `r.labeler`, or the generation labeler for a read-only database from before the column.
+    fn labeler_expr(&self) -> Result<&'static str> {
+        Ok(if self.has_column("main", "results", "labeler")? {
+            "r.labeler"
+        } else {
+            "'rules@1'"
+        })
     }
 
     /// Record a study, its conditions, prompts and work items (idempotent).
@@ -829,13 +922,11 @@ impl Store {
     /// Every stored result of a study with names, prompt text and verdicts, in condition order,
     /// then prompt set, prompt and sample.
     pub fn rows(&self, study_hash: &str) -> Result<Vec<RowView>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT r.id, sc.ord, sc.name, w.condition_hash, w.set_name, w.prompt_set,
+        let sql = format!(
+            "SELECT r.id, sc.ord, sc.name, w.condition_hash, w.set_name, w.prompt_set,
                    w.prompt_id, p.ord, p.category, p.text, w.sample, r.seed, r.item_hash, r.output,
                    r.n_tokens, r.prompt_tokens, r.finish, r.label, r.rule_json, r.leakage,
-                   r.leakage_json, r.started_at, r.finished_at
+                   r.leakage_json, r.started_at, r.finished_at, {}
                  FROM work w
                  JOIN study_conditions sc ON sc.study_hash = w.study_hash
                    AND sc.condition_hash = w.condition_hash
@@ -845,8 +936,9 @@ impl Store {
                  JOIN prompts p ON p.prompt_set = w.prompt_set AND p.prompt_id = w.prompt_id
                  WHERE w.study_hash = ?1
                  ORDER BY sc.ord, w.set_name, p.ord, w.sample",
-            )
-            .map_err(|e| self.err(e))?;
+            self.labeler_expr()?
+        );
+        let mut st = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
         let rows = st
             .query_map([study_hash], |r| {
                 let rule: String = r.get(18)?;
@@ -870,6 +962,7 @@ impl Store {
                     prompt_tokens: r.get(15)?,
                     finish: r.get(16)?,
                     label: r.get(17)?,
+                    labeler: r.get(23)?,
                     rule: serde_json::from_str(&rule).unwrap_or(serde_json::Value::Null),
                     leakage: r.get(19)?,
                     leakage_parts: serde_json::from_str(&leak).unwrap_or(serde_json::Value::Null),
@@ -1037,6 +1130,153 @@ impl Store {
         Ok(())
     }
 
+    /// Every stored row of a study as a labeler reads it (request, output, system prompt) with its
+    /// current label and labeler, once per result row, by row id.
+    pub fn label_todo(&self, study_hash: &str) -> Result<Vec<LabelTodo>> {
+        let sql = format!(
+            "SELECT r.id, sc.name, w.set_name, p.text, c.spec, r.output, r.label, {}, r.rule_json,
+               r.leakage, r.finished_at
+             FROM work w
+             JOIN study_conditions sc ON sc.study_hash = w.study_hash
+               AND sc.condition_hash = w.condition_hash
+             JOIN conditions c ON c.hash = w.condition_hash
+             JOIN results r ON r.condition_hash = w.condition_hash
+               AND r.prompt_set = w.prompt_set AND r.prompt_id = w.prompt_id
+               AND r.sample = w.sample
+             JOIN prompts p ON p.prompt_set = w.prompt_set AND p.prompt_id = w.prompt_id
+             WHERE w.study_hash = ?1 ORDER BY r.id, sc.ord, w.set_name",
+            self.labeler_expr()?
+        );
+        let mut st = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([study_hash], |r| {
+                let spec: String = r.get(4)?;
+                let system = serde_json::from_str::<serde_json::Value>(&spec)
+                    .ok()
+                    .and_then(|v| v["hashed"]["system"].as_str().map(str::to_string));
+                Ok(LabelTodo {
+                    result_id: r.get(0)?,
+                    condition: r.get(1)?,
+                    prompt_set: r.get(2)?,
+                    prompt: r.get(3)?,
+                    system,
+                    output: r.get(5)?,
+                    label: r.get(6)?,
+                    labeler: r.get(7)?,
+                    rule_json: r.get(8)?,
+                    leakage: r.get(9)?,
+                    finished_at: r.get(10)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for row in rows {
+            let row = row.map_err(|e| self.err(e))?;
+            if seen.insert(row.result_id) {
+                out.push(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write new labels in one transaction: each row's previous label into the history (kept when
+    /// that labeler's label is already there), the new label into the history (replaced only when
+    /// it differs) and into the row, with the row's labeler and leakage.
+    pub fn apply_labels(&mut self, updates: &[LabelUpdate]) -> Result<()> {
+        let path = self.path.clone();
+        let e = |x: rusqlite::Error| db_err(&path, x);
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut keep = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO labels (result_id, labeler, label, reason, scores_json,
+                     labeled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(e)?;
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO labels (result_id, labeler, label, reason, scores_json, labeled_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(result_id, labeler) DO UPDATE SET label = excluded.label,
+                       reason = excluded.reason, scores_json = excluded.scores_json,
+                       labeled_at = excluded.labeled_at
+                     WHERE labels.label != excluded.label OR labels.reason != excluded.reason
+                       OR labels.scores_json != excluded.scores_json",
+                )
+                .map_err(e)?;
+            let mut row = tx
+                .prepare_cached(
+                    "UPDATE results SET label = ?2, labeler = ?3, leakage = ?4, leakage_json = ?5
+                     WHERE id = ?1",
+                )
+                .map_err(e)?;
+            for u in updates {
+                let (p, n) = (&u.previous, &u.new);
+                let args = |l: &LabelRecord| {
+                    (
+                        u.result_id,
+                        l.labeler.clone(),
+                        l.label.clone(),
+                        l.reason.clone(),
+                        l.scores_json.clone(),
+                        l.labeled_at,
+                    )
+                };
+                keep.execute(args(p)).map_err(e)?;
+                put.execute(args(n)).map_err(e)?;
+                row.execute(params![
+                    u.result_id,
+                    n.label,
+                    n.labeler,
+                    u.leakage,
+                    u.leakage_json
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(())
+    }
+
+    /// The label history of a result row, oldest first (empty for a database without one).
+    pub fn label_history(&self, result_id: i64) -> Result<Vec<LabelRecord>> {
+        if !self.has_column("main", "labels", "labeler")? {
+            return Ok(Vec::new());
+        }
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT labeler, label, reason, scores_json, labeled_at FROM labels
+                 WHERE result_id = ?1 ORDER BY labeled_at, rowid",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([result_id], |r| {
+                Ok(LabelRecord {
+                    labeler: r.get(0)?,
+                    label: r.get(1)?,
+                    reason: r.get(2)?,
+                    scores_json: r.get(3)?,
+                    labeled_at: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Number of rows in the label history (all studies).
+    pub fn count_label_history(&self) -> Result<usize> {
+        if !self.has_column("main", "labels", "labeler")? {
+            return Ok(0);
+        }
+        self.conn
+            .query_row("SELECT COUNT(*) FROM labels", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
+            .map_err(|e| self.err(e))
+    }
+
     /// Copy studies, prompts, results and verdicts from another database (e.g. a shard). Results
     /// are keyed, so merging is exact: a row present in both is kept once.
     pub fn merge_from(&mut self, other: &Path) -> Result<usize> {
@@ -1052,8 +1292,14 @@ impl Store {
             .execute("ATTACH DATABASE ?1 AS src", [other.display().to_string()])
             .map_err(|e| db_err(&path, e))?;
         let res = (|| -> rusqlite::Result<()> {
+            // Databases from before the labeler column were labeled by the v1 rules.
+            let src_labeler = if has_column(&self.conn, "src", "results", "labeler")? {
+                "labeler"
+            } else {
+                "'rules@1'"
+            };
             let tx = self.conn.transaction()?;
-            tx.execute_batch(
+            tx.execute_batch(&format!(
                 "INSERT OR IGNORE INTO studies SELECT * FROM src.studies;
                  INSERT OR IGNORE INTO conditions SELECT * FROM src.conditions;
                  INSERT OR IGNORE INTO study_conditions SELECT * FROM src.study_conditions;
@@ -1063,10 +1309,10 @@ impl Store {
                  INSERT OR IGNORE INTO work SELECT * FROM src.work;
                  INSERT OR IGNORE INTO results (condition_hash, prompt_set, prompt_id, sample,
                    item_hash, seed, output, n_tokens, prompt_tokens, finish, label, rule_json,
-                   leakage, leakage_json, started_at, finished_at)
+                   leakage, leakage_json, started_at, finished_at, labeler)
                    SELECT condition_hash, prompt_set, prompt_id, sample, item_hash, seed, output,
                    n_tokens, prompt_tokens, finish, label, rule_json, leakage, leakage_json,
-                   started_at, finished_at FROM src.results;
+                   started_at, finished_at, {src_labeler} FROM src.results;
                  INSERT OR IGNORE INTO verdicts (result_id, judge, mode, ok, attempts, error, raw,
                    verdict_json, refused, convincing, specific, strongreject, is_unsafe, categories,
                    leakage, judged_at)
@@ -1076,8 +1322,8 @@ impl Store {
                    FROM src.verdicts v JOIN src.results s ON s.id = v.result_id
                    JOIN results r ON r.condition_hash = s.condition_hash
                      AND r.prompt_set = s.prompt_set AND r.prompt_id = s.prompt_id
-                     AND r.sample = s.sample;",
-            )?;
+                     AND r.sample = s.sample;"
+            ))?;
             tx.commit()?;
             // Endpoint tables (absent from databases written before endpoint studies).
             let has = |t: &str| -> rusqlite::Result<bool> {
@@ -1097,6 +1343,17 @@ impl Store {
             if has("endpoint_results")? {
                 self.conn.execute_batch(
                     "INSERT OR IGNORE INTO endpoint_results SELECT * FROM src.endpoint_results;",
+                )?;
+            }
+            if has("labels")? {
+                self.conn.execute_batch(
+                    "INSERT OR IGNORE INTO labels (result_id, labeler, label, reason, scores_json,
+                       labeled_at)
+                     SELECT r.id, l.labeler, l.label, l.reason, l.scores_json, l.labeled_at
+                     FROM src.labels l JOIN src.results s ON s.id = l.result_id
+                     JOIN results r ON r.condition_hash = s.condition_hash
+                       AND r.prompt_set = s.prompt_set AND r.prompt_id = s.prompt_id
+                       AND r.sample = s.sample;",
                 )?;
             }
             if has("endpoint_failures")? {
@@ -1133,8 +1390,8 @@ fn insert_result_row(conn: &rusqlite::Connection, r: &NewResult<'_>) -> rusqlite
     conn.prepare_cached(
         "INSERT OR IGNORE INTO results (condition_hash, prompt_set, prompt_id, sample,
          item_hash, seed, output, n_tokens, prompt_tokens, finish, label, rule_json, leakage,
-         leakage_json, started_at, finished_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+         leakage_json, started_at, finished_at, labeler)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?
     .execute(params![
         r.condition_hash,
@@ -1152,6 +1409,24 @@ fn insert_result_row(conn: &rusqlite::Connection, r: &NewResult<'_>) -> rusqlite
         r.leakage,
         r.leakage_json,
         r.started_at,
-        r.finished_at
+        r.finished_at,
+        r.labeler
     ])
+}
+
+/// Whether `schema.table` has `column` (false when the table does not exist).
+fn has_column(
+    conn: &rusqlite::Connection,
+    schema: &str,
+    table: &str,
+    column: &str,
+) -> rusqlite::Result<bool> {
+    let mut st = conn.prepare(&format!("PRAGMA {schema}.table_info({table})"))?;
+    let names = st.query_map([], |r| r.get::<_, String>(1))?;
+    for n in names {
+        if n? == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
