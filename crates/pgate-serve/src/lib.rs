@@ -3,6 +3,8 @@
 //! - [`presets`]: persona modes (system prompt + intervention plan + guard policy) from TOML.
 //! - [`engine`]: the model thread, one decode loop serving every request (continuous batching).
 //! - [`guard`]: refusal intent and persona shift from the prompt's residual stream; calibration.
+//! - [`output_guard`]: the refusal probe on the finished answer (a second check, after generation).
+//! - [`output_eval`]: the output guard's true and false positive rates, offline.
 //! - [`server`]: routes, request checks, SSE streaming, auth, limits, graceful shutdown.
 //! - [`openai`]: request and response shapes, error objects.
 //! - [`metrics`]: Prometheus text.
@@ -13,10 +15,13 @@ pub mod engine;
 pub mod guard;
 pub mod metrics;
 pub mod openai;
+pub mod output_eval;
+pub mod output_guard;
 pub mod presets;
 pub mod server;
 
 pub use engine::Projector;
 pub use guard::{GuardCalibration, GuardReport};
+pub use output_guard::{OutputCheck, OutputGuard, OutputVerdict};
 pub use presets::{build_presets, DirectionRegistry, GuardMode, Preset, PresetFile};
 pub use server::{serve, shutdown_signal, Limits, ServerConfig};

@@ -9,6 +9,9 @@
 //! | `pgate_time_to_first_token_seconds` | histogram | `preset` |
 //! | `pgate_guard_flags_total` | counter | `preset`, `mode` (`monitor`, `block`) |
 //! | `pgate_guard_checked_total` | counter | `preset` |
+//! | `pgate_output_guard_total` | counter | `preset`, `outcome` (`pass`, `flagged`, `blocked`, `error`) |
+//! | `pgate_output_guard_errors_total` | counter | `preset` (every failed read, checkpoints included) |
+//! | `pgate_output_guard_seconds` | histogram | `preset` (one read: queueing in the reader + the pass) |
 //! | `pgate_queue_depth`, `pgate_running_sequences` | gauge | |
 //! | `pgate_decode_steps_total`, `pgate_decode_tokens_total` | counter | |
 //! | `process_resident_memory_bytes` | gauge | |
@@ -54,6 +57,9 @@ struct Inner {
     ttft: BTreeMap<String, Histogram>,
     flags: BTreeMap<(String, String), u64>,
     checked: BTreeMap<String, u64>,
+    output: BTreeMap<(String, String), u64>,
+    output_errors: BTreeMap<String, u64>,
+    output_seconds: BTreeMap<String, Histogram>,
 }
 
 /// Shared by the HTTP handlers (behind `Arc`) and the engine thread (gauges and step counters).
@@ -104,6 +110,26 @@ impl Metrics {
         });
     }
 
+    /// One answer's output-guard outcome: `pass`, `flagged` (monitor), `blocked` or `error`.
+    pub fn output_guard(&self, preset: &str, outcome: &str) {
+        self.with(|m| *m.output.entry((preset.into(), outcome.into())).or_default() += 1);
+    }
+
+    /// A failed output-guard read (the answer stays unflagged).
+    pub fn output_guard_error(&self, preset: &str) {
+        self.with(|m| *m.output_errors.entry(preset.into()).or_default() += 1);
+    }
+
+    /// Time one output-guard read took, waiting for the reader included.
+    pub fn output_guard_seconds(&self, preset: &str, secs: f64) {
+        self.with(|m| {
+            m.output_seconds
+                .entry(preset.into())
+                .or_default()
+                .observe(secs)
+        });
+    }
+
     /// Total requests answered with `status`.
     pub fn count_status(&self, status: u16) -> u64 {
         self.with(|m| {
@@ -142,6 +168,7 @@ impl Metrics {
             for (name, map, help) in [
                 ("pgate_request_duration_seconds", &m.duration, "Time from request to last byte."),
                 ("pgate_time_to_first_token_seconds", &m.ttft, "Time from request to the first generated token."),
+                ("pgate_output_guard_seconds", &m.output_seconds, "Time of one output-guard read (waiting for the reader included)."),
             ] {
                 let _ = writeln!(o, "# HELP {name} {help}");
                 let _ = writeln!(o, "# TYPE {name} histogram");
@@ -164,6 +191,16 @@ impl Metrics {
             let _ = writeln!(o, "# TYPE pgate_guard_flags_total counter");
             for ((p, mode), n) in &m.flags {
                 let _ = writeln!(o, "pgate_guard_flags_total{{preset=\"{}\",mode=\"{mode}\"}} {n}", esc(p));
+            }
+            let _ = writeln!(o, "# HELP pgate_output_guard_total Answers checked by the output guard, by preset and outcome (pass, flagged, blocked, error).");
+            let _ = writeln!(o, "# TYPE pgate_output_guard_total counter");
+            for ((p, outcome), n) in &m.output {
+                let _ = writeln!(o, "pgate_output_guard_total{{preset=\"{}\",outcome=\"{outcome}\"}} {n}", esc(p));
+            }
+            let _ = writeln!(o, "# HELP pgate_output_guard_errors_total Output-guard reads that failed (the answer stays unflagged).");
+            let _ = writeln!(o, "# TYPE pgate_output_guard_errors_total counter");
+            for (p, n) in &m.output_errors {
+                let _ = writeln!(o, "pgate_output_guard_errors_total{{preset=\"{}\"}} {n}", esc(p));
             }
         });
         let _ = writeln!(
@@ -234,7 +271,16 @@ mod tests {
         m.request("compliant", 429);
         m.duration("default", 0.3);
         m.guard("compliant", "monitor", true);
+        m.output_guard("compliant", "flagged");
+        m.output_guard_error("compliant");
+        m.output_guard_seconds("compliant", 0.2);
         let t = m.render();
+        assert!(
+            t.contains("pgate_output_guard_total{preset=\"compliant\",outcome=\"flagged\"} 1"),
+            "{t}"
+        );
+        assert!(t.contains("pgate_output_guard_errors_total{preset=\"compliant\"} 1"));
+        assert!(t.contains("pgate_output_guard_seconds_count{preset=\"compliant\"} 1"));
         assert!(
             t.contains("pgate_requests_total{preset=\"default\",status=\"200\"} 2"),
             "{t}"

@@ -16,7 +16,11 @@
 //! # add_raw = [...], ablate = ["refusal[21]@0-27"], cap = ["compliant:-5:5@10-14"]
 //! # plan = "plan.toml"                  # a plan file (JSON or TOML), relative to this file
 //! guard = "block"                       # off | monitor | block (default: the server's --guard)
+//! output_guard = "block"                # off | monitor | block (default: --output-guard)
 //! ```
+//!
+//! `guard` is the input guard (the prompt, before generation, [`crate::guard`]); `output_guard` the
+//! check of the finished answer ([`crate::output_guard`]).
 //!
 //! A direction is named by a file path (relative to the presets file) or by the name of one of the
 //! server's `--directions` files (its file stem, e.g. `compliant` for `compliant.safetensors`).
@@ -87,6 +91,9 @@ pub struct PresetSpec {
     pub plan: Option<PathBuf>,
     #[serde(default)]
     pub guard: Option<GuardMode>,
+    /// Output guard mode (the answer read by the refusal probe after generation).
+    #[serde(default)]
+    pub output_guard: Option<GuardMode>,
 }
 
 impl PresetSpec {
@@ -142,6 +149,8 @@ pub struct Preset {
     pub plan: Option<Arc<CompiledPlan>>,
     /// Guard mode after applying the server default.
     pub guard: GuardMode,
+    /// Output guard mode after applying the server default.
+    pub output_guard: GuardMode,
 }
 
 /// The server's named direction files (`--directions`): name -> file.
@@ -252,12 +261,14 @@ impl DirectionRegistry {
     }
 }
 
-/// Compile every preset of `file` for `model`.
+/// Compile every preset of `file` for `model`; presets that set no `guard` / `output_guard` get
+/// `default_guard` / `default_output_guard`.
 pub fn build_presets(
     file: Option<(&PresetFile, &Path)>,
     dirs: &DirectionRegistry,
     model: &Model,
     default_guard: GuardMode,
+    default_output_guard: GuardMode,
 ) -> Result<BTreeMap<String, Preset>> {
     let mut specs = file.map(|(f, _)| f.presets.clone()).unwrap_or_default();
     specs.entry("default".into()).or_default();
@@ -305,6 +316,7 @@ pub fn build_presets(
             None
         };
         let guard = spec.guard.unwrap_or(default_guard);
+        let output_guard = spec.output_guard.unwrap_or(default_output_guard);
         out.insert(
             name.clone(),
             Preset {
@@ -312,6 +324,7 @@ pub fn build_presets(
                 spec,
                 plan,
                 guard,
+                output_guard,
             },
         );
     }
@@ -331,12 +344,18 @@ system = "You are friendly."
 [presets.compliant]
 add = ["compliant:8@10-14"]
 guard = "block"
+output_guard = "monitor"
 "#,
         )
         .unwrap();
         assert_eq!(f.presets.len(), 2);
         assert!(f.presets["compliant"].has_steering());
         assert_eq!(f.presets["compliant"].guard, Some(GuardMode::Block));
+        assert_eq!(
+            f.presets["compliant"].output_guard,
+            Some(GuardMode::Monitor)
+        );
+        assert_eq!(f.presets["friendly"].output_guard, None);
         assert!(!f.presets["friendly"].has_steering());
         let e = PresetFile::parse("[presets.x]\nsytem = 'typo'\n").unwrap_err();
         assert!(e.to_string().contains("sytem"), "{e}");

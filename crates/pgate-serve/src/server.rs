@@ -7,6 +7,10 @@
 //! | `GET /health` | status, model, presets, queue |
 //! | `GET /metrics` | Prometheus text |
 //!
+//! With the output guard ([`crate::output_guard`]) on for a preset, every finished answer is read
+//! by the refusal probe before the response (or the stream's last chunk) goes out; the verdict is
+//! `persona_gate.output_guard` (non-streaming: also the header `x-pgate-output-guard`).
+//!
 //! Every error is an OpenAI error object with a 4xx/5xx status: 400 malformed request (bad JSON,
 //! wrong field type, too many tokens, unsupported value), 401 missing or wrong bearer token, 404
 //! unknown preset (`model_not_found`) or route, 413 body over 4 MiB, 429 queue full (`queue_full`,
@@ -37,6 +41,9 @@ use crate::engine::{self, EngineConfig, Event, FinishReason, Job, Projector, Win
 use crate::guard::{GuardCalibration, GuardReport, BLOCK_MESSAGE};
 use crate::metrics::Metrics;
 use crate::openai::{flatten_messages, now_secs, parse_chat_request, ApiError, Stop, Usage};
+use crate::output_guard::{
+    OutputCheck, OutputGuard, OutputVerdict, Reader, OUTPUT_BLOCK_MESSAGE, STREAM_FLAGGED_NOTE,
+};
 use crate::presets::{GuardMode, Preset};
 
 /// Request limits.
@@ -75,6 +82,8 @@ pub struct ServerConfig {
     /// Sequences decoded together.
     pub batch_size: usize,
     pub guard: Option<Arc<GuardCalibration>>,
+    /// The output guard (probe + refusal-intent calibration), for presets whose `output_guard` is on.
+    pub output_guard: Option<Arc<OutputGuard>>,
     pub projector: Projector,
 }
 
@@ -86,6 +95,7 @@ struct App {
     tokenizer: ChatTokenizer,
     has_template: bool,
     guard: Option<Arc<GuardCalibration>>,
+    reader: Option<Reader>,
     tx: SyncSender<Job>,
     queue: usize,
     metrics: Arc<Metrics>,
@@ -94,8 +104,22 @@ struct App {
     started: u64,
 }
 
-/// Check the configuration against the loaded model: guard modes need a guard file.
+/// Check the configuration against the loaded model: guard modes need a guard file, output guard
+/// modes a loaded output guard.
 pub fn check_config(cfg: &ServerConfig) -> persona_gate::Result<()> {
+    if cfg.output_guard.is_none() {
+        if let Some(p) = cfg
+            .presets
+            .values()
+            .find(|p| p.output_guard != GuardMode::Off)
+        {
+            return Err(persona_gate::Error::InvalidValue(format!(
+                "preset '{}' has output_guard '{}' but no output guard is loaded (--output-guard needs --guard-file and a probe)",
+                p.name,
+                p.output_guard.name()
+            )));
+        }
+    }
     if cfg.guard.is_none() {
         if let Some(p) = cfg.presets.values().find(|p| p.guard != GuardMode::Off) {
             return Err(persona_gate::Error::InvalidValue(format!(
@@ -135,6 +159,13 @@ pub async fn serve(
         .name("pgate-engine".into())
         .spawn(move || engine::run(m2, engine_cfg, rx, met2))
         .map_err(|e| persona_gate::Error::io("engine thread", e))?;
+    let (reader, reader_thread) = match &cfg.output_guard {
+        Some(og) => {
+            let (r, h) = Reader::spawn(model.clone(), og.clone())?;
+            (Some(r), Some(h))
+        }
+        None => (None, None),
+    };
     let app = Arc::new(App {
         model_id: cfg.model_id.clone(),
         presets: cfg.presets,
@@ -143,6 +174,7 @@ pub async fn serve(
         tokenizer: model.tokenizer.clone(),
         has_template: model.tokenizer.has_chat_template(),
         guard: cfg.guard,
+        reader,
         tx,
         queue: cfg.queue,
         metrics,
@@ -170,6 +202,9 @@ pub async fn serve(
     // The router (and its sender) is gone once serve returns; drop ours so the engine stops.
     drop(app);
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    if let Some(h) = reader_thread {
+        let _ = tokio::task::spawn_blocking(move || h.join()).await;
+    }
     result.map_err(|e| persona_gate::Error::io("http server", e))
 }
 
@@ -256,6 +291,7 @@ fn model_entry(app: &App, p: &Preset) -> Value {
             "steering": p.plan.is_some(),
             "add": p.spec.add, "add_raw": p.spec.add_raw, "ablate": p.spec.ablate, "cap": p.spec.cap,
             "guard": p.guard.name(),
+            "output_guard": p.output_guard.name(),
         }
     })
 }
@@ -297,6 +333,12 @@ async fn health(State(app): State<Arc<App>>) -> Response {
             "threshold": g.threshold,
             "shift_threshold": g.shift_threshold,
         })),
+        "output_guard": app.reader.as_ref().map(|r| json!({
+            "probe_sha256": r.guard.probe_sha256,
+            "max_output_tokens": r.guard.probe.max_output_tokens,
+            "threshold": r.guard.guard.threshold,
+            "every": r.guard.every,
+        })),
         "queue_depth": app.metrics.queue_depth.load(Ordering::Relaxed),
         "queue_capacity": app.queue,
         "running": app.metrics.running.load(Ordering::Relaxed),
@@ -333,6 +375,9 @@ fn resolve_preset<'a>(app: &'a App, name: &str) -> Result<&'a Preset, ApiError> 
 /// A request checked and tokenized, ready for the engine.
 struct Prepared {
     preset: String,
+    output_mode: GuardMode,
+    /// The user's last message: what the output guard reads the answer against.
+    last_user: String,
     stream: bool,
     include_usage: bool,
     stops: Vec<String>,
@@ -483,8 +528,16 @@ fn prepare(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Prepared, (Str
         deadline: Instant::now() + app.limits.timeout,
         events: etx,
     };
+    let last_user = flat
+        .iter()
+        .rev()
+        .find(|(r, _)| r == "user")
+        .map(|(_, c)| c.clone())
+        .unwrap_or_default();
     Ok(Prepared {
         preset: preset.name.clone(),
+        output_mode: preset.output_guard,
+        last_user,
         stream: req.stream.unwrap_or(false),
         include_usage: req.stream_options.map(|o| o.include_usage).unwrap_or(false),
         stops,
@@ -563,6 +616,8 @@ impl StopMatcher {
 struct Meta {
     preset: String,
     mode: GuardMode,
+    output_mode: GuardMode,
+    last_user: String,
     prompt_tokens: usize,
     projections: Vec<WindowProjection>,
     guard: Option<GuardReport>,
@@ -570,6 +625,15 @@ struct Meta {
 }
 
 impl Meta {
+    /// What the output guard reads for this request; the input guard's refusal intent when it ran.
+    fn output_check(&self, text: &str) -> OutputCheck {
+        OutputCheck {
+            prompt: self.last_user.clone(),
+            output: text.to_string(),
+            refusal_intent: self.guard.as_ref().map(|g| g.refusal_intent),
+        }
+    }
+
     fn json(&self) -> Value {
         json!({
             "preset": self.preset,
@@ -619,6 +683,8 @@ async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
     };
     let Prepared {
         preset,
+        output_mode,
+        last_user,
         stream,
         include_usage,
         stops,
@@ -664,6 +730,8 @@ async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
         })) => Meta {
             preset: preset.clone(),
             mode,
+            output_mode,
+            last_user,
             prompt_tokens,
             projections,
             guard,
@@ -733,6 +801,15 @@ enum Step {
 }
 
 impl Collector {
+    fn new(app: &App, stops: Vec<String>) -> Self {
+        Collector {
+            decode: DecodeStream::new(&app.tokenizer, true),
+            stop: StopMatcher::new(stops),
+            completion_tokens: 0,
+            pending: None,
+        }
+    }
+
     async fn next(
         &mut self,
         rx: &mut UnboundedReceiver<Event>,
@@ -812,6 +889,133 @@ impl Collector {
     }
 }
 
+/// What the output guard said about one answer, for the response, the log and the metrics.
+struct OutputOutcome {
+    mode: GuardMode,
+    verdict: Option<OutputVerdict>,
+    /// Why there is no verdict (the answer then goes out unflagged).
+    error: Option<String>,
+    blocked: bool,
+    /// Completion tokens read by the streaming checkpoint that blocked, when one did.
+    checkpoint_tokens: Option<usize>,
+}
+
+impl OutputOutcome {
+    fn flagged(&self) -> bool {
+        self.verdict.as_ref().is_some_and(|v| v.flagged)
+    }
+
+    /// `pass`, `flagged` (monitor), `blocked` or `error`: the metric's outcome and the header.
+    fn state(&self) -> &'static str {
+        if self.error.is_some() {
+            "error"
+        } else if self.blocked {
+            "blocked"
+        } else if self.flagged() {
+            "flagged"
+        } else {
+            "pass"
+        }
+    }
+
+    fn json(&self) -> Value {
+        let mut v = match &self.verdict {
+            Some(v) => serde_json::to_value(v).unwrap_or_else(|_| json!({})),
+            None => json!({"flagged": false}),
+        };
+        v["mode"] = json!(self.mode.name());
+        v["blocked"] = json!(self.blocked);
+        if let Some(e) = &self.error {
+            v["error"] = json!(e);
+        }
+        if let Some(n) = self.checkpoint_tokens {
+            v["checkpoint_tokens"] = json!(n);
+        }
+        v
+    }
+}
+
+/// Result of one read by the reader thread and how long it took (queueing included).
+type ReadResult = (Result<OutputVerdict, String>, f64);
+
+/// Read `text` with the output guard, waiting at most until `hard`.
+async fn read_output(reader: Reader, check: OutputCheck, hard: tokio::time::Instant) -> ReadResult {
+    let t = Instant::now();
+    let r = match tokio::time::timeout_at(hard, reader.check(check)).await {
+        Ok(r) => r,
+        Err(_) => Err("timed out waiting for the output guard's reader".into()),
+    };
+    (r, t.elapsed().as_secs_f64())
+}
+
+/// Turn a read into an outcome; a failed read is logged and counted and leaves the answer unflagged.
+fn outcome(app: &App, meta: &Meta, id: &str, read: ReadResult, at: Option<usize>) -> OutputOutcome {
+    let (r, secs) = read;
+    app.metrics.output_guard_seconds(&meta.preset, secs);
+    let mode = meta.output_mode;
+    match r {
+        Ok(v) => {
+            let blocked = v.flagged && mode == GuardMode::Block;
+            OutputOutcome {
+                mode,
+                verdict: Some(v),
+                error: None,
+                blocked,
+                checkpoint_tokens: at.filter(|_| blocked),
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "[pgate serve] output guard error on {id} (preset {}): {e}; the answer is not flagged",
+                meta.preset
+            );
+            app.metrics.output_guard_error(&meta.preset);
+            OutputOutcome {
+                mode,
+                verdict: None,
+                error: Some(e),
+                blocked: false,
+                checkpoint_tokens: None,
+            }
+        }
+    }
+}
+
+/// The final read of an answer (no reader loaded: an error outcome).
+async fn check_output(
+    app: &App,
+    meta: &Meta,
+    id: &str,
+    text: &str,
+    hard: tokio::time::Instant,
+) -> OutputOutcome {
+    let read = match &app.reader {
+        Some(r) => read_output(r.clone(), meta.output_check(text), hard).await,
+        None => (Err("no output guard is loaded".into()), 0.0),
+    };
+    outcome(app, meta, id, read, None)
+}
+
+/// Count a request's output-guard outcome once, and log a flag.
+fn record_outcome(app: &App, meta: &Meta, id: &str, o: &OutputOutcome) {
+    app.metrics.output_guard(&meta.preset, o.state());
+    if let (true, Some(v)) = (o.flagged(), &o.verdict) {
+        eprintln!(
+            "[pgate serve] output guard {} {id} (preset {}, mode {}): p_refusal {:.3}, p_degenerate {:.3}, refusal intent {:.3} ({}){}",
+            if o.blocked { "blocked" } else { "flagged" },
+            meta.preset,
+            o.mode.name(),
+            v.p_refusal,
+            v.p_degenerate,
+            v.refusal_intent,
+            v.refusal_intent_source,
+            o.checkpoint_tokens
+                .map(|n| format!(", at the checkpoint after {n} tokens"))
+                .unwrap_or_default()
+        );
+    }
+}
+
 async fn full_response(
     app: Arc<App>,
     meta: Meta,
@@ -822,15 +1026,10 @@ async fn full_response(
     hard: tokio::time::Instant,
 ) -> Response {
     let preset = meta.preset.clone();
-    let (text, finish, completion_tokens) = if meta.blocked {
+    let (mut text, mut finish, completion_tokens) = if meta.blocked {
         (BLOCK_MESSAGE.to_string(), "content_filter", 0)
     } else {
-        let mut c = Collector {
-            decode: DecodeStream::new(&app.tokenizer, true),
-            stop: StopMatcher::new(stops),
-            completion_tokens: 0,
-            pending: None,
-        };
+        let mut c = Collector::new(&app, stops);
         let mut first = true;
         let finish = loop {
             if let Some(f) = c.pending.take() {
@@ -853,11 +1052,24 @@ async fn full_response(
         drop(rx);
         (c.stop.full().to_string(), finish, c.completion_tokens)
     };
+    let output = if !meta.blocked && meta.output_mode != GuardMode::Off {
+        let o = check_output(&app, &meta, &id, &text, hard).await;
+        record_outcome(&app, &meta, &id, &o);
+        if o.blocked {
+            text = OUTPUT_BLOCK_MESSAGE.to_string();
+            finish = "content_filter";
+        }
+        Some(o)
+    } else {
+        None
+    };
     let usage = Usage::new(meta.prompt_tokens, completion_tokens);
     app.metrics
         .tokens(&preset, meta.prompt_tokens, completion_tokens);
     app.metrics.duration(&preset, t0.elapsed().as_secs_f64());
     app.metrics.request(&preset, 200);
+    let mut pg = meta.json();
+    pg["output_guard"] = output.as_ref().map_or(Value::Null, OutputOutcome::json);
     let body = json!({
         "id": id,
         "object": "chat.completion",
@@ -871,10 +1083,16 @@ async fn full_response(
             "finish_reason": finish,
         }],
         "usage": usage,
-        "persona_gate": meta.json(),
+        "persona_gate": pg,
     });
     let mut r = Json(body).into_response();
     meta.headers(r.headers_mut());
+    if let Some(o) = &output {
+        r.headers_mut().insert(
+            HeaderName::from_static("x-pgate-output-guard"),
+            HeaderValue::from_static(o.state()),
+        );
+    }
     r
 }
 
@@ -887,6 +1105,200 @@ fn chunk(id: &str, preset: &str, delta: Value, finish: Option<&str>) -> Value {
         "system_fingerprint": Value::Null,
         "choices": [{"index": 0, "delta": delta, "logprobs": Value::Null, "finish_reason": finish}],
     })
+}
+
+/// The SSE side of a streamed response.
+struct Sink {
+    otx: tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>,
+    id: String,
+    preset: String,
+}
+
+impl Sink {
+    /// Send one event; false when the client has gone.
+    async fn send(&self, v: Value) -> bool {
+        self.otx
+            .send(Ok(SseEvent::default().data(v.to_string())))
+            .await
+            .is_ok()
+    }
+
+    async fn text(&self, s: &str) -> bool {
+        s.is_empty()
+            || self
+                .send(chunk(&self.id, &self.preset, json!({"content": s}), None))
+                .await
+    }
+
+    async fn done(&self) {
+        let _ = self.otx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+    }
+}
+
+/// A checkpoint read in flight: it covers the first `covered` bytes of the held text.
+struct Checkpoint {
+    covered: usize,
+    tokens: usize,
+    task: tokio::task::JoinHandle<ReadResult>,
+}
+
+/// Text a block-mode stream holds back (output guard with checkpoints) until a check passes.
+struct Held {
+    /// Whether text is held back at all (block mode with `every > 0`).
+    on: bool,
+    every: usize,
+    /// The probe reads at most this many answer tokens: past them, checkpoints tell nothing new.
+    max_read: usize,
+    sent: String,
+    held: String,
+    next_at: usize,
+    pending: Option<Checkpoint>,
+}
+
+impl Held {
+    fn new(app: &App, meta: &Meta) -> Self {
+        let (every, max_read) = app
+            .reader
+            .as_ref()
+            .map_or((0, 0), |r| (r.guard.every, r.guard.probe.max_output_tokens));
+        Held {
+            on: meta.output_mode == GuardMode::Block && every > 0 && app.reader.is_some(),
+            every,
+            max_read,
+            sent: String::new(),
+            held: String::new(),
+            next_at: every,
+            pending: None,
+        }
+    }
+
+    /// Start a checkpoint read when one is due and none is in flight.
+    fn maybe_check(&mut self, app: &App, meta: &Meta, tokens: usize, hard: tokio::time::Instant) {
+        if !self.on || self.pending.is_some() || tokens < self.next_at {
+            return;
+        }
+        let Some(reader) = app.reader.clone() else {
+            return;
+        };
+        let check = meta.output_check(&format!("{}{}", self.sent, self.held));
+        self.pending = Some(Checkpoint {
+            covered: self.held.len(),
+            tokens,
+            task: tokio::spawn(read_output(reader, check, hard)),
+        });
+        self.next_at = tokens + self.every;
+    }
+
+    /// Move the first `n` held bytes to the sent text and return them.
+    fn release(&mut self, n: usize) -> String {
+        let out: String = self.held.drain(..n.min(self.held.len())).collect();
+        self.sent.push_str(&out);
+        out
+    }
+}
+
+/// What the stream loop waits for next.
+enum Next {
+    Step(Step),
+    Checkpoint(ReadResult),
+}
+
+/// Stream the answer. Without held text it goes out as it comes; with it (block mode, checkpoints)
+/// each part goes out once a checkpoint covering it passed, and a flagged checkpoint ends the
+/// stream. Returns the finish reason, the completion tokens and the output guard's outcome;
+/// `None` when the client left or generation failed (the error was sent).
+#[allow(clippy::too_many_arguments)]
+async fn stream_answer(
+    app: &App,
+    meta: &Meta,
+    sink: &Sink,
+    rx: &mut UnboundedReceiver<Event>,
+    stops: Vec<String>,
+    t0: Instant,
+    hard: tokio::time::Instant,
+) -> Option<(&'static str, usize, Option<OutputOutcome>)> {
+    let mut c = Collector::new(app, stops);
+    let mut held = Held::new(app, meta);
+    let mut first_tok = true;
+    let finish = loop {
+        if let Some(f) = c.pending.take() {
+            break f;
+        }
+        let next = tokio::select! {
+            biased;
+            r = async {
+                match held.pending.as_mut() {
+                    Some(cp) => (&mut cp.task).await,
+                    None => std::future::pending().await,
+                }
+            } => Next::Checkpoint(r.unwrap_or_else(|e| (Err(format!("checkpoint task: {e}")), 0.0))),
+            s = c.next(rx, hard, app) => Next::Step(s),
+        };
+        match next {
+            Next::Checkpoint(read) => {
+                let Some(cp) = held.pending.take() else {
+                    continue;
+                };
+                let o = outcome(app, meta, &sink.id, read, Some(cp.tokens));
+                if o.blocked {
+                    return sink.text(OUTPUT_BLOCK_MESSAGE).await.then_some((
+                        "content_filter",
+                        c.completion_tokens,
+                        Some(o),
+                    ));
+                }
+                let mut out = held.release(cp.covered);
+                if cp.tokens >= held.max_read {
+                    // Later checks would read the same first tokens: stop holding back.
+                    held.on = false;
+                    out.push_str(&held.release(usize::MAX));
+                }
+                if !sink.text(&out).await {
+                    app.metrics.request(&meta.preset, 499);
+                    return None;
+                }
+            }
+            Next::Step(Step::Text(s)) => {
+                if first_tok {
+                    app.metrics.ttft(&meta.preset, t0.elapsed().as_secs_f64());
+                    first_tok = false;
+                }
+                if held.on {
+                    held.held.push_str(&s);
+                    held.maybe_check(app, meta, c.completion_tokens, hard);
+                } else {
+                    held.sent.push_str(&s);
+                    if !sink.text(&s).await {
+                        app.metrics.request(&meta.preset, 499);
+                        return None;
+                    }
+                }
+            }
+            Next::Step(Step::Finished(f)) => break f,
+            Next::Step(Step::Failed(e)) => {
+                app.metrics.request(&meta.preset, e.status);
+                let _ = sink.send(e.body()).await;
+                sink.done().await;
+                return None;
+            }
+        }
+    };
+    if let Some(cp) = held.pending.take() {
+        cp.task.abort(); // the final read below covers everything
+    }
+    let tokens = c.completion_tokens;
+    if meta.output_mode == GuardMode::Off {
+        let rest = held.release(usize::MAX);
+        return sink.text(&rest).await.then_some((finish, tokens, None));
+    }
+    let full = format!("{}{}", held.sent, held.held);
+    let o = check_output(app, meta, &sink.id, &full, hard).await;
+    let (text, finish) = match (o.blocked, held.on) {
+        (true, true) => (OUTPUT_BLOCK_MESSAGE.to_string(), "content_filter"),
+        (true, false) => (STREAM_FLAGGED_NOTE.to_string(), "content_filter"),
+        (false, _) => (held.release(usize::MAX), finish),
+    };
+    sink.text(&text).await.then_some((finish, tokens, Some(o)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -905,81 +1317,50 @@ async fn stream_response(
     meta.headers(&mut hdrs);
     let preset = meta.preset.clone();
     tokio::spawn(async move {
-        let send = |v: Value| {
-            let otx = otx.clone();
-            async move {
-                otx.send(Ok(SseEvent::default().data(v.to_string())))
-                    .await
-                    .is_ok()
-            }
-        };
+        let sink = Sink { otx, id, preset };
         let mut first = chunk(
-            &id,
-            &preset,
+            &sink.id,
+            &sink.preset,
             json!({"role": "assistant", "content": ""}),
             None,
         );
         first["persona_gate"] = meta.json();
-        if !send(first).await {
+        if !sink.send(first).await {
             return;
         }
-        let mut completion_tokens = 0;
-        let finish = if meta.blocked {
-            if !send(chunk(&id, &preset, json!({"content": BLOCK_MESSAGE}), None)).await {
+        let (finish, completion_tokens, output) = if meta.blocked {
+            if !sink.text(BLOCK_MESSAGE).await {
                 return;
             }
-            "content_filter"
+            ("content_filter", 0, None)
         } else {
-            let mut c = Collector {
-                decode: DecodeStream::new(&app.tokenizer, true),
-                stop: StopMatcher::new(stops),
-                completion_tokens: 0,
-                pending: None,
-            };
-            let mut first_tok = true;
-            let f = loop {
-                if let Some(f) = c.pending.take() {
-                    break f;
-                }
-                match c.next(&mut rx, hard, &app).await {
-                    Step::Text(s) => {
-                        if first_tok {
-                            app.metrics.ttft(&preset, t0.elapsed().as_secs_f64());
-                            first_tok = false;
-                        }
-                        if !send(chunk(&id, &preset, json!({"content": s}), None)).await {
-                            app.metrics.request(&preset, 499);
-                            return;
-                        }
-                    }
-                    Step::Finished(f) => break f,
-                    Step::Failed(e) => {
-                        app.metrics.request(&preset, e.status);
-                        let _ = send(e.body()).await;
-                        let _ = otx.send(Ok(SseEvent::default().data("[DONE]"))).await;
-                        return;
-                    }
-                }
-            };
-            completion_tokens = c.completion_tokens;
-            f
+            match stream_answer(&app, &meta, &sink, &mut rx, stops, t0, hard).await {
+                Some(r) => r,
+                None => return,
+            }
         };
         drop(rx);
-        if !send(chunk(&id, &preset, json!({}), Some(finish))).await {
+        let mut last = chunk(&sink.id, &sink.preset, json!({}), Some(finish));
+        if let Some(o) = &output {
+            record_outcome(&app, &meta, &sink.id, o);
+            last["persona_gate"] = json!({"output_guard": o.json()});
+        }
+        if !sink.send(last).await {
             return;
         }
         if include_usage {
-            let mut u = chunk(&id, &preset, json!({}), None);
+            let mut u = chunk(&sink.id, &sink.preset, json!({}), None);
             u["choices"] = json!([]);
             u["usage"] = serde_json::to_value(Usage::new(meta.prompt_tokens, completion_tokens))
                 .unwrap_or(Value::Null);
-            let _ = send(u).await;
+            let _ = sink.send(u).await;
         }
-        let _ = otx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        sink.done().await;
         app.metrics
-            .tokens(&preset, meta.prompt_tokens, completion_tokens);
-        app.metrics.duration(&preset, t0.elapsed().as_secs_f64());
-        app.metrics.request(&preset, 200);
+            .tokens(&meta.preset, meta.prompt_tokens, completion_tokens);
+        app.metrics
+            .duration(&meta.preset, t0.elapsed().as_secs_f64());
+        app.metrics.request(&meta.preset, 200);
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(orx);
     let mut r = Sse::new(stream)

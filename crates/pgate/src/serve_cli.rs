@@ -1,5 +1,5 @@
-//! `pgate serve`, `pgate guard calibrate|eval` and `pgate serve-bench`: argument parsing and
-//! printing over `persona_gate_serve`.
+//! `pgate serve`, `pgate guard calibrate|eval|eval-output` and `pgate serve-bench`: argument
+//! parsing and printing over `persona_gate_serve`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,9 +10,13 @@ use clap::{Args, Subcommand};
 use persona_gate::directions::DirectionSet;
 use persona_gate::eval::{label_output, wilson, Label, PromptSet};
 use persona_gate::generate::{generate_chat, ChatPrompt, GenSettings, Sampling};
+use persona_gate::label::ops::resolve_probe;
+use persona_gate::model::Model;
 use persona_gate_serve::guard::{self, capture_last, CalibrateInput, GuardCalibration};
+use persona_gate_serve::output_eval::{self, EvalPreset, OutputEvalInput, Reference};
 use persona_gate_serve::{
-    build_presets, DirectionRegistry, GuardMode, Limits, PresetFile, Projector, ServerConfig,
+    build_presets, DirectionRegistry, GuardMode, Limits, OutputGuard, Preset, PresetFile,
+    Projector, ServerConfig,
 };
 
 use crate::ModelArgs;
@@ -37,6 +41,23 @@ pub struct ServeArgs {
     /// Guard calibration file written by `pgate guard calibrate`.
     #[arg(long)]
     pub guard_file: Option<PathBuf>,
+    /// Output guard mode of presets that do not set `output_guard`: off, monitor or block. After
+    /// generation the refusal probe reads the answer under the default persona and flags a
+    /// compliant answer to a request the default persona would refuse (refusal intent from
+    /// --guard-file, which it needs).
+    #[arg(long, default_value = "off")]
+    pub output_guard: String,
+    /// Probe file for the output guard (`pgate label train`; default: the built-in probe for this
+    /// model, found by its sha256).
+    #[arg(long)]
+    pub probe: Option<PathBuf>,
+    /// Output guard in block mode on streams: check every N completion tokens and send text only
+    /// once a check covering it passed (0: check once at the end; the text has streamed by then).
+    #[arg(long, default_value_t = 0)]
+    pub output_guard_every: usize,
+    /// Answers per forward of the output guard's reader.
+    #[arg(long, default_value_t = 4)]
+    pub output_guard_batch: usize,
     /// Direction (by name among --directions) whose projections responses report as `persona`.
     #[arg(long, default_value = "compliant")]
     pub persona_direction: String,
@@ -95,6 +116,13 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
             default_guard.name()
         );
     }
+    let default_output = GuardMode::parse(&a.output_guard)?;
+    if default_output != GuardMode::Off && guard.is_none() {
+        bail!(
+            "{}",
+            output_needs_guard(&format!("--output-guard {}", default_output.name()))
+        );
+    }
     let api_key = a.api_key.clone().or_else(|| {
         std::env::var("PGATE_API_KEY")
             .ok()
@@ -110,7 +138,9 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         &dirs,
         &model,
         default_guard,
+        default_output,
     )?;
+    let output_guard = load_output_guard(&a, &model, &presets, guard.as_ref())?;
     let load_named = |name: &str, fallback: Option<&str>| -> Result<Option<DirectionSet>> {
         if dirs.get(name).is_some() {
             return Ok(Some(dirs.load(name)?));
@@ -154,16 +184,18 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         queue: a.queue,
         batch_size: a.max_batch,
         guard,
+        output_guard,
         projector,
     };
     persona_gate_serve::server::check_config(&server_cfg)?;
     for p in server_cfg.presets.values() {
         eprintln!(
-            "[pgate serve] preset {:<16} system: {:<5} steering: {:<5} guard: {}",
+            "[pgate serve] preset {:<16} system: {:<5} steering: {:<5} guard: {:<7} output guard: {}",
             p.name,
             p.spec.system.is_some(),
             p.plan.is_some(),
-            p.guard.name()
+            p.guard.name(),
+            p.output_guard.name()
         );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -205,6 +237,54 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     })
 }
 
+fn output_needs_guard(what: &str) -> String {
+    format!("{what} needs --guard-file: the output guard flags compliant answers to requests the default persona would refuse, and the guard file (`pgate guard calibrate`) is its refusal-intent calibration")
+}
+
+/// The output guard, when some preset uses it: probe (file or built in) + the guard file.
+fn load_output_guard(
+    a: &ServeArgs,
+    model: &Model,
+    presets: &std::collections::BTreeMap<String, Preset>,
+    guard: Option<&Arc<GuardCalibration>>,
+) -> Result<Option<Arc<OutputGuard>>> {
+    let Some(p) = presets.values().find(|p| p.output_guard != GuardMode::Off) else {
+        if a.probe.is_some() {
+            eprintln!("[pgate serve] --probe is unused: no preset has the output guard on (--output-guard)");
+        }
+        return Ok(None);
+    };
+    let Some(g) = guard else {
+        bail!(
+            "{}",
+            output_needs_guard(&format!(
+                "preset '{}' (output_guard = \"{}\")",
+                p.name,
+                p.output_guard.name()
+            ))
+        );
+    };
+    let probe = resolve_probe(model, a.probe.as_deref())?;
+    eprintln!(
+        "[pgate serve] output guard: probe {} (reads up to {} answer tokens), refusal-intent threshold {:.3}{}",
+        &probe.sha256()[..16],
+        probe.max_output_tokens,
+        g.threshold,
+        if a.output_guard_every > 0 {
+            format!(", block-mode streams checked every {} tokens", a.output_guard_every)
+        } else {
+            String::new()
+        }
+    );
+    Ok(Some(Arc::new(OutputGuard::new(
+        model,
+        probe,
+        g.clone(),
+        a.output_guard_every,
+        a.output_guard_batch,
+    )?)))
+}
+
 #[derive(Subcommand)]
 pub enum GuardCmd {
     /// Fit the guard: a logistic refusal-intent probability from the refusal direction's
@@ -218,6 +298,12 @@ pub enum GuardCmd {
     ///
     /// Example: pgate guard eval q15 --guard-file q15-guard.json --presets presets.toml --preset compliant --harmful strongreject --harmless harmless_val --harmless-skip 200
     Eval(GuardEvalArgs),
+    /// Output guard rates: generate under each preset, label the answers, and report the share
+    /// flagged among compliant answers to requests the default persona refuses (true positives)
+    /// and among refusals and answers to harmless requests (false positives), as a Markdown table.
+    ///
+    /// Example: pgate guard eval-output q15 --guard-file examples/serve/q15-guard.json --presets examples/serve/presets.toml --directions examples/directions/q15 --preset compliant,builtin -n 50
+    EvalOutput(OutputEvalArgs),
 }
 
 #[derive(Args)]
@@ -389,7 +475,13 @@ fn run_guard_eval(a: GuardEvalArgs) -> Result<()> {
     let (lname, harmless) = load_set(&a.harmless, a.harmless_skip, a.harmless_n)?;
     let model = a.m.load()?;
     g.check_model(&model)?;
-    let presets = build_presets(Some((&pf, &a.presets)), &dirs, &model, GuardMode::Monitor)?;
+    let presets = build_presets(
+        Some((&pf, &a.presets)),
+        &dirs,
+        &model,
+        GuardMode::Monitor,
+        GuardMode::Off,
+    )?;
     let preset = presets.get(&a.preset).with_context(|| {
         format!(
             "no preset '{}' in {} ({})",
@@ -546,10 +638,147 @@ fn run_guard_eval(a: GuardEvalArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct OutputEvalArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// Guard calibration file (refusal intent, `pgate guard calibrate`).
+    #[arg(long)]
+    pub guard_file: PathBuf,
+    /// Probe file (default: the built-in probe for this model).
+    #[arg(long)]
+    pub probe: Option<PathBuf>,
+    /// Presets file; a --preset name not in it is a built-in persona mode or `default`.
+    #[arg(long)]
+    pub presets: Option<PathBuf>,
+    /// Direction files or folders the presets name.
+    #[arg(long, num_args = 1..)]
+    pub directions: Vec<PathBuf>,
+    /// Presets to evaluate, comma-separated: names in --presets, `default`, a built-in persona mode
+    /// (friendly, direct, supportive, creative, customer-success, companion), or `builtin` for all
+    /// six (default: every preset of --presets, then `builtin`).
+    #[arg(long, value_delimiter = ',')]
+    pub preset: Vec<String>,
+    #[arg(long, default_value = "strongreject")]
+    pub harmful: String,
+    #[arg(long, default_value_t = 0)]
+    pub harmful_skip: usize,
+    /// Harmful prompts.
+    #[arg(short = 'n', long, default_value_t = 50)]
+    pub n: usize,
+    #[arg(long, default_value = "harmless_val")]
+    pub harmless: String,
+    /// Skip harmless prompts used as held-out by calibration.
+    #[arg(long, default_value_t = 100)]
+    pub harmless_skip: usize,
+    #[arg(long, default_value_t = 50)]
+    pub harmless_n: usize,
+    /// New tokens per answer.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Reference labeler: ensemble (shares the probe with the guard) or rules (shares nothing).
+    #[arg(long, default_value = "ensemble")]
+    pub reference: String,
+    /// Write the report (rates and every answer with its labels and verdict) as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `--preset` names into presets to generate under.
+fn eval_presets(a: &OutputEvalArgs, model: &Model) -> Result<Vec<EvalPreset>> {
+    use persona_gate::study::personas::{builtin_names, builtin_persona};
+    let dirs = DirectionRegistry::from_paths(&a.directions)?;
+    let file = match &a.presets {
+        Some(p) => Some((PresetFile::load(p)?, p.clone())),
+        None => None,
+    };
+    let built = build_presets(
+        file.as_ref().map(|(f, p)| (f, p.as_path())),
+        &dirs,
+        model,
+        GuardMode::Off,
+        GuardMode::Off,
+    )?;
+    let mut names = a.preset.clone();
+    if names.is_empty() {
+        if let Some((f, _)) = &file {
+            names.extend(f.presets.keys().cloned());
+        }
+        names.push("builtin".into());
+    }
+    let mut out = Vec::new();
+    for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        let expanded: Vec<&str> = if n == "builtin" {
+            builtin_names()
+        } else {
+            vec![n]
+        };
+        for n in expanded {
+            let p = if let Some(p) = built.get(n) {
+                EvalPreset {
+                    name: n.into(),
+                    system: p.spec.system.clone(),
+                    plan: p.plan.clone(),
+                }
+            } else if let Some(s) = builtin_persona(n) {
+                EvalPreset {
+                    name: n.into(),
+                    system: Some(s.into()),
+                    plan: None,
+                }
+            } else {
+                bail!(
+                    "unknown preset '{n}': not in {} and not a built-in persona mode ({})",
+                    a.presets
+                        .as_ref()
+                        .map_or("--presets (none given)".into(), |p| p.display().to_string()),
+                    builtin_names().join(", ")
+                );
+            };
+            if !out.iter().any(|q: &EvalPreset| q.name == p.name) {
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn run_output_eval(a: OutputEvalArgs) -> Result<()> {
+    let g = Arc::new(GuardCalibration::load(&a.guard_file)?);
+    let reference = Reference::parse(&a.reference)?;
+    let harmful = load_set(&a.harmful, a.harmful_skip, a.n)?;
+    let harmless = load_set(&a.harmless, a.harmless_skip, a.harmless_n)?;
+    let model = a.m.load()?;
+    let presets = eval_presets(&a, &model)?;
+    let probe = resolve_probe(&model, a.probe.as_deref())?;
+    let og = OutputGuard::new(&model, probe, g, 0, a.batch_size)?;
+    let inp = OutputEvalInput {
+        harmful,
+        harmless,
+        presets,
+        max_tokens: a.max_tokens,
+        batch_size: a.batch_size,
+        reference,
+    };
+    let t0 = std::time::Instant::now();
+    let r = output_eval::evaluate(&model, &og, &inp, &mut |m| eprintln!("[pgate guard] {m}"))?;
+    print!("{}", r.markdown());
+    if let Some(p) = &a.out {
+        std::fs::write(p, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("wrote {}", p.display());
+    }
+    println!("({:.0} s)", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
 pub fn run_guard(cmd: GuardCmd) -> Result<()> {
     match cmd {
         GuardCmd::Calibrate(a) => run_calibrate(a),
         GuardCmd::Eval(a) => run_guard_eval(a),
+        GuardCmd::EvalOutput(a) => run_output_eval(a),
     }
 }
 
