@@ -121,7 +121,10 @@ fn read_batch(model: &Model, batch: &[(&[u32], &[u32])], losses: bool) -> Result
         last: vec![vec![Vec::new(); n_layers]; batch.len()],
     };
     let mut cache = KvCache::new(n_layers);
-    let at = if losses { LogitsAt::All } else { LogitsAt::None };
+    // The LM head runs only over the answers (plus the last prompt token, which predicts the first
+    // answer token): they all end the left-padded chunk.
+    let tail = batch.iter().map(|(_, o)| o.len() + 1).max().unwrap_or(1);
+    let at = if losses { LogitsAt::Tail(tail) } else { LogitsAt::None };
     let logits = dec.forward(&tokens, &rows, &mut cache, Some(&mut hook), at)?;
     let mut out: Vec<RowFeatures> = (0..batch.len())
         .map(|i| RowFeatures {
@@ -133,10 +136,12 @@ fn read_batch(model: &Model, batch: &[(&[u32], &[u32])], losses: bool) -> Result
         })
         .collect();
     if let Some(logits) = logits {
+        let off = lmax - tail.min(lmax);
         for (i, f) in out.iter_mut().enumerate() {
             let (last, a, e) = hook.spans[i];
             if e > a {
-                f.losses = token_losses(&logits.get(i)?, &ids[i * lmax..(i + 1) * lmax], last, e)?;
+                let row = &ids[i * lmax..(i + 1) * lmax];
+                f.losses = token_losses(&logits.get(i)?, &row[off..], last - off, e - off)?;
             }
         }
     }

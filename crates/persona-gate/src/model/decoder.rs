@@ -192,6 +192,10 @@ pub enum LogitsAt {
     Last,
     /// `[batch, chunk_len, vocab]`.
     All,
+    /// `[batch, n, vocab]` at the chunk's last `n` positions (clamped to the chunk): a
+    /// teacher-forced read of left-padded (prompt, answer) rows needs the LM head only over the
+    /// answers, which all end the chunk.
+    Tail(usize),
     /// No logits (activation capture only).
     None,
 }
@@ -555,6 +559,10 @@ impl Decoder {
             LogitsAt::None => return Ok(None),
             LogitsAt::Last => h.narrow(1, l - 1, 1)?,
             LogitsAt::All => h,
+            LogitsAt::Tail(n) => {
+                let n = n.clamp(1, l);
+                h.narrow(1, l - n, n)?
+            }
         };
         let out = self.final_norm.forward(&out)?;
         let mut logits = self.linear(&self.lm_head, &out)?.to_dtype(DType::F32)?;
