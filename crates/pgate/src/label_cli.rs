@@ -9,7 +9,7 @@ use persona_gate::label::devset;
 use persona_gate::label::features::ReadOptions;
 use persona_gate::label::jsonl;
 use persona_gate::label::ops::{self, LabelerChoice};
-use persona_gate::label::probe::{self, ProbeTrainOptions};
+use persona_gate::label::probe::ProbeTrainOptions;
 use persona_gate::label::{LabelInput, LabelVerdict, LabelerId};
 use persona_gate::model::Model;
 
@@ -106,10 +106,19 @@ pub struct TrainArgs {
     #[arg(long)]
     pub refusal: Option<PathBuf>,
     /// Output tokens the probe reads.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 128)]
     pub max_output_tokens: usize,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Measure every labeler on this split with the probe just trained (same read).
+    #[arg(long, default_value = "held")]
+    pub eval_split: String,
+    /// Also count how ensemble labels move when the split's full answers are cut to these lengths.
+    #[arg(long, value_delimiter = ',', default_value = "24,64,128,256")]
+    pub lengths: Vec<usize>,
+    /// Write the measurements (JSON) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -268,12 +277,19 @@ fn train(a: TrainArgs) -> Result<()> {
         folds: 5,
         train: Default::default(),
     };
-    let t = std::time::Instant::now();
-    let (p, _) = probe::train(&model, &rows, &opts, &mut bar("reading"))?;
+    let mut last = String::new();
+    let (p, r) = ops::train_and_measure(&model, &rows, &opts, &a.eval_split, &a.lengths, &mut |what, d, n| {
+        if what != last {
+            last = what.to_string();
+        }
+        eprint!("\r[pgate] {what}: {d}/{n}   ");
+        if d == n {
+            eprintln!();
+        }
+    })?;
     p.save(&a.out)?;
     println!(
-        "probe trained in {:.1} s on {} tune rows ({} refusal, {} bypass, {} degenerate): refusal head layers {:?} (cv accuracy {:.3}), degenerate head cv F1 {:.3} -> {}",
-        t.elapsed().as_secs_f64(),
+        "probe trained on {} tune rows ({} refusal, {} bypass, {} degenerate): refusal head layers {:?} (cv accuracy {:.3}), degenerate head cv F1 {:.3} -> {}",
         p.trained_on.n_rows,
         p.trained_on.n_refusal,
         p.trained_on.n_bypass,
@@ -283,6 +299,25 @@ fn train(a: TrainArgs) -> Result<()> {
         p.degenerate.cv_f1,
         a.out.display()
     );
+    println!(
+        "read {} rows ({} tokens) in {:.1} s: {:.1} tok/s\n",
+        r.rows_read,
+        r.tokens_read,
+        r.read_seconds,
+        r.tokens_read as f64 / r.read_seconds.max(1e-9)
+    );
+    for e in &r.evaluation.evaluations {
+        println!("{}", e.to_markdown());
+    }
+    if !r.lengths.is_empty() {
+        println!("| tokens | ensemble labels differing from the careful label of the full answer | differing from the full-length ensemble label |\n|---:|---:|---:|");
+        for l in &r.lengths {
+            println!("| {} | {} / {} | {} / {} |", l.tokens, l.differ_from_full_careful, l.n, l.differ_from_longest, l.n);
+        }
+    }
+    if let Some(f) = &a.report {
+        std::fs::write(f, serde_json::to_string_pretty(&r)?).with_context(|| f.display().to_string())?;
+    }
     Ok(())
 }
 

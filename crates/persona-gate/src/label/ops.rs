@@ -13,6 +13,7 @@ use super::probe::{probe_verdict, ProbeFile, ProbeLabeler};
 use super::rules::{label_v2, RulesV1, RulesV2};
 use super::{Label, LabelInput, LabelVerdict, Labeler};
 use crate::eval::judge::JudgeConfig;
+use crate::generate::{encode_chat, ChatPrompt};
 use crate::model::Model;
 use crate::{Error, Result};
 
@@ -232,4 +233,111 @@ pub fn cut_tokens(model: &Model, text: &str, n: usize) -> Result<String> {
         return Ok(text.to_string());
     }
     model.tokenizer.decode(&ids[..n], true)
+}
+
+/// What [`train_and_measure`] found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub probe_sha256: String,
+    /// Every labeler on the evaluation split, measured with the probe just trained.
+    pub evaluation: DevReport,
+    /// Rows read and their tokens (prompt + answer as read), and the seconds the read took.
+    pub rows_read: usize,
+    pub tokens_read: usize,
+    pub read_seconds: f64,
+    /// Ensemble labels of the evaluation split's full answers cut shorter.
+    pub lengths: Vec<LengthRow>,
+}
+
+/// Read the whole development set once, train the probe on `tune`, measure every labeler on
+/// `eval_split`, and (for each of `lengths` below the full answer) count how the ensemble's labels
+/// move when the evaluation split's full answers are cut to that many tokens.
+pub fn train_and_measure(
+    model: &Model,
+    rows: &[DevRow],
+    opts: &super::probe::ProbeTrainOptions,
+    eval_split: &str,
+    lengths: &[usize],
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<(ProbeFile, TrainReport)> {
+    let inputs: Vec<LabelInput> = rows.iter().map(|r| r.input()).collect();
+    let t = std::time::Instant::now();
+    let feats = features::read(model, &inputs, &opts.read, &mut |d, n| progress("reading", d, n))?;
+    let read_seconds = t.elapsed().as_secs_f64();
+    let tokens_read = feats.iter().map(|f| f.n_output_tokens).sum::<usize>()
+        + inputs.len() * prompt_tokens_estimate(model, &inputs)?;
+    let probe = super::probe::fit_from_features(model, rows, &feats, opts)?;
+    let idx: Vec<usize> = (0..rows.len()).filter(|&i| eval_split == "all" || rows[i].split == eval_split).collect();
+    if idx.is_empty() {
+        return Err(Error::Empty(format!("the development set has no rows in split '{eval_split}'")));
+    }
+    let sel: Vec<&DevRow> = idx.iter().map(|&i| &rows[i]).collect();
+    let sel_in: Vec<LabelInput> = idx.iter().map(|&i| inputs[i].clone()).collect();
+    let sel_feats: Vec<RowFeatures> = idx.iter().map(|&i| feats[i].clone()).collect();
+    let mut evaluations = Vec::new();
+    for (name, v) in all_verdicts(&probe, &sel_in, &sel_feats)? {
+        evaluations.push(devset::evaluate(name, eval_split, &sel, &devset::labels_of(&v))?);
+    }
+    let evaluation = DevReport { split: eval_split.into(), evaluations, read_seconds, probe_sha256: probe.sha256() };
+    let lengths = length_rows(model, &probe, &sel, &sel_in, &sel_feats, lengths, opts.read.batch_size, progress)?;
+    let report = TrainReport {
+        probe_sha256: probe.sha256(),
+        evaluation,
+        rows_read: rows.len(),
+        tokens_read,
+        read_seconds,
+        lengths,
+    };
+    Ok((probe, report))
+}
+
+/// Mean prompt tokens of the rows under the reader's template (for cost accounting).
+fn prompt_tokens_estimate(model: &Model, inputs: &[LabelInput]) -> Result<usize> {
+    let mut total = 0;
+    for r in inputs {
+        total += encode_chat(model, &ChatPrompt::new(r.prompt.clone()))?.len();
+    }
+    Ok(total / inputs.len().max(1))
+}
+
+/// The length study on rows whose features at full length are already read.
+#[allow(clippy::too_many_arguments)]
+fn length_rows(
+    model: &Model,
+    probe: &ProbeFile,
+    sel: &[&DevRow],
+    sel_in: &[LabelInput],
+    sel_feats: &[RowFeatures],
+    lengths: &[usize],
+    batch_size: usize,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Vec<LengthRow>> {
+    let keep: Vec<usize> = (0..sel.len()).filter(|&i| sel[i].max_tokens == 256 && !sel[i].ambiguous).collect();
+    if keep.is_empty() || lengths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let full_in: Vec<LabelInput> = keep.iter().map(|&i| sel_in[i].clone()).collect();
+    let full_feats: Vec<RowFeatures> = keep.iter().map(|&i| sel_feats[i].clone()).collect();
+    let full = devset::labels_of(&all_verdicts(probe, &full_in, &full_feats)?[3].1);
+    let mut out = Vec::new();
+    for &n in lengths {
+        let labels = if n >= 256 {
+            full.clone()
+        } else {
+            let cut: Vec<LabelInput> = full_in
+                .iter()
+                .map(|r| Ok(LabelInput { output: cut_tokens(model, &r.output, n)?, ..r.clone() }))
+                .collect::<Result<_>>()?;
+            let opts = ReadOptions { max_output_tokens: probe.max_output_tokens, batch_size, losses: true };
+            let feats = features::read(model, &cut, &opts, &mut |d, t| progress("lengths", d, t))?;
+            devset::labels_of(&all_verdicts(probe, &cut, &feats)?[3].1)
+        };
+        out.push(LengthRow {
+            tokens: n,
+            differ_from_full_careful: labels.iter().zip(&keep).filter(|(l, &i)| **l != sel[i].label).count(),
+            differ_from_longest: labels.iter().zip(&full).filter(|(a, b)| a != b).count(),
+            n: keep.len(),
+        });
+    }
+    Ok(out)
 }
