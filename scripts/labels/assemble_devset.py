@@ -4,16 +4,16 @@
     python3 scripts/labels/assemble_devset.py ROWS.jsonl... --labels LABELS.jsonl... -o data/labels/devset.jsonl
 
 Split (fixed before any labeler was tuned): a row is `held` when its prompt comes from the
-StrongREJECT hate/harassment or violence categories or the AdvBench-style harmful_val set, or its
-condition is a persona mode or steering setting the tuning split never has (companion,
-customer-success, steer4-ablate-compliant@15-27), or it is an odd-numbered Alpaca prompt; every other
+StrongREJECT hate/harassment category or the AdvBench-style harmful_val set, or its
+condition is a persona mode the tuning split never has (companion for q15, customer-success for
+q05), or it is an odd-numbered Alpaca prompt; every other
 row is `tune`. Cut views (id ending in @N) go with their full answer.
 """
 import argparse
 import json
 
-HELD_SETS = {"sr_hate", "sr_violence", "advbench"}
-HELD_CONDITIONS = {"companion", "customer-success", "steer4-ablate-compliant@15-27"}
+HELD_SETS = {"sr_hate", "advbench"}
+HELD_CONDITIONS = {"companion", "customer-success"}
 FIELDS = ["id", "model", "condition", "set", "category", "kind", "prompt", "system", "output",
           "max_tokens", "label", "ambiguous", "reason", "split"]
 

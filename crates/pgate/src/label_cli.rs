@@ -119,6 +119,10 @@ pub struct TrainArgs {
     /// Write the measurements (JSON) here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Write the measured accuracies in the format of data/labels/accuracy.json here (what
+    /// receipts quote and `pgate check --min-labeler-accuracy` reads).
+    #[arg(long)]
+    pub accuracy: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -317,6 +321,11 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     if let Some(f) = &a.report {
         std::fs::write(f, serde_json::to_string_pretty(&r)?).with_context(|| f.display().to_string())?;
+    }
+    if let Some(f) = &a.accuracy {
+        let devset_sha256 = persona_gate::hash::sha256_file(&a.devset)?;
+        let list = ops::accuracy_entries(&r.evaluation, &devset_sha256);
+        std::fs::write(f, serde_json::to_string_pretty(&list)? + "\n").with_context(|| f.display().to_string())?;
     }
     Ok(())
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use persona_gate::directions::Position;
-use persona_gate::eval::{label_output, wilson, Label, PromptSet};
+use persona_gate::eval::{wilson, Label, PromptSet};
+use persona_gate::label::rules::generation_label as label_output;
 use persona_gate::generate::{generate_chat, ChatPrompt, GenSettings, Sampling};
 use persona_gate::refusal::{select_refusal_direction, SelectOptions};
 
@@ -191,7 +192,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         let l = label_output(&c.text, true);
         counts[l.label as usize] += 1;
         if let Some(f) = out.as_mut() {
-            let row = serde_json::json!({"id": c.id, "prompt": c.user, "output": c.text, "label": l.label, "rule": l});
+            let row = serde_json::json!({"id": c.id, "prompt": c.user, "output": c.text, "label": l.label, "labeler": "rules@2", "rule": l});
             use std::io::Write;
             writeln!(f, "{row}")
                 .and_then(|_| f.flush())

@@ -341,3 +341,31 @@ fn length_rows(
     }
     Ok(out)
 }
+
+/// Accuracy entries (`data/labels/accuracy.json`) for every labeler of an evaluation; trained
+/// labelers are named with their probe's hash (`ensemble@1:ab12cd34ef567890`).
+pub fn accuracy_entries(r: &DevReport, devset_sha256: &str) -> Vec<super::accuracy::LabelerAccuracy> {
+    let artifact: String = r.probe_sha256.chars().take(16).collect();
+    r.evaluations
+        .iter()
+        .map(|e| {
+            let labeler = if e.labeler.starts_with("probe") || e.labeler.starts_with("ensemble") {
+                format!("{}:{artifact}", e.labeler)
+            } else {
+                e.labeler.clone()
+            };
+            super::accuracy::LabelerAccuracy {
+                labeler,
+                split: e.split.clone(),
+                n: e.agreement.n,
+                agreement: e.agreement.p,
+                agreement_lo: e.agreement.lo,
+                agreement_hi: e.agreement.hi,
+                refusal_precision: e.class(Label::Refusal).precision.p,
+                refusal_recall: e.class(Label::Refusal).recall.p,
+                degenerate_f1: e.class(Label::Degenerate).f1,
+                devset_sha256: devset_sha256.to_string(),
+            }
+        })
+        .collect()
+}

@@ -304,6 +304,16 @@ fn compliance_after(after: &str) -> Option<&'static str> {
     None
 }
 
+/// The label `study run` stores: rules v2's label and reason with v1's measurements (refusal
+/// phrase, compression, repetition, script shares), so exports keep their columns.
+pub fn generation_label(text: &str, english: bool) -> crate::eval::RuleLabel {
+    let mut r = crate::eval::label_output(text, english);
+    let v = label_v2(text, english);
+    r.label = v.label;
+    r.reason = v.reason;
+    r
+}
+
 /// Rules v2 as a [`Labeler`].
 #[derive(Debug, Clone, Default)]
 pub struct RulesV2 {

@@ -233,7 +233,7 @@ fn input_of(r: &LabelTodo) -> LabelInput {
 /// reason and measurements in `rule_json`; the old leakage is kept with the scores.
 fn previous_record(r: &LabelTodo) -> LabelRecord {
     let rule: serde_json::Value = serde_json::from_str(&r.rule_json).unwrap_or_default();
-    let generated = r.labeler == GENERATION_LABELER;
+    let generated = r.labeler == GENERATION_LABELER || r.labeler == super::store::LEGACY_LABELER;
     let mut scores = serde_json::Map::new();
     if generated {
         if let Some(m) = rule.as_object() {

@@ -26,7 +26,6 @@ use super::store::{
 };
 use crate::endpoint::{Client, Completion, EndpointConfig, Failure};
 use crate::eval::judge::rule_leakage;
-use crate::eval::label_output;
 use crate::{Error, Result};
 
 /// White-box fields of a local study's record that an endpoint study cannot have.
@@ -224,7 +223,7 @@ pub fn run_endpoint_study(
                     let set = &study.prompt_sets[it.set];
                     let p = &set.items[it.prompt];
                     let text = c.content.as_str();
-                    let rule = label_output(text, study.file.english);
+                    let rule = crate::label::rules::generation_label(text, study.file.english);
                     let leak = rule_leakage(&p.text, text, rule.label);
                     let usage = c.prompt_tokens.is_some() && c.completion_tokens.is_some();
                     let (pt, ct) = (

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::plan::{in_shard, Study, WorkItem};
 use super::store::{now_ms, NewResult, Store, GENERATION_LABELER};
 use crate::eval::judge::rule_leakage;
-use crate::eval::{label_output, Label};
+use crate::eval::Label;
 use crate::generate::{encode_chat, ChatPrompt, GenRequest, Generator, Sampling};
 use crate::model::Model;
 use crate::{Error, Result};
@@ -199,7 +199,7 @@ pub fn run_study(
             let set = &study.prompt_sets[it.set];
             let p = &set.items[it.prompt];
             let text = model.tokenizer.decode(&o.tokens, true)?;
-            let rule = label_output(&text, study.file.english);
+            let rule = crate::label::rules::generation_label(&text, study.file.english);
             let leak = rule_leakage(&p.text, &text, rule.label);
             let finish = match o.finish {
                 crate::generate::Finish::Stop => "stop",

@@ -15,8 +15,8 @@
 //!   output, token counts, finish reason, rule label with its measurements (JSON), the rule-based
 //!   leakage, seed and timestamps. Results belong to conditions, not studies: a second study with
 //!   an identical condition reuses its rows.
-//!   `labeler` names the labeler that gave `label` (`rules@1` for rows written by `study run`, which
-//!   labels with the v1 rules; `pgate study relabel` replaces it; databases from before the column
+//!   `labeler` names the labeler that gave `label` (`rules@2` for rows written by `study run`, which
+//!   labels with rules v2 (`label::rules`); `pgate study relabel` replaces it; databases from before the column
 //!   existed are migrated with `rules@1`, the labeler that labeled them).
 //! - `labels`: label history, one row per `(result_id, labeler)` (UNIQUE): label, reason, scores
 //!   (JSON) and time. `pgate study relabel` records the label it replaces and the one it gives, so
@@ -115,7 +115,11 @@ CREATE TABLE IF NOT EXISTS endpoint_failures (
 
 /// The labeler `study run` labels new rows with (the v1 rules, `eval::label_output`), and the
 /// one rows from before the `labeler` column were labeled by.
-pub const GENERATION_LABELER: &str = "rules@1";
+/// The labeler `study run` labels new rows with (rules v2: no model, measured in
+/// `data/labels/accuracy.json`); `pgate study relabel` applies any other.
+pub const GENERATION_LABELER: &str = "rules@2";
+/// The labeler of rows written before labelers were recorded (the v1 phrase rules).
+pub const LEGACY_LABELER: &str = "rules@1";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -308,7 +312,7 @@ pub struct RowView {
 }
 
 fn generation_labeler() -> String {
-    GENERATION_LABELER.to_string()
+    LEGACY_LABELER.to_string()
 }
 
 /// One label of a result row, as kept in the `labels` history.
