@@ -70,8 +70,9 @@ pub struct LabelArgs {
     /// Where the labeled rows go (JSONL).
     #[arg(short, long)]
     pub out: PathBuf,
-    /// rules (v2), rules-v1, probe, ensemble (default), or judge (needs --judge-url and --judge-model).
-    #[arg(long, default_value = "ensemble")]
+    /// rules (v2, default: the best measured on the held-back split), rules-v1, probe, ensemble,
+    /// or judge (needs --judge-url and --judge-model).
+    #[arg(long, default_value = "rules")]
     pub labeler: String,
     /// Probe file (default: the built-in probe for the reader model).
     #[arg(long)]

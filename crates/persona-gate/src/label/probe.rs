@@ -216,6 +216,9 @@ pub struct ProbeLabeler<'m> {
     pub probe: ProbeFile,
     pub opts: ReadOptions,
     hash: String,
+    /// Scores of (request, output) pairs already read: the same answer to the same request (a
+    /// local and a served run of one audit, a relabel that resumes) is read once.
+    memo: std::sync::Mutex<std::collections::HashMap<[u8; 32], ProbeScores>>,
 }
 
 impl<'m> ProbeLabeler<'m> {
@@ -223,18 +226,44 @@ impl<'m> ProbeLabeler<'m> {
         probe.check_reader(model)?;
         let opts = ReadOptions { max_output_tokens: probe.max_output_tokens, batch_size, losses: true };
         let hash = probe.sha256();
-        Ok(ProbeLabeler { model, probe, opts, hash })
+        Ok(ProbeLabeler { model, probe, opts, hash, memo: Default::default() })
     }
 
-    /// Scores for each row (one teacher-forced pass).
+    /// Scores for each row (one teacher-forced pass over the rows not read before).
     pub fn scores(&self, rows: &[LabelInput], progress: Progress<'_>) -> Result<Vec<ProbeScores>> {
-        let feats = features::read(self.model, rows, &self.opts, progress)?;
-        feats.iter().zip(rows).map(|(f, r)| self.probe.score(f, &r.output)).collect()
+        let keys: Vec<[u8; 32]> = rows.iter().map(pair_key).collect();
+        let known = self.memo.lock().map(|m| keys.iter().map(|k| m.get(k).copied()).collect::<Vec<_>>());
+        let known = known.unwrap_or_else(|_| vec![None; rows.len()]);
+        let todo: Vec<usize> = (0..rows.len()).filter(|&i| known[i].is_none()).collect();
+        let mut out = known;
+        if !todo.is_empty() {
+            let inputs: Vec<LabelInput> = todo.iter().map(|&i| rows[i].clone()).collect();
+            let feats = features::read(self.model, &inputs, &self.opts, progress)?;
+            for ((&i, f), r) in todo.iter().zip(&feats).zip(&inputs) {
+                let s = self.probe.score(f, &r.output)?;
+                if let Ok(mut m) = self.memo.lock() {
+                    m.insert(keys[i], s);
+                }
+                out[i] = Some(s);
+            }
+        } else {
+            progress(rows.len(), rows.len());
+        }
+        Ok(out.into_iter().map(|s| s.unwrap_or(ProbeScores { p_refusal: 0.5, p_degenerate: 0.0 })).collect())
     }
 
     pub fn artifact(&self) -> String {
         self.hash.chars().take(16).collect()
     }
+}
+
+fn pair_key(r: &LabelInput) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((r.prompt.len() as u64).to_le_bytes());
+    h.update(r.prompt.as_bytes());
+    h.update(r.output.as_bytes());
+    h.finalize().into()
 }
 
 /// A verdict from probe scores.
