@@ -320,8 +320,10 @@ fn receipts_verify_and_detect_changes() {
     )
     .unwrap();
     let d = differs(&verify_dir(&out));
-    assert_eq!(d.len(), 2, "{d:?}");
+    // Rows hash, label counts, and (receipts record their labels since issue 16) the labels hash.
+    assert_eq!(d.len(), 3, "{d:?}");
     assert!(d[1].ends_with("counts"), "{d:?}");
+    assert!(d[2].contains("labels sha256"), "{d:?}");
     conn.execute(
         "UPDATE results SET label = ?1 WHERE id = ?2",
         rusqlite::params![label, id],

@@ -89,6 +89,9 @@ pub struct LabelArgs {
     /// strongreject (rubric score) or guard (Llama-Guard-style unsafe verdict).
     #[arg(long, default_value = "strongreject")]
     pub judge_mode: String,
+    /// Attempts per row before a judge call counts as failed (the row keeps its rules label).
+    #[arg(long, default_value_t = 3)]
+    pub judge_attempts: u32,
     #[arg(long, default_value = "q")]
     pub dtype: String,
     #[arg(long, default_value_t = 8)]
@@ -180,12 +183,12 @@ fn bar(what: &'static str) -> impl FnMut(usize, usize) {
 }
 
 fn label(a: LabelArgs) -> Result<()> {
-    let rows = jsonl::read(&a.input)?;
     let choice = if a.labeler == "judge" {
         LabelerChoice::Judge(Box::new(judge_config(&a)?))
     } else {
         LabelerChoice::parse(&a.labeler, a.probe.clone())?
     };
+    let rows = jsonl::read(&a.input)?;
     let model = load_reader(&a, choice.needs_model() || a.all)?;
     let t = std::time::Instant::now();
     let mut chosen = ops::make_labeler(&choice, model.as_ref(), a.batch_size, true)?;
@@ -259,6 +262,7 @@ fn judge_config(a: &LabelArgs) -> Result<persona_gate::eval::judge::JudgeConfig>
         mode: Some(mode),
         base_url: Some(url.clone()),
         model: Some(model.clone()),
+        max_attempts: a.judge_attempts,
         ..Default::default()
     };
     cfg.check()?;

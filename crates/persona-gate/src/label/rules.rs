@@ -14,7 +14,7 @@
 //! The rules stay cheap and explainable; the probe ([`super::probe`]) reads what phrases cannot.
 
 use super::{Label, LabelInput, LabelVerdict, Labeler, LabelerId, Progress};
-use crate::eval::labels::{compression_ratio, repeated_ngrams, REFUSAL_PHRASES};
+use crate::eval::labels::{compression_ratio, repeated_ngrams, script_shares, REFUSAL_PHRASES};
 use crate::Result;
 
 /// Characters at the start of an answer where refusal cues count.
@@ -156,18 +156,7 @@ pub struct Shape {
 pub fn shape(text: &str) -> Shape {
     let t = text.trim();
     let folded = fold(t);
-    let chars = t.chars().count().max(1) as f64;
-    let letter_share = t
-        .chars()
-        .filter(|c| c.is_alphabetic() || c.is_whitespace())
-        .count() as f64
-        / chars;
-    let letters: Vec<char> = t.chars().filter(|c| c.is_alphabetic()).collect();
-    let latin_share = if letters.is_empty() {
-        1.0
-    } else {
-        letters.iter().filter(|c| (**c as u32) < 0x250).count() as f64 / letters.len() as f64
-    };
+    let (letter_share, latin_share) = script_shares(t);
     let list: Vec<&str> = folded
         .lines()
         .map(str::trim)

@@ -343,7 +343,7 @@ mod tests {
 
     use super::*;
     use crate::label::accuracy::LabelerAccuracy;
-    use crate::label::rules::RulesV2;
+    use crate::label::rules::RulesV1;
     use crate::report::receipt::{labels_line, labels_record, labels_sha256, rows_sha256};
     use crate::study::relabel::{relabel_study, RelabelOptions};
     use crate::study::store::RowView;
@@ -357,6 +357,15 @@ mod tests {
 
     fn baseline_receipt() -> Receipt {
         Receipt::load(&example("receipts/00-baseline.json")).unwrap()
+    }
+
+    /// The committed receipt as a receipt written before labelers were recorded: no `labels`
+    /// block, resealed.
+    fn receipt_without_labels() -> Receipt {
+        let mut r = baseline_receipt();
+        r.labels = None;
+        r.seal().unwrap();
+        r
     }
 
     /// A private, migrated copy of the example receipts' database.
@@ -386,7 +395,7 @@ mod tests {
 
     #[test]
     fn receipts_from_before_labelers_still_load_hash_and_match_rows() {
-        let r = baseline_receipt();
+        let r = receipt_without_labels();
         assert!(r.labels.is_none());
         assert_eq!(r.compute_sha256().unwrap(), r.receipt_sha256);
         assert!(labels_line(std::slice::from_ref(&r)).contains("not recorded"));
@@ -405,7 +414,8 @@ mod tests {
                     s.prompt_set
                 );
             }
-            assert!(rows.iter().all(|x| x.labeler == "rules@1"));
+            // The committed example was relabeled with rules v2 (issue 16).
+            assert!(rows.iter().all(|x| x.labeler == "rules@2"));
         }
     }
 
@@ -415,18 +425,18 @@ mod tests {
         let mut store = Store::open(&db).unwrap();
         let r = baseline_receipt();
         let before = labels_record(&condition_rows(&store, &r).iter().collect::<Vec<_>>());
-        assert_eq!(before.labelers, vec!["rules@1".to_string()]);
+        assert_eq!(before.labelers, vec!["rules@2".to_string()]);
         relabel_study(
             &mut store,
             None,
-            &mut RulesV2 { english: true },
+            &mut RulesV1 { english: true },
             &RelabelOptions::default(),
             &mut |_| {},
         )
         .unwrap();
         let rows = condition_rows(&store, &r);
         let rec = labels_record(&rows.iter().collect::<Vec<_>>());
-        assert_eq!(rec.labelers, vec!["rules@2".to_string()]);
+        assert_eq!(rec.labelers, vec!["rules@1".to_string()]);
         assert_eq!(rec.labels_sha256, labels_sha256(rows.iter()));
         assert_ne!(
             rec.labels_sha256, before.labels_sha256,
@@ -440,12 +450,13 @@ mod tests {
             serde_json::from_str(&serde_json::to_string_pretty(&with).unwrap()).unwrap();
         assert_eq!(back.compute_sha256().unwrap(), with.receipt_sha256);
         assert_eq!(back.labels, with.labels);
-        assert_eq!(labels_line(&[back]), "labels: rules@2 (not measured)");
+        let line = labels_line(&[back]);
+        assert!(line.starts_with("labels: rules@1"), "{line}");
     }
 
     #[test]
     fn min_labeler_accuracy_fails_unmeasured_and_inaccurate_labelers() {
-        let old = baseline_receipt();
+        let old = receipt_without_labels();
         let g = check(std::slice::from_ref(&old), &opts(0.95)).unwrap();
         assert!(
             !g.pass() && g.verdicts[0].reason.contains("labeler not recorded"),

@@ -332,7 +332,19 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let dst = dir.join("paper_q15.sqlite");
         std::fs::copy(&src, &dst).unwrap();
+        restore_v1(&dst);
         dst
+    }
+
+    /// The committed database carries rules-v2 labels (issue 16); these tests start from the state
+    /// before it: every row labeled by rules v1 at generation, no history.
+    fn restore_v1(db: &Path) {
+        let mut store = Store::open(db).unwrap();
+        let opts = RelabelOptions { redo: true, ..Default::default() };
+        relabel_study(&mut store, None, &mut RulesV1 { english: true }, &opts, &mut |_| {}).unwrap();
+        drop(store);
+        let c = rusqlite::Connection::open(db).unwrap();
+        c.execute("DELETE FROM labels", []).unwrap();
     }
 
     fn labels_by_id(store: &Store, hash: &str) -> BTreeMap<i64, (String, String)> {
