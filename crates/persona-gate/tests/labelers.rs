@@ -132,6 +132,7 @@ fn probe_trains_roundtrips_and_refuses_another_reader() {
         read: ReadOptions::default(),
         folds: 3,
         train: Default::default(),
+        text_only_degenerate: false,
     };
     let probe = fit_from_features(m, &rows, &feats, &opts).unwrap();
     assert_eq!(probe.trained_on.n_rows, rows.len());

@@ -145,10 +145,10 @@ impl OutputGuard {
     }
 
     pub fn read_options(&self) -> ReadOptions {
+        // Every layer: the refusal intent reads the guard's layer at the last prompt token.
         ReadOptions {
-            max_output_tokens: self.probe.max_output_tokens,
-            batch_size: self.batch_size,
-            losses: true,
+            max_layer: None,
+            ..self.probe.read_options(self.batch_size)
         }
     }
 

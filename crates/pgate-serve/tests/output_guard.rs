@@ -271,6 +271,7 @@ fn two_prompt_guard(model: &Model) -> GuardCalibration {
         max_output_tokens: 8,
         batch_size: 2,
         losses: false,
+        max_layer: None,
     };
     let f = features::read(model, &rows, &opts, &mut |_, _| {}).unwrap();
     let (h, l) = (
@@ -307,6 +308,7 @@ fn train_probe(model: &Model, rows: &[DevRow]) -> ProbeFile {
         max_output_tokens: 64,
         batch_size: 4,
         losses: true,
+        max_layer: None,
     };
     let inputs: Vec<LabelInput> = rows.iter().map(|r| r.input()).collect();
     let feats = features::read(model, &inputs, &read, &mut |_, _| {}).unwrap();
@@ -317,6 +319,7 @@ fn train_probe(model: &Model, rows: &[DevRow]) -> ProbeFile {
         read,
         folds: 3,
         train: TrainOptions::default(),
+        text_only_degenerate: false,
     };
     fit_from_features(model, rows, &feats, &opts).unwrap()
 }

@@ -9,7 +9,7 @@ use persona_gate::label::devset;
 use persona_gate::label::features::ReadOptions;
 use persona_gate::label::jsonl;
 use persona_gate::label::ops::{self, LabelerChoice};
-use persona_gate::label::probe::ProbeTrainOptions;
+use persona_gate::label::probe::{self, ProbeTrainOptions};
 use persona_gate::label::{LabelInput, LabelVerdict, LabelerId};
 use persona_gate::model::Model;
 
@@ -123,6 +123,10 @@ pub struct TrainArgs {
     /// Write the measurements (JSON) here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// A fast probe: refusal head at 15-30% depth, degenerate head on text measures only, so
+    /// labeling reads no losses and stops the forward at the refusal layer.
+    #[arg(long)]
+    pub fast: bool,
     /// Write the measured accuracies in the format of data/labels/accuracy.json here (what
     /// receipts quote and `pgate check --min-labeler-accuracy` reads).
     #[arg(long)]
@@ -279,12 +283,21 @@ fn train(a: TrainArgs) -> Result<()> {
             Some((0..set.n_layers()).map(|l| set.layer(l).map(<[f32]>::to_vec)).collect::<Result<Vec<_>, _>>()?)
         }
     };
+    let n_layers = model.config().n_layers;
+    let layer_sets = if a.fast { probe::fast_layer_sets(n_layers) } else { Vec::new() };
+    let max_layer = layer_sets.iter().flatten().copied().max();
     let opts = ProbeTrainOptions {
-        layer_sets: Vec::new(),
+        layer_sets,
         refusal_direction,
-        read: ReadOptions { max_output_tokens: a.max_output_tokens, batch_size: a.batch_size, losses: true },
+        read: ReadOptions {
+            max_output_tokens: a.max_output_tokens,
+            batch_size: a.batch_size,
+            losses: !a.fast,
+            max_layer: if a.fast { max_layer } else { None },
+        },
         folds: 5,
         train: Default::default(),
+        text_only_degenerate: a.fast,
     };
     let mut last = String::new();
     let (p, r) = ops::train_and_measure(&model, &rows, &opts, &a.eval_split, &a.lengths, &mut |what, d, n| {

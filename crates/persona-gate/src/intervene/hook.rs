@@ -67,6 +67,12 @@ pub trait ResidualHook {
     /// `h` is `[batch, chunk_len, d_model]`. Return `Some(new_h)` to replace it.
     fn on_block_output(&mut self, h: &Tensor, ctx: &HookCtx<'_>) -> Result<Option<Tensor>>;
 
+    /// The last layer this hook needs: a forward that returns no logits may stop after it. `None`
+    /// (the default) runs every block.
+    fn stop_after(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether to see the embedding output (the input of block 0). Ablating a direction there as
     /// well as after every block is what weight orthogonalization does permanently.
     fn wants_embedding(&self) -> bool {

@@ -29,11 +29,14 @@ pub struct ReadOptions {
     pub batch_size: usize,
     /// Compute per-token losses (needs the LM head at every output position).
     pub losses: bool,
+    /// Read residuals only up to this layer. Without losses the forward stops there: a probe whose
+    /// heads read early layers and text measures pays for a fraction of the model.
+    pub max_layer: Option<usize>,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { max_output_tokens: 256, batch_size: 8, losses: true }
+        ReadOptions { max_output_tokens: 256, batch_size: 8, losses: true, max_layer: None }
     }
 }
 
@@ -81,7 +84,7 @@ pub fn read(
     let mut done = 0;
     for chunk in order.chunks(opts.batch_size.max(1)) {
         let batch: Vec<(&[u32], &[u32])> = chunk.iter().map(|&i| (&enc[i].0[..], &enc[i].1[..])).collect();
-        let got = read_batch(model, &batch, opts.losses)?;
+        let got = read_batch(model, &batch, opts)?;
         for (&i, mut f) in chunk.iter().zip(got) {
             f.n_output_total = enc[i].2;
             feats[i] = f;
@@ -93,7 +96,8 @@ pub fn read(
 }
 
 /// One left-padded forward over `(prompt, output)` pairs.
-fn read_batch(model: &Model, batch: &[(&[u32], &[u32])], losses: bool) -> Result<Vec<RowFeatures>> {
+fn read_batch(model: &Model, batch: &[(&[u32], &[u32])], opts: &ReadOptions) -> Result<Vec<RowFeatures>> {
+    let losses = opts.losses;
     let dec = &model.decoder;
     let n_layers = dec.n_layers();
     let lens: Vec<usize> = batch.iter().map(|(p, o)| p.len() + o.len()).collect();
@@ -119,6 +123,8 @@ fn read_batch(model: &Model, batch: &[(&[u32], &[u32])], losses: bool) -> Result
             .collect(),
         out_mean: vec![vec![Vec::new(); n_layers]; batch.len()],
         last: vec![vec![Vec::new(); n_layers]; batch.len()],
+        max_layer: opts.max_layer.filter(|m| *m < n_layers),
+        stop: !losses,
     };
     let mut cache = KvCache::new(n_layers);
     // The LM head runs only over the answers (plus the last prompt token, which predicts the first
@@ -163,11 +169,19 @@ struct ReadHook {
     spans: Vec<(usize, usize, usize)>,
     out_mean: Vec<Vec<Vec<f32>>>,
     last: Vec<Vec<Vec<f32>>>,
+    /// Layers above this one are not read (their entries stay empty).
+    max_layer: Option<usize>,
+    /// End the forward after `max_layer` (no logits are wanted).
+    stop: bool,
 }
 
 impl ResidualHook for ReadHook {
-    fn wants(&self, _layer: usize) -> bool {
-        true
+    fn wants(&self, layer: usize) -> bool {
+        self.max_layer.is_none_or(|m| layer <= m)
+    }
+
+    fn stop_after(&self) -> Option<usize> {
+        self.max_layer.filter(|_| self.stop)
     }
 
     fn on_block_output(&mut self, h: &Tensor, ctx: &HookCtx<'_>) -> Result<Option<Tensor>> {

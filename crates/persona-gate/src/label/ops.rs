@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::devset::{self, DevRow, Evaluation};
 use super::ensemble::{combine, Ensemble, JudgeLabeler};
-use super::features::{self, ReadOptions, RowFeatures};
+use super::features::{self, RowFeatures};
 use super::probe::{probe_verdict, ProbeFile, ProbeLabeler};
 use super::rules::{label_v2, RulesV1, RulesV2};
 use super::{Label, LabelInput, LabelVerdict, Labeler};
@@ -162,7 +162,7 @@ pub fn evaluate_devset(
         return Err(Error::Empty(format!("the development set has no rows in split '{split}'")));
     }
     let inputs: Vec<LabelInput> = sel.iter().map(|r| r.input()).collect();
-    let opts = ReadOptions { max_output_tokens: probe.max_output_tokens, batch_size, losses: true };
+    let opts = probe.read_options(batch_size);
     let t = std::time::Instant::now();
     let feats = features::read(model, &inputs, &opts, progress)?;
     let read_seconds = t.elapsed().as_secs_f64();
@@ -208,7 +208,7 @@ pub fn length_study(
                 Ok(i)
             })
             .collect::<Result<_>>()?;
-        let opts = ReadOptions { max_output_tokens: probe.max_output_tokens, batch_size, losses: true };
+        let opts = probe.read_options(batch_size);
         let feats = features::read(model, &inputs, &opts, progress)?;
         let v = all_verdicts(probe, &inputs, &feats)?;
         per_len.push(devset::labels_of(&v[3].1));
@@ -328,7 +328,7 @@ fn length_rows(
                 .iter()
                 .map(|r| Ok(LabelInput { output: cut_tokens(model, &r.output, n)?, ..r.clone() }))
                 .collect::<Result<_>>()?;
-            let opts = ReadOptions { max_output_tokens: probe.max_output_tokens, batch_size, losses: true };
+            let opts = probe.read_options(batch_size);
             let feats = features::read(model, &cut, &opts, &mut |d, t| progress("lengths", d, t))?;
             devset::labels_of(&all_verdicts(probe, &cut, &feats)?[3].1)
         };

@@ -116,6 +116,23 @@ impl ProbeFile {
         crate::hash::sha256_bytes(serde_json::to_string(self).unwrap_or_default().as_bytes())
     }
 
+    /// Whether the degenerate head reads per-token losses.
+    pub fn needs_losses(&self) -> bool {
+        self.degenerate.features.iter().any(|f| f.contains("loss"))
+    }
+
+    /// How to read for this probe: losses only when its degenerate head uses them; without them
+    /// the forward stops at the refusal head's deepest layer.
+    pub fn read_options(&self, batch_size: usize) -> ReadOptions {
+        let losses = self.needs_losses();
+        ReadOptions {
+            max_output_tokens: self.max_output_tokens,
+            batch_size,
+            losses,
+            max_layer: if losses { None } else { self.refusal.layers.iter().copied().max() },
+        }
+    }
+
     /// Refuse a reader model other than the one the probe was trained with.
     pub fn check_reader(&self, model: &Model) -> Result<()> {
         let now = ReaderRecord::of(model);
@@ -154,7 +171,33 @@ pub const DEGENERATE_FEATURES: &[&str] = &[
     "log_tokens",
 ];
 
-/// The degenerate head's features of one row.
+/// The degenerate head's features that need no per-token loss (a probe trained on these alone
+/// reads without the LM head and can stop at its refusal layer).
+pub const TEXT_FEATURES: &[&str] = &[
+    "compression_ratio",
+    "repeated_4grams",
+    "letter_share",
+    "latin_share",
+    "distinct_token_share",
+    "log_tokens",
+];
+
+/// The named degenerate features of one row, in `names` order (unknown names are errors).
+pub fn named_degenerate_features(f: &RowFeatures, output: &str, names: &[String]) -> Result<Vec<f32>> {
+    let all = degenerate_features(f, output);
+    names
+        .iter()
+        .map(|n| {
+            DEGENERATE_FEATURES
+                .iter()
+                .position(|k| k == n)
+                .map(|i| all[i])
+                .ok_or_else(|| Error::InvalidValue(format!("probe file names an unknown degenerate feature '{n}'")))
+        })
+        .collect()
+}
+
+/// The degenerate head's features of one row (all of [`DEGENERATE_FEATURES`]).
 pub fn degenerate_features(f: &RowFeatures, output: &str) -> Vec<f32> {
     let l = &f.losses;
     let n = l.len().max(1) as f32;
@@ -202,7 +245,7 @@ pub struct ProbeScores {
 impl ProbeFile {
     pub fn score(&self, f: &RowFeatures, output: &str) -> Result<ProbeScores> {
         let xr = refusal_features(f, &self.refusal.layers, &self.refusal.refusal_dirs);
-        let xd = degenerate_features(f, output);
+        let xd = named_degenerate_features(f, output, &self.degenerate.features)?;
         Ok(ProbeScores {
             p_refusal: self.refusal.model.prob(&xr)?,
             p_degenerate: self.degenerate.model.prob(&xd)?,
@@ -224,7 +267,7 @@ pub struct ProbeLabeler<'m> {
 impl<'m> ProbeLabeler<'m> {
     pub fn new(model: &'m Model, probe: ProbeFile, batch_size: usize) -> Result<Self> {
         probe.check_reader(model)?;
-        let opts = ReadOptions { max_output_tokens: probe.max_output_tokens, batch_size, losses: true };
+        let opts = probe.read_options(batch_size);
         let hash = probe.sha256();
         Ok(ProbeLabeler { model, probe, opts, hash, memo: Default::default() })
     }
@@ -300,6 +343,9 @@ pub struct ProbeTrainOptions {
     pub read: ReadOptions,
     pub folds: usize,
     pub train: TrainOptions,
+    /// Train the degenerate head on text measures only ([`TEXT_FEATURES`]): the probe then reads
+    /// without losses and stops at its refusal layer (a fraction of the cost).
+    pub text_only_degenerate: bool,
 }
 
 /// A default grid of layer sets: single layers at 30-85% depth and two pairs.
@@ -308,6 +354,15 @@ pub fn default_layer_sets(n_layers: usize) -> Vec<Vec<usize>> {
     let mut v: Vec<Vec<usize>> = [0.3, 0.45, 0.55, 0.65, 0.75, 0.85].iter().map(|f| vec![at(*f)]).collect();
     v.push(vec![at(0.45), at(0.75)]);
     v.push(vec![at(0.55), at(0.85)]);
+    v
+}
+
+/// Layer sets for a fast probe: single layers at 15-30% depth and one pair, so the read stops
+/// before a third of the model.
+pub fn fast_layer_sets(n_layers: usize) -> Vec<Vec<usize>> {
+    let at = |f: f64| ((n_layers as f64 * f).round() as usize).min(n_layers - 1);
+    let mut v: Vec<Vec<usize>> = [0.15, 0.2, 0.25, 0.3].iter().map(|f| vec![at(*f)]).collect();
+    v.push(vec![at(0.2), at(0.3)]);
     v
 }
 
@@ -412,12 +467,19 @@ fn fit_degenerate_head(
     opts: &ProbeTrainOptions,
 ) -> Result<DegenerateHead> {
     let idx: Vec<usize> = tune.iter().copied().filter(|&i| !rows[i].ambiguous).collect();
-    let x: Vec<Vec<f32>> = idx.iter().map(|&i| degenerate_features(&feats[i], &rows[i].output)).collect();
+    let names: Vec<String> = if opts.text_only_degenerate { TEXT_FEATURES } else { DEGENERATE_FEATURES }
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let x: Vec<Vec<f32>> = idx
+        .iter()
+        .map(|&i| named_degenerate_features(&feats[i], &rows[i].output, &names))
+        .collect::<Result<_>>()?;
     let y: Vec<bool> = idx.iter().map(|&i| rows[i].label == Label::Degenerate).collect();
     let small = TrainOptions { l2: 1e-3, iters: 800, lr: 0.05 };
     let cv_f1 = cross_validate(&x, &y, opts.folds, small, true)?;
     let model = Logistic::fit(&x, &y, small)?;
-    Ok(DegenerateHead { features: DEGENERATE_FEATURES.iter().map(|s| s.to_string()).collect(), model, cv_f1 })
+    Ok(DegenerateHead { features: names, model, cv_f1 })
 }
 
 /// k-fold cross-validated accuracy (or F1 of the positive class when `f1`); folds interleaved.

@@ -553,6 +553,11 @@ impl Decoder {
                         h = new;
                     }
                 }
+                // A capture that needs no logits and nothing past this layer ends the forward
+                // here (the later blocks and the LM head would be computed for nothing).
+                if logits_at == LogitsAt::None && hk.stop_after() == Some(li) {
+                    return Ok(None);
+                }
             }
         }
         let out = match logits_at {
