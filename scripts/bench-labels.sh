@@ -3,12 +3,15 @@
 # answers of up to T tokens with Qwen2.5-Coder-1.5B under compliant steering x3 at layers 10-14 (so
 # answers run long), then label them with the probe (one teacher-forced pass) and with the ensemble.
 #
-#   scripts/bench-labels.sh [N=38] [T=256] [READ=128]
+#   scripts/bench-labels.sh [N=38] [T=256]
+#   PROBE=q15-fast.probe.json scripts/bench-labels.sh     # a probe file instead of the built-in one
 #
 # Prints the wall time of each step (model loading excluded for labeling: `pgate label` reports it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N="${1:-38}"; T="${2:-256}"; READ="${3:-128}"
+N="${1:-38}"; T="${2:-256}"
+probe_arg=()
+if [ -n "${PROBE:-}" ]; then probe_arg=(--probe "$PROBE"); fi
 PGATE="${PGATE:-target/release/pgate}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -32,7 +35,7 @@ for l in open(sys.argv[1]):
 PY
 for labeler in probe ensemble; do
   echo "== label with $labeler" >&2
-  "$PGATE" label q15 --labeler "$labeler" --in "$work/rows.jsonl" -o "$work/$labeler.jsonl"
+  "$PGATE" label q15 --labeler "$labeler" "${probe_arg[@]}" --in "$work/rows.jsonl" -o "$work/$labeler.jsonl"
 done
 tokens=$(python3 -c "import json,sys; print(sum(json.loads(l).get('n_tokens', 0) or len(json.loads(l).get('tokens', [])) for l in open(sys.argv[1])))" "$work/gen.jsonl")
 echo "generation wall time (model load included): ${gen} s; generated tokens: $tokens"
