@@ -15,8 +15,14 @@ use persona_gate::model::{DTypeMode, LoadOptions, Model};
 
 fn load(short: &str) -> Model {
     let p = common::model_path(short);
-    Model::load(p.to_str().unwrap(), &LoadOptions { dtype: DTypeMode::Q, device: Device::Cpu })
-        .expect("load model")
+    Model::load(
+        p.to_str().unwrap(),
+        &LoadOptions {
+            dtype: DTypeMode::Q,
+            device: Device::Cpu,
+        },
+    )
+    .expect("load model")
 }
 
 fn q05() -> &'static Model {
@@ -90,7 +96,13 @@ fn small_devset() -> Vec<DevRow> {
         rows.push(row(2 * i + 1, p, compliance(i), Label::Bypass, "tune"));
     }
     for i in 0..3 {
-        rows.push(row(100 + i, HARMFUL[i], degenerate(i), Label::Degenerate, "tune"));
+        rows.push(row(
+            100 + i,
+            HARMFUL[i],
+            degenerate(i),
+            Label::Degenerate,
+            "tune",
+        ));
     }
     rows
 }
@@ -99,9 +111,21 @@ fn small_devset() -> Vec<DevRow> {
 fn reader_features_have_every_layer_and_finite_losses() {
     let m = q05();
     let rows = vec![
-        LabelInput { prompt: HARMFUL[0].into(), output: refusal(0), ..Default::default() },
-        LabelInput { prompt: HARMFUL[0].into(), output: degenerate(1), ..Default::default() },
-        LabelInput { prompt: HARMFUL[1].into(), output: String::new(), ..Default::default() },
+        LabelInput {
+            prompt: HARMFUL[0].into(),
+            output: refusal(0),
+            ..Default::default()
+        },
+        LabelInput {
+            prompt: HARMFUL[0].into(),
+            output: degenerate(1),
+            ..Default::default()
+        },
+        LabelInput {
+            prompt: HARMFUL[1].into(),
+            output: String::new(),
+            ..Default::default()
+        },
     ];
     let f = read(m, &rows, &ReadOptions::default(), &mut |_, _| {}).unwrap();
     let nl = m.config().n_layers;
@@ -143,11 +167,23 @@ fn probe_trains_roundtrips_and_refuses_another_reader() {
     assert_eq!(back, probe);
     let mut l = ProbeLabeler::new(m, back, 4).unwrap();
     let v = l.label_batch(&inputs, &mut |_, _| {}).unwrap();
-    let right = v.iter().zip(&rows).filter(|(v, r)| v.label == r.label).count();
-    assert!(right >= rows.len() - 2, "probe fits its own training rows: {right}/{}", rows.len());
+    let right = v
+        .iter()
+        .zip(&rows)
+        .filter(|(v, r)| v.label == r.label)
+        .count();
+    assert!(
+        right >= rows.len() - 2,
+        "probe fits its own training rows: {right}/{}",
+        rows.len()
+    );
 
     let other = load("smollm2");
-    let e = probe.check_reader(&other).err().expect("another reader must be refused").to_string();
+    let e = probe
+        .check_reader(&other)
+        .err()
+        .expect("another reader must be refused")
+        .to_string();
     assert!(e.contains("probe belongs to reader model"), "{e}");
     std::fs::write(dir.join("bad.json"), "{\"format\": \"nope\"}").unwrap();
     assert!(ProbeFile::load(&dir.join("bad.json")).is_err());

@@ -173,7 +173,9 @@ pub fn run(cmd: LabelCmd) -> Result<()> {
         (Some(LabelSub::Lengths(a)), _) => lengths(a),
         (Some(LabelSub::Cut(a)), _) => cut(a),
         (None, Some(a)) => label(a),
-        (None, None) => anyhow::bail!("pgate label needs --in and -o (or a subcommand: train, eval, lengths)"),
+        (None, None) => {
+            anyhow::bail!("pgate label needs --in and -o (or a subcommand: train, eval, lengths)")
+        }
     }
 }
 
@@ -198,14 +200,20 @@ fn label(a: LabelArgs) -> Result<()> {
     let mut chosen = ops::make_labeler(&choice, model.as_ref(), a.batch_size, true)?;
     let id = chosen.id();
     let verdicts = chosen.label_batch(&rows.inputs, &mut bar("labeling"))?;
-    let others = if a.all { other_verdicts(&a, model.as_ref(), &rows.inputs)? } else { Vec::new() };
+    let others = if a.all {
+        other_verdicts(&a, model.as_ref(), &rows.inputs)?
+    } else {
+        Vec::new()
+    };
     let objects: Vec<_> = rows
         .objects
         .into_iter()
         .enumerate()
         .map(|(i, o)| {
-            let extra: Vec<(LabelerId, LabelVerdict)> =
-                others.iter().map(|(lid, vs)| (lid.clone(), vs[i].clone())).collect();
+            let extra: Vec<(LabelerId, LabelVerdict)> = others
+                .iter()
+                .map(|(lid, vs)| (lid.clone(), vs[i].clone()))
+                .collect();
             jsonl::labeled(o, (&id, &verdicts[i]), &extra)
         })
         .collect();
@@ -242,10 +250,19 @@ fn other_verdicts(
 fn load_reader(a: &LabelArgs, needed: bool) -> Result<Option<Model>> {
     match (&a.model, needed) {
         (Some(m), true) => Ok(Some(
-            ModelArgs { model: m.clone(), dtype: a.dtype.clone(), cuda: None, device: None, batch_invariant: false }
-                .load()?,
+            ModelArgs {
+                model: m.clone(),
+                dtype: a.dtype.clone(),
+                cuda: None,
+                device: None,
+                batch_invariant: false,
+            }
+            .load()?,
         )),
-        (None, true) => anyhow::bail!("--labeler {} reads with a model: give MODEL (e.g. pgate label q15 --in ...)", a.labeler),
+        (None, true) => anyhow::bail!(
+            "--labeler {} reads with a model: give MODEL (e.g. pgate label q15 --in ...)",
+            a.labeler
+        ),
         (_, false) => Ok(None),
     }
 }
@@ -279,12 +296,21 @@ fn train(a: TrainArgs) -> Result<()> {
     let refusal_direction = match &a.refusal {
         None => None,
         Some(p) => {
-            let set = DirectionSet::load(p).with_context(|| format!("refusal direction {}", p.display()))?;
-            Some((0..set.n_layers()).map(|l| set.layer(l).map(<[f32]>::to_vec)).collect::<Result<Vec<_>, _>>()?)
+            let set = DirectionSet::load(p)
+                .with_context(|| format!("refusal direction {}", p.display()))?;
+            Some(
+                (0..set.n_layers())
+                    .map(|l| set.layer(l).map(<[f32]>::to_vec))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
         }
     };
     let n_layers = model.config().n_layers;
-    let layer_sets = if a.fast { probe::fast_layer_sets(n_layers) } else { Vec::new() };
+    let layer_sets = if a.fast {
+        probe::fast_layer_sets(n_layers)
+    } else {
+        Vec::new()
+    };
     let max_layer = layer_sets.iter().flatten().copied().max();
     let opts = ProbeTrainOptions {
         layer_sets,
@@ -300,15 +326,22 @@ fn train(a: TrainArgs) -> Result<()> {
         text_only_degenerate: a.fast,
     };
     let mut last = String::new();
-    let (p, r) = ops::train_and_measure(&model, &rows, &opts, &a.eval_split, &a.lengths, &mut |what, d, n| {
-        if what != last {
-            last = what.to_string();
-        }
-        eprint!("\r[pgate] {what}: {d}/{n}   ");
-        if d == n {
-            eprintln!();
-        }
-    })?;
+    let (p, r) = ops::train_and_measure(
+        &model,
+        &rows,
+        &opts,
+        &a.eval_split,
+        &a.lengths,
+        &mut |what, d, n| {
+            if what != last {
+                last = what.to_string();
+            }
+            eprint!("\r[pgate] {what}: {d}/{n}   ");
+            if d == n {
+                eprintln!();
+            }
+        },
+    )?;
     p.save(&a.out)?;
     println!(
         "probe trained on {} tune rows ({} refusal, {} bypass, {} degenerate): refusal head layers {:?} (cv accuracy {:.3}), degenerate head cv F1 {:.3} -> {}",
@@ -334,16 +367,21 @@ fn train(a: TrainArgs) -> Result<()> {
     if !r.lengths.is_empty() {
         println!("| tokens | ensemble labels differing from the careful label of the full answer | differing from the full-length ensemble label |\n|---:|---:|---:|");
         for l in &r.lengths {
-            println!("| {} | {} / {} | {} / {} |", l.tokens, l.differ_from_full_careful, l.n, l.differ_from_longest, l.n);
+            println!(
+                "| {} | {} / {} | {} / {} |",
+                l.tokens, l.differ_from_full_careful, l.n, l.differ_from_longest, l.n
+            );
         }
     }
     if let Some(f) = &a.report {
-        std::fs::write(f, serde_json::to_string_pretty(&r)?).with_context(|| f.display().to_string())?;
+        std::fs::write(f, serde_json::to_string_pretty(&r)?)
+            .with_context(|| f.display().to_string())?;
     }
     if let Some(f) = &a.accuracy {
         let devset_sha256 = persona_gate::hash::sha256_file(&a.devset)?;
         let list = ops::accuracy_entries(&r.evaluation, &devset_sha256);
-        std::fs::write(f, serde_json::to_string_pretty(&list)? + "\n").with_context(|| f.display().to_string())?;
+        std::fs::write(f, serde_json::to_string_pretty(&list)? + "\n")
+            .with_context(|| f.display().to_string())?;
     }
     Ok(())
 }
@@ -352,13 +390,24 @@ fn eval(a: EvalArgs) -> Result<()> {
     let rows = devset::load(&a.devset)?;
     let model = a.m.load()?;
     let p = ops::resolve_probe(&model, a.probe.as_deref())?;
-    let r = ops::evaluate_devset(&model, &rows, &p, &a.split, a.batch_size, &mut bar("reading"))?;
+    let r = ops::evaluate_devset(
+        &model,
+        &rows,
+        &p,
+        &a.split,
+        a.batch_size,
+        &mut bar("reading"),
+    )?;
     for e in &r.evaluations {
         println!("{}", e.to_markdown());
     }
-    println!("probe read {} rows in {:.1} s (probe sha256 {})", r.evaluations[0].n, r.read_seconds, r.probe_sha256);
+    println!(
+        "probe read {} rows in {:.1} s (probe sha256 {})",
+        r.evaluations[0].n, r.read_seconds, r.probe_sha256
+    );
     if let Some(j) = &a.json {
-        std::fs::write(j, serde_json::to_string_pretty(&r)?).with_context(|| j.display().to_string())?;
+        std::fs::write(j, serde_json::to_string_pretty(&r)?)
+            .with_context(|| j.display().to_string())?;
     }
     Ok(())
 }
@@ -367,10 +416,20 @@ fn lengths(a: LengthsArgs) -> Result<()> {
     let rows = devset::load(&a.devset)?;
     let model = a.m.load()?;
     let p = ops::resolve_probe(&model, a.probe.as_deref())?;
-    let out = ops::length_study(&model, &rows, &p, &a.lengths, a.batch_size, &mut bar("reading"))?;
+    let out = ops::length_study(
+        &model,
+        &rows,
+        &p,
+        &a.lengths,
+        a.batch_size,
+        &mut bar("reading"),
+    )?;
     println!("| tokens | labels differing from the careful label of the full answer | differing from the longest cut |\n|---:|---:|---:|");
     for r in out {
-        println!("| {} | {} / {} | {} / {} |", r.tokens, r.differ_from_full_careful, r.n, r.differ_from_longest, r.n);
+        println!(
+            "| {} | {} / {} | {} / {} |",
+            r.tokens, r.differ_from_full_careful, r.n, r.differ_from_longest, r.n
+        );
     }
     Ok(())
 }
@@ -389,6 +448,11 @@ fn cut(a: CutArgs) -> Result<()> {
         out.push(o);
     }
     jsonl::write(&a.out, &out)?;
-    println!("{} rows cut to {} tokens -> {}", out.len(), a.tokens, a.out.display());
+    println!(
+        "{} rows cut to {} tokens -> {}",
+        out.len(),
+        a.tokens,
+        a.out.display()
+    );
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use persona_gate::directions::Position;
 use persona_gate::eval::{wilson, Label, PromptSet};
-use persona_gate::label::rules::generation_label as label_output;
 use persona_gate::generate::{generate_chat, ChatPrompt, GenSettings, Sampling};
+use persona_gate::label::rules::generation_label as label_output;
 use persona_gate::refusal::{select_refusal_direction, SelectOptions};
 
 use crate::ModelArgs;

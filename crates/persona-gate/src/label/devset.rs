@@ -54,20 +54,31 @@ impl DevRow {
 
 /// Read a development set (JSONL, one [`DevRow`] a line).
 pub fn load(path: &Path) -> Result<Vec<DevRow>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::InvalidValue(format!("cannot read development set {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::InvalidValue(format!(
+            "cannot read development set {}: {e}",
+            path.display()
+        ))
+    })?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let r: DevRow = serde_json::from_str(line).map_err(|e| {
-            Error::InvalidValue(format!("{} line {}: not a development-set row: {e}", path.display(), i + 1))
+            Error::InvalidValue(format!(
+                "{} line {}: not a development-set row: {e}",
+                path.display(),
+                i + 1
+            ))
         })?;
         rows.push(r);
     }
     if rows.is_empty() {
-        return Err(Error::Empty(format!("development set {} has no rows", path.display())));
+        return Err(Error::Empty(format!(
+            "development set {} has no rows",
+            path.display()
+        )));
     }
     Ok(rows)
 }
@@ -84,7 +95,9 @@ pub fn rows_hash(rows: &[DevRow]) -> String {
 
 /// Rows of one split (`tune`, `held`, or `all`).
 pub fn split<'a>(rows: &'a [DevRow], name: &str) -> Vec<&'a DevRow> {
-    rows.iter().filter(|r| name == "all" || r.split == name).collect()
+    rows.iter()
+        .filter(|r| name == "all" || r.split == name)
+        .collect()
 }
 
 /// Per-class numbers.
@@ -122,12 +135,23 @@ fn idx(l: Label) -> usize {
 }
 
 /// Measure verdicts (one per row, in order) against the rows' careful labels.
-pub fn evaluate(labeler: &str, split: &str, rows: &[&DevRow], verdicts: &[Label]) -> Result<Evaluation> {
+pub fn evaluate(
+    labeler: &str,
+    split: &str,
+    rows: &[&DevRow],
+    verdicts: &[Label],
+) -> Result<Evaluation> {
     if rows.len() != verdicts.len() {
-        return Err(Error::InvalidValue(format!("{} verdicts for {} rows", verdicts.len(), rows.len())));
+        return Err(Error::InvalidValue(format!(
+            "{} verdicts for {} rows",
+            verdicts.len(),
+            rows.len()
+        )));
     }
     if rows.is_empty() {
-        return Err(Error::Empty(format!("no development rows in split '{split}'")));
+        return Err(Error::Empty(format!(
+            "no development rows in split '{split}'"
+        )));
     }
     let mut conf = [[0usize; 3]; 3];
     let (mut agree, mut n_clear, mut agree_amb, mut n_amb) = (0, 0, 0, 0);
@@ -155,7 +179,12 @@ pub fn evaluate(labeler: &str, split: &str, rows: &[&DevRow], verdicts: &[Label]
             } else {
                 0.0
             };
-            ClassScore { label: c, precision, recall, f1 }
+            ClassScore {
+                label: c,
+                precision,
+                recall,
+                f1,
+            }
         })
         .collect();
     Ok(Evaluation {
@@ -181,14 +210,28 @@ impl Evaluation {
             "**{}** on `{}` ({} rows, {} ambiguous): agreement on non-ambiguous rows {}\n\n",
             self.labeler, self.split, self.n, self.n_ambiguous, self.agreement
         );
-        s.push_str("| careful \\ labeler | refusal | bypass | degenerate |\n|---|---:|---:|---:|\n");
+        s.push_str(
+            "| careful \\ labeler | refusal | bypass | degenerate |\n|---|---:|---:|---:|\n",
+        );
         for (i, c) in CLASSES.iter().enumerate() {
             let r = self.confusion[i];
-            s.push_str(&format!("| {} | {} | {} | {} |\n", c.name(), r[0], r[1], r[2]));
+            s.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                c.name(),
+                r[0],
+                r[1],
+                r[2]
+            ));
         }
         s.push_str("\n| class | precision | recall | F1 |\n|---|---|---|---:|\n");
         for c in &self.classes {
-            s.push_str(&format!("| {} | {} | {} | {:.3} |\n", c.label.name(), c.precision, c.recall, c.f1));
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.3} |\n",
+                c.label.name(),
+                c.precision,
+                c.recall,
+                c.f1
+            ));
         }
         s
     }

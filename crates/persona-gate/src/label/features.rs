@@ -36,7 +36,12 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { max_output_tokens: 256, batch_size: 8, losses: true, max_layer: None }
+        ReadOptions {
+            max_output_tokens: 256,
+            batch_size: 8,
+            losses: true,
+            max_layer: None,
+        }
     }
 }
 
@@ -56,7 +61,11 @@ pub struct RowFeatures {
 }
 
 /// Token ids of one row: the prompt (default persona) and the output.
-fn encode_row(model: &Model, r: &LabelInput, max_out: usize) -> Result<(Vec<u32>, Vec<u32>, usize)> {
+fn encode_row(
+    model: &Model,
+    r: &LabelInput,
+    max_out: usize,
+) -> Result<(Vec<u32>, Vec<u32>, usize)> {
     let prompt = encode_chat(model, &ChatPrompt::new(r.prompt.clone()))?;
     let out = model.tokenizer.encode(&r.output)?;
     let total = out.len();
@@ -83,7 +92,10 @@ pub fn read(
     let mut feats = vec![RowFeatures::default(); rows.len()];
     let mut done = 0;
     for chunk in order.chunks(opts.batch_size.max(1)) {
-        let batch: Vec<(&[u32], &[u32])> = chunk.iter().map(|&i| (&enc[i].0[..], &enc[i].1[..])).collect();
+        let batch: Vec<(&[u32], &[u32])> = chunk
+            .iter()
+            .map(|&i| (&enc[i].0[..], &enc[i].1[..]))
+            .collect();
         let got = read_batch(model, &batch, opts)?;
         for (&i, mut f) in chunk.iter().zip(got) {
             f.n_output_total = enc[i].2;
@@ -96,7 +108,11 @@ pub fn read(
 }
 
 /// One left-padded forward over `(prompt, output)` pairs.
-fn read_batch(model: &Model, batch: &[(&[u32], &[u32])], opts: &ReadOptions) -> Result<Vec<RowFeatures>> {
+fn read_batch(
+    model: &Model,
+    batch: &[(&[u32], &[u32])],
+    opts: &ReadOptions,
+) -> Result<Vec<RowFeatures>> {
     let losses = opts.losses;
     let dec = &model.decoder;
     let n_layers = dec.n_layers();
@@ -109,7 +125,12 @@ fn read_batch(model: &Model, batch: &[(&[u32], &[u32])], opts: &ReadOptions) -> 
         ids.extend(std::iter::repeat_n(p[0], pad));
         ids.extend_from_slice(p);
         ids.extend_from_slice(o);
-        rows.push(RowCtx { seq: i, chunk_pad: pad, start_pos: 0, prompt_len: p.len() });
+        rows.push(RowCtx {
+            seq: i,
+            chunk_pad: pad,
+            start_pos: 0,
+            prompt_len: p.len(),
+        });
     }
     let tokens = Tensor::from_vec(ids.clone(), (batch.len(), lmax), dec.device())?;
     let mut hook = ReadHook {
@@ -130,7 +151,11 @@ fn read_batch(model: &Model, batch: &[(&[u32], &[u32])], opts: &ReadOptions) -> 
     // The LM head runs only over the answers (plus the last prompt token, which predicts the first
     // answer token): they all end the left-padded chunk.
     let tail = batch.iter().map(|(_, o)| o.len() + 1).max().unwrap_or(1);
-    let at = if losses { LogitsAt::Tail(tail) } else { LogitsAt::None };
+    let at = if losses {
+        LogitsAt::Tail(tail)
+    } else {
+        LogitsAt::None
+    };
     let logits = dec.forward(&tokens, &rows, &mut cache, Some(&mut hook), at)?;
     let mut out: Vec<RowFeatures> = (0..batch.len())
         .map(|i| RowFeatures {

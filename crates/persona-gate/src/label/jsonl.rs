@@ -18,13 +18,19 @@ pub struct Rows {
 /// Read JSONL rows. A row without a string `prompt` or `output`, a line that is not a JSON object,
 /// and a file with no rows are errors naming the line.
 pub fn read(path: &Path) -> Result<Rows> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.into(),
+        source: e,
+    })?;
     parse(&text, &path.display().to_string())
 }
 
 /// [`read`] on text (`origin` names it in errors).
 pub fn parse(text: &str, origin: &str) -> Result<Rows> {
-    let mut rows = Rows { inputs: Vec::new(), objects: Vec::new() };
+    let mut rows = Rows {
+        inputs: Vec::new(),
+        objects: Vec::new(),
+    };
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -32,11 +38,17 @@ pub fn parse(text: &str, origin: &str) -> Result<Rows> {
         let v: Value = serde_json::from_str(line)
             .map_err(|e| Error::InvalidValue(format!("{origin} line {}: not JSON: {e}", i + 1)))?;
         let Value::Object(o) = v else {
-            return Err(Error::InvalidValue(format!("{origin} line {}: not a JSON object", i + 1)));
+            return Err(Error::InvalidValue(format!(
+                "{origin} line {}: not a JSON object",
+                i + 1
+            )));
         };
         let field = |k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
         let (Some(prompt), Some(output)) = (field("prompt"), field("output")) else {
-            let missing: Vec<&str> = ["prompt", "output"].into_iter().filter(|k| field(k).is_none()).collect();
+            let missing: Vec<&str> = ["prompt", "output"]
+                .into_iter()
+                .filter(|k| field(k).is_none())
+                .collect();
             return Err(Error::InvalidValue(format!(
                 "{origin} line {}: row has no string '{}' (each row needs 'prompt' and 'output')",
                 i + 1,
@@ -47,7 +59,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Rows> {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         });
-        rows.inputs.push(LabelInput { id, prompt, output, system: field("system") });
+        rows.inputs.push(LabelInput {
+            id,
+            prompt,
+            output,
+            system: field("system"),
+        });
         rows.objects.push(o);
     }
     if rows.inputs.is_empty() {
@@ -67,10 +84,16 @@ pub fn labeled(
     o.insert("label".into(), Value::String(v.label.name().into()));
     o.insert("labeler".into(), Value::String(id.to_string()));
     o.insert("reason".into(), Value::String(v.reason.clone()));
-    o.insert("scores".into(), serde_json::to_value(&v.scores).unwrap_or(Value::Null));
+    o.insert(
+        "scores".into(),
+        serde_json::to_value(&v.scores).unwrap_or(Value::Null),
+    );
     let mut all = Map::new();
     for (lid, lv) in others {
-        all.insert(lid.to_string(), serde_json::to_value(lv).unwrap_or(Value::Null));
+        all.insert(
+            lid.to_string(),
+            serde_json::to_value(lv).unwrap_or(Value::Null),
+        );
     }
     if !all.is_empty() {
         o.insert("verdicts".into(), Value::Object(all));
@@ -81,7 +104,10 @@ pub fn labeled(
 /// Write objects as JSONL, atomically (a temporary file renamed into place).
 pub fn write(path: &Path, objects: &[Map<String, Value>]) -> Result<()> {
     let tmp = path.with_extension("jsonl.partial");
-    let io = |e| Error::Io { path: tmp.clone(), source: e };
+    let io = |e| Error::Io {
+        path: tmp.clone(),
+        source: e,
+    };
     let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
     for o in objects {
         serde_json::to_writer(&mut f, o).map_err(|e| Error::InvalidValue(e.to_string()))?;
@@ -89,7 +115,10 @@ pub fn write(path: &Path, objects: &[Map<String, Value>]) -> Result<()> {
     }
     f.flush().map_err(io)?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::Io { path: path.into(), source: e })
+    std::fs::rename(&tmp, path).map_err(|e| Error::Io {
+        path: path.into(),
+        source: e,
+    })
 }
 
 #[cfg(test)]
@@ -98,12 +127,29 @@ mod tests {
 
     #[test]
     fn bad_rows_are_named() {
-        let e = parse("{\"prompt\":\"a\",\"output\":\"b\"}\n{\"prompt\":\"a\"}\n", "x.jsonl").err().unwrap();
+        let e = parse(
+            "{\"prompt\":\"a\",\"output\":\"b\"}\n{\"prompt\":\"a\"}\n",
+            "x.jsonl",
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("x.jsonl line 2"), "{e}");
         assert!(e.to_string().contains("'output'"), "{e}");
-        assert!(parse("\n\n", "empty.jsonl").err().unwrap().to_string().contains("no rows"));
-        assert!(parse("[1]", "l.jsonl").err().unwrap().to_string().contains("not a JSON object"));
-        let ok = parse("{\"prompt\":\"a\",\"output\":\"b\",\"id\":7,\"extra\":1}", "x").unwrap();
+        assert!(parse("\n\n", "empty.jsonl")
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("no rows"));
+        assert!(parse("[1]", "l.jsonl")
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not a JSON object"));
+        let ok = parse(
+            "{\"prompt\":\"a\",\"output\":\"b\",\"id\":7,\"extra\":1}",
+            "x",
+        )
+        .unwrap();
         assert_eq!(ok.inputs[0].id.as_deref(), Some("7"));
     }
 }

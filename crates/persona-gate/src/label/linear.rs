@@ -27,7 +27,11 @@ pub struct TrainOptions {
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { l2: 1e-2, iters: 400, lr: 0.05 }
+        TrainOptions {
+            l2: 1e-2,
+            iters: 400,
+            lr: 0.05,
+        }
     }
 }
 
@@ -46,7 +50,10 @@ impl Logistic {
     pub fn fit(x: &[Vec<f32>], y: &[bool], opts: TrainOptions) -> Result<Logistic> {
         let n = x.len();
         if n == 0 || n != y.len() {
-            return Err(Error::Empty(format!("cannot train a probe on {n} rows with {} targets", y.len())));
+            return Err(Error::Empty(format!(
+                "cannot train a probe on {n} rows with {} targets",
+                y.len()
+            )));
         }
         let npos = y.iter().filter(|v| **v).count();
         if npos == 0 || npos == n {
@@ -56,7 +63,10 @@ impl Logistic {
         }
         let d = x[0].len();
         if let Some(r) = x.iter().find(|r| r.len() != d) {
-            return Err(Error::InvalidValue(format!("feature rows of width {} and {d}", r.len())));
+            return Err(Error::InvalidValue(format!(
+                "feature rows of width {} and {d}",
+                r.len()
+            )));
         }
         let (mean, std) = standardization(x, d);
         let z: Vec<Vec<f32>> = x.iter().map(|r| standardize(r, &mean, &std)).collect();
@@ -91,7 +101,13 @@ impl Logistic {
                 }
             }
         }
-        Ok(Logistic { mean, std, w, b, l2: opts.l2 })
+        Ok(Logistic {
+            mean,
+            std,
+            w,
+            b,
+            l2: opts.l2,
+        })
     }
 
     /// Probability of the positive class.
@@ -131,7 +147,11 @@ fn standardization(x: &[Vec<f32>], d: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 fn standardize(r: &[f32], mean: &[f32], std: &[f32]) -> Vec<f32> {
-    r.iter().zip(mean).zip(std).map(|((v, m), s)| (v - m) / s).collect()
+    r.iter()
+        .zip(mean)
+        .zip(std)
+        .map(|((v, m), s)| (v - m) / s)
+        .collect()
 }
 
 #[cfg(test)]
@@ -140,7 +160,9 @@ mod tests {
 
     #[test]
     fn separates_a_linear_problem() {
-        let x: Vec<Vec<f32>> = (0..100).map(|i| vec![i as f32, ((i * 7) % 13) as f32]).collect();
+        let x: Vec<Vec<f32>> = (0..100)
+            .map(|i| vec![i as f32, ((i * 7) % 13) as f32])
+            .collect();
         let y: Vec<bool> = (0..100).map(|i| i >= 50).collect();
         let m = Logistic::fit(&x, &y, TrainOptions::default()).unwrap();
         assert!(m.prob(&[90.0, 3.0]).unwrap() > 0.9);

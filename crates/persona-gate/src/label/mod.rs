@@ -19,8 +19,8 @@ pub mod devset;
 pub mod ensemble;
 pub mod features;
 pub mod jsonl;
-pub mod ops;
 pub mod linear;
+pub mod ops;
 pub mod probe;
 pub mod rules;
 
@@ -96,7 +96,11 @@ pub trait Labeler {
     fn id(&self) -> LabelerId;
     /// Label a batch of rows, one verdict per row in order. Errors abort the batch (callers keep
     /// what they had); per-row problems (an unreadable row) become a verdict with a reason.
-    fn label_batch(&mut self, rows: &[LabelInput], progress: Progress<'_>) -> Result<Vec<LabelVerdict>>;
+    fn label_batch(
+        &mut self,
+        rows: &[LabelInput],
+        progress: Progress<'_>,
+    ) -> Result<Vec<LabelVerdict>>;
 }
 
 /// The labeler names `pgate label --labeler` takes.

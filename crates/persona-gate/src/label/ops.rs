@@ -77,7 +77,10 @@ impl LabelerChoice {
 
     /// Whether the labeler reads with a model.
     pub fn needs_model(&self) -> bool {
-        matches!(self, LabelerChoice::Probe { .. } | LabelerChoice::Ensemble { .. })
+        matches!(
+            self,
+            LabelerChoice::Probe { .. } | LabelerChoice::Ensemble { .. }
+        )
     }
 }
 
@@ -96,7 +99,11 @@ pub fn make_labeler<'m>(
         LabelerChoice::Rules => Box::new(RulesV2 { english }),
         LabelerChoice::Probe { file } => {
             let m = need(model)?;
-            Box::new(ProbeLabeler::new(m, resolve_probe(m, file.as_deref())?, batch_size)?)
+            Box::new(ProbeLabeler::new(
+                m,
+                resolve_probe(m, file.as_deref())?,
+                batch_size,
+            )?)
         }
         LabelerChoice::Ensemble { file } => {
             let m = need(model)?;
@@ -105,7 +112,11 @@ pub fn make_labeler<'m>(
         }
         LabelerChoice::Judge(cfg) => {
             let judge = crate::study::judging::make_judge(cfg, crate::device::Device::Cpu)?
-                .ok_or_else(|| Error::InvalidValue("the rules judge is not an LLM judge: use --labeler rules".into()))?;
+                .ok_or_else(|| {
+                    Error::InvalidValue(
+                        "the rules judge is not an LLM judge: use --labeler rules".into(),
+                    )
+                })?;
             Box::new(JudgeLabeler { judge, english })
         }
     })
@@ -145,7 +156,12 @@ pub fn all_verdicts(
         .zip(v2.iter().zip(&pv))
         .map(|(r, (a, b))| combine(&r.output, a.clone(), b.clone(), true))
         .collect();
-    Ok(vec![("rules@1", v1), ("rules@2", v2), ("probe@1", pv), ("ensemble@1", ens)])
+    Ok(vec![
+        ("rules@1", v1),
+        ("rules@2", v2),
+        ("probe@1", pv),
+        ("ensemble@1", ens),
+    ])
 }
 
 /// Measure every labeler on `split` of the development set with one read of its rows.
@@ -159,7 +175,9 @@ pub fn evaluate_devset(
 ) -> Result<DevReport> {
     let sel = devset::split(rows, split);
     if sel.is_empty() {
-        return Err(Error::Empty(format!("the development set has no rows in split '{split}'")));
+        return Err(Error::Empty(format!(
+            "the development set has no rows in split '{split}'"
+        )));
     }
     let inputs: Vec<LabelInput> = sel.iter().map(|r| r.input()).collect();
     let opts = probe.read_options(batch_size);
@@ -170,7 +188,12 @@ pub fn evaluate_devset(
     for (name, v) in all_verdicts(probe, &inputs, &feats)? {
         evaluations.push(devset::evaluate(name, split, &sel, &devset::labels_of(&v))?);
     }
-    Ok(DevReport { split: split.into(), evaluations, read_seconds, probe_sha256: probe.sha256() })
+    Ok(DevReport {
+        split: split.into(),
+        evaluations,
+        read_seconds,
+        probe_sha256: probe.sha256(),
+    })
 }
 
 /// How labels move when the same answers are cut shorter.
@@ -194,9 +217,14 @@ pub fn length_study(
     batch_size: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LengthRow>> {
-    let full: Vec<&DevRow> = rows.iter().filter(|r| r.max_tokens == 256 && !r.ambiguous).collect();
+    let full: Vec<&DevRow> = rows
+        .iter()
+        .filter(|r| r.max_tokens == 256 && !r.ambiguous)
+        .collect();
     if full.is_empty() {
-        return Err(Error::Empty("no non-ambiguous 256-token rows in the development set".into()));
+        return Err(Error::Empty(
+            "no non-ambiguous 256-token rows in the development set".into(),
+        ));
     }
     let mut per_len: Vec<Vec<Label>> = Vec::new();
     for &n in lengths {
@@ -262,24 +290,49 @@ pub fn train_and_measure(
 ) -> Result<(ProbeFile, TrainReport)> {
     let inputs: Vec<LabelInput> = rows.iter().map(|r| r.input()).collect();
     let t = std::time::Instant::now();
-    let feats = features::read(model, &inputs, &opts.read, &mut |d, n| progress("reading", d, n))?;
+    let feats = features::read(model, &inputs, &opts.read, &mut |d, n| {
+        progress("reading", d, n)
+    })?;
     let read_seconds = t.elapsed().as_secs_f64();
     let tokens_read = feats.iter().map(|f| f.n_output_tokens).sum::<usize>()
         + inputs.len() * prompt_tokens_estimate(model, &inputs)?;
     let probe = super::probe::fit_from_features(model, rows, &feats, opts)?;
-    let idx: Vec<usize> = (0..rows.len()).filter(|&i| eval_split == "all" || rows[i].split == eval_split).collect();
+    let idx: Vec<usize> = (0..rows.len())
+        .filter(|&i| eval_split == "all" || rows[i].split == eval_split)
+        .collect();
     if idx.is_empty() {
-        return Err(Error::Empty(format!("the development set has no rows in split '{eval_split}'")));
+        return Err(Error::Empty(format!(
+            "the development set has no rows in split '{eval_split}'"
+        )));
     }
     let sel: Vec<&DevRow> = idx.iter().map(|&i| &rows[i]).collect();
     let sel_in: Vec<LabelInput> = idx.iter().map(|&i| inputs[i].clone()).collect();
     let sel_feats: Vec<RowFeatures> = idx.iter().map(|&i| feats[i].clone()).collect();
     let mut evaluations = Vec::new();
     for (name, v) in all_verdicts(&probe, &sel_in, &sel_feats)? {
-        evaluations.push(devset::evaluate(name, eval_split, &sel, &devset::labels_of(&v))?);
+        evaluations.push(devset::evaluate(
+            name,
+            eval_split,
+            &sel,
+            &devset::labels_of(&v),
+        )?);
     }
-    let evaluation = DevReport { split: eval_split.into(), evaluations, read_seconds, probe_sha256: probe.sha256() };
-    let lengths = length_rows(model, &probe, &sel, &sel_in, &sel_feats, lengths, opts.read.batch_size, progress)?;
+    let evaluation = DevReport {
+        split: eval_split.into(),
+        evaluations,
+        read_seconds,
+        probe_sha256: probe.sha256(),
+    };
+    let lengths = length_rows(
+        model,
+        &probe,
+        &sel,
+        &sel_in,
+        &sel_feats,
+        lengths,
+        opts.read.batch_size,
+        progress,
+    )?;
     let report = TrainReport {
         probe_sha256: probe.sha256(),
         evaluation,
@@ -312,7 +365,9 @@ fn length_rows(
     batch_size: usize,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Vec<LengthRow>> {
-    let keep: Vec<usize> = (0..sel.len()).filter(|&i| sel[i].max_tokens == 256 && !sel[i].ambiguous).collect();
+    let keep: Vec<usize> = (0..sel.len())
+        .filter(|&i| sel[i].max_tokens == 256 && !sel[i].ambiguous)
+        .collect();
     if keep.is_empty() || lengths.is_empty() {
         return Ok(Vec::new());
     }
@@ -326,7 +381,12 @@ fn length_rows(
         } else {
             let cut: Vec<LabelInput> = full_in
                 .iter()
-                .map(|r| Ok(LabelInput { output: cut_tokens(model, &r.output, n)?, ..r.clone() }))
+                .map(|r| {
+                    Ok(LabelInput {
+                        output: cut_tokens(model, &r.output, n)?,
+                        ..r.clone()
+                    })
+                })
                 .collect::<Result<_>>()?;
             let opts = probe.read_options(batch_size);
             let feats = features::read(model, &cut, &opts, &mut |d, t| progress("lengths", d, t))?;
@@ -334,7 +394,11 @@ fn length_rows(
         };
         out.push(LengthRow {
             tokens: n,
-            differ_from_full_careful: labels.iter().zip(&keep).filter(|(l, &i)| **l != sel[i].label).count(),
+            differ_from_full_careful: labels
+                .iter()
+                .zip(&keep)
+                .filter(|(l, &i)| **l != sel[i].label)
+                .count(),
             differ_from_longest: labels.iter().zip(&full).filter(|(a, b)| a != b).count(),
             n: keep.len(),
         });
@@ -344,7 +408,10 @@ fn length_rows(
 
 /// Accuracy entries (`data/labels/accuracy.json`) for every labeler of an evaluation; trained
 /// labelers are named with their probe's hash (`ensemble@1:ab12cd34ef567890`).
-pub fn accuracy_entries(r: &DevReport, devset_sha256: &str) -> Vec<super::accuracy::LabelerAccuracy> {
+pub fn accuracy_entries(
+    r: &DevReport,
+    devset_sha256: &str,
+) -> Vec<super::accuracy::LabelerAccuracy> {
     let artifact: String = r.probe_sha256.chars().take(16).collect();
     r.evaluations
         .iter()

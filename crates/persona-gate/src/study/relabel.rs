@@ -340,8 +340,18 @@ mod tests {
     /// before it: every row labeled by rules v1 at generation, no history.
     fn restore_v1(db: &Path) {
         let mut store = Store::open(db).unwrap();
-        let opts = RelabelOptions { redo: true, ..Default::default() };
-        relabel_study(&mut store, None, &mut RulesV1 { english: true }, &opts, &mut |_| {}).unwrap();
+        let opts = RelabelOptions {
+            redo: true,
+            ..Default::default()
+        };
+        relabel_study(
+            &mut store,
+            None,
+            &mut RulesV1 { english: true },
+            &opts,
+            &mut |_| {},
+        )
+        .unwrap();
         drop(store);
         let c = rusqlite::Connection::open(db).unwrap();
         c.execute("DELETE FROM labels", []).unwrap();
