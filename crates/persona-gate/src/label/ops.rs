@@ -226,32 +226,20 @@ pub fn length_study(
             "no non-ambiguous 256-token rows in the development set".into(),
         ));
     }
-    let mut per_len: Vec<Vec<Label>> = Vec::new();
-    for &n in lengths {
-        let inputs: Vec<LabelInput> = full
-            .iter()
-            .map(|r| {
-                let mut i = r.input();
-                i.output = cut_tokens(model, &r.output, n)?;
-                Ok(i)
-            })
-            .collect::<Result<_>>()?;
-        let opts = probe.read_options(batch_size);
-        let feats = features::read(model, &inputs, &opts, progress)?;
-        let v = all_verdicts(probe, &inputs, &feats)?;
-        per_len.push(devset::labels_of(&v[3].1));
-    }
-    let longest = per_len.last().cloned().unwrap_or_default();
-    Ok(lengths
-        .iter()
-        .zip(&per_len)
-        .map(|(&n, ls)| LengthRow {
-            tokens: n,
-            differ_from_full_careful: ls.iter().zip(&full).filter(|(l, r)| **l != r.label).count(),
-            differ_from_longest: ls.iter().zip(&longest).filter(|(a, b)| a != b).count(),
-            n: full.len(),
-        })
-        .collect())
+    // One read of the full answers; `length_rows` reads each shorter cut (the same study
+    // `train_and_measure` runs on the features it already has).
+    let inputs: Vec<LabelInput> = full.iter().map(|r| r.input()).collect();
+    let feats = features::read(model, &inputs, &probe.read_options(batch_size), progress)?;
+    length_rows(
+        model,
+        probe,
+        &full,
+        &inputs,
+        &feats,
+        lengths,
+        batch_size,
+        &mut |_, d, n| progress(d, n),
+    )
 }
 
 /// The first `n` tokens of `text` under the model's tokenizer, decoded.
