@@ -72,10 +72,10 @@ pub fn encode_chat(model: &Model, p: &ChatPrompt) -> Result<Vec<u32>> {
             p.id.as_deref().unwrap_or("?")
         )));
     }
-    let text = model
+    // Prompt sets are data from elsewhere: control-token text in them stays text.
+    model
         .tokenizer
-        .format_prompt(p.system.as_deref(), &p.user)?;
-    model.tokenizer.encode(&text)
+        .encode_prompt(p.system.as_deref(), &p.user)
 }
 
 /// Generate completions for `prompts`; `on_done` sees each completion as soon as it finishes.

@@ -22,6 +22,7 @@ mod chat_template;
 mod gguf_vocab;
 mod hf_dir;
 mod special;
+mod untrusted;
 mod spm;
 
 use std::collections::HashMap;
@@ -97,6 +98,9 @@ struct Inner {
     stop_ids: Vec<u32>,
     vocab_size: usize,
     vocab_sha256: OnceLock<String>,
+    /// Built on first use by [`untrusted`]: the control tokens' texts, and (for the `tokenizers`
+    /// backend) a copy of the pipeline that reads them as plain text.
+    untrusted: OnceLock<untrusted::PlainText>,
 }
 
 /// A model's tokenizer together with its chat template and end-of-turn tokens.
@@ -263,6 +267,7 @@ impl ChatTokenizer {
                 stop_ids,
                 vocab_size,
                 vocab_sha256: OnceLock::new(),
+                untrusted: OnceLock::new(),
             }),
         }
     }

@@ -183,6 +183,19 @@ impl SpmTokenizer {
         Ok(out)
     }
 
+    /// Encodes text with control-token texts read as ordinary characters (untrusted message
+    /// content); `starts_input` says whether it begins the model input.
+    pub(crate) fn encode_text(&self, text: &str, starts_input: bool) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        self.encode_plain(text, starts_input, &mut out)?;
+        Ok(out)
+    }
+
+    /// The control tokens' texts.
+    pub(crate) fn special_matcher(&self) -> &SpecialMatcher {
+        &self.specials
+    }
+
     /// One stretch of text that holds no control token: normalize, cut out user-defined pieces,
     /// and merge the rest.
     fn encode_plain(&self, text: &str, starts_input: bool, out: &mut Vec<u32>) -> Result<()> {
