@@ -64,6 +64,11 @@ pub enum Error {
 
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+
+    /// A receipt bundle's signature is missing, made with another key, or no longer covers its
+    /// files (`pgate receipt verify --pubkey`, `pgate check --pubkey`).
+    #[error("signature: {0}")]
+    Signature(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -403,6 +403,7 @@ fn endpoint_study_survives_failures_and_records_them() {
         &persona_gate::report::verify::VerifyOptions {
             db: None,
             study_file: Some(dir.join("study.toml")),
+            ..Default::default()
         },
     )
     .unwrap();

@@ -2,7 +2,8 @@
 //! receipts are complete and self-consistent, find their random-direction control, and
 //! `verify` passes on untouched files, then detects a changed model file, a changed prompt set,
 //! a changed direction file, an edited result row and an edited receipt. The gate passes
-//! and fails on the interval as documented.
+//! and fails on the interval as documented. (`verify` reads the files receipts name only inside
+//! the bundle folder or a root: the test passes its folder as a root.)
 
 mod common;
 
@@ -79,7 +80,11 @@ fn differs(rep: &VerifyReport) -> Vec<String> {
 
 fn verify_dir(dir: &Path) -> VerifyReport {
     let (bundle, rs) = load_receipts(dir).unwrap();
-    verify(&rs, bundle.as_ref(), &VerifyOptions::default()).unwrap()
+    let opts = VerifyOptions {
+        roots: vec![dir.parent().unwrap().to_path_buf()],
+        ..Default::default()
+    };
+    verify(&rs, bundle.as_ref(), &opts).unwrap()
 }
 
 fn flip_byte(path: &Path, at: u64) {
@@ -233,7 +238,8 @@ fn receipts_verify_and_detect_changes() {
 
     let out = dir.join("receipts");
     let files = write_receipts(&sr, &out).unwrap();
-    assert_eq!(files.len(), 5);
+    // Four receipts, bundle.json, and the rows they were computed from (rows and labels).
+    assert_eq!(files.len(), 7);
     assert!(out.join("bundle.json").exists() && out.join("02-steer.json").exists());
 
     // Untouched: everything matches.
@@ -304,10 +310,11 @@ fn receipts_verify_and_detect_changes() {
         rusqlite::params![format!("{output} "), id],
     )
     .unwrap();
+    // The bundled rows are unchanged: the database no longer matches them.
     let d = differs(&verify_dir(&out));
     assert_eq!(
         d,
-        vec!["condition 'steer' set 'harmful' result rows sha256".to_string()]
+        vec!["condition 'steer' set 'harmful' result rows sha256 (database)".to_string()]
     );
     let other = if label == "refusal" {
         "bypass"
@@ -320,10 +327,12 @@ fn receipts_verify_and_detect_changes() {
     )
     .unwrap();
     let d = differs(&verify_dir(&out));
-    // Rows hash, label counts, and (receipts record their labels since issue 16) the labels hash.
+    // Rows hash, labels hash, and the label itself: rules v2 does not give it to that output
+    // and no labeler recorded it (a hand edit).
     assert_eq!(d.len(), 3, "{d:?}");
-    assert!(d[1].ends_with("counts"), "{d:?}");
-    assert!(d[2].contains("labels sha256"), "{d:?}");
+    assert!(d[0].contains("result rows sha256 (database)"), "{d:?}");
+    assert!(d[1].contains("labels sha256 (database"), "{d:?}");
+    assert!(d[2].contains("labels in the database backed"), "{d:?}");
     conn.execute(
         "UPDATE results SET label = ?1 WHERE id = ?2",
         rusqlite::params![label, id],
@@ -340,7 +349,11 @@ fn receipts_verify_and_detect_changes() {
     std::fs::write(&rp, serde_json::to_string_pretty(&v).unwrap()).unwrap();
     let d = differs(&verify_dir(&out));
     assert!(d.iter().any(|w| w.starts_with("receipt_sha256")), "{d:?}");
-    assert!(d.iter().any(|w| w.ends_with("counts")), "{d:?}");
+    assert!(
+        d.iter()
+            .any(|w| w.starts_with("results[harmful].refusal.k")),
+        "{d:?}"
+    );
     std::fs::write(&rp, text).unwrap();
 
     // The gate: the baseline passes; with the refusal-drop limit at 100 points everything passes;

@@ -219,9 +219,11 @@ impl GuardCalibration {
         Ok(g)
     }
 
+    /// Write the guard file atomically (temporary file, fsync, rename): a server starting while
+    /// it is rewritten reads the old calibration or the new one, never half of one.
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string(self)?;
-        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+        persona_gate::fsutil::write_atomic(path, text.as_bytes())
     }
 
     /// Check the guard fits the loaded model.

@@ -227,6 +227,11 @@ enum Cmd {
     ///
     /// Example: pgate check receipts/ --max-refusal-drop 10 --max-benign-refusal 0.2
     Check(report_cli::CheckArgs),
+    /// Make an Ed25519 key pair for signing receipt bundles: KEY (private, mode 0600) and
+    /// KEY.pub. Refuses to overwrite. Keep the private key out of any repository.
+    ///
+    /// Example: pgate keygen -o ~/.config/pgate/receipts.key
+    Keygen(report_cli::KeygenArgs),
     /// Write a model as a Hugging Face safetensors directory, optionally with a direction
     /// orthogonalized out of the weights (the permanent form of ablating it everywhere).
     ///
@@ -424,6 +429,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Receipt(a) => report_cli::run_receipt(a),
         Cmd::Report(a) => report_cli::run_report(a),
         Cmd::Check(a) => report_cli::run_check(a),
+        Cmd::Keygen(a) => report_cli::run_keygen(a),
         Cmd::Export(a) => export_cli::run(a),
         Cmd::BenchCapture {
             m,

@@ -4,13 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use persona_gate::fsutil::write_atomic;
 use persona_gate::report::gate::{format_verdict, parse_rate};
-use persona_gate::report::receipt::{load_receipts, resolve_stored};
+use persona_gate::report::receipt::{load_receipts, resolve_stored, write_receipts_noting};
+use persona_gate::report::untrusted::{Located, ReadPolicy};
 use persona_gate::report::verify::format_check;
 use persona_gate::report::{
-    build_receipts, check, cosine_map, render_html, render_markdown, verify, write_receipts, Bound,
-    Bundle, GateOptions, Receipt, ReceiptOptions, ReportInput, VerifyOptions,
+    build_receipts, check, check_paths, cosine_map, dsse, render_html, render_markdown, verify,
+    Bound, GateOptions, GateSources, Receipt, ReceiptOptions, ReportInput, VerifyOptions,
 };
+use persona_gate::study::store::RowView;
 use persona_gate::study::Store;
 
 #[derive(clap::Args)]
@@ -62,11 +65,38 @@ impl ReceiptCommon {
 
 #[derive(clap::Subcommand)]
 pub enum ReceiptSub {
-    /// Recompute every hash a receipt records (model files, tokenizer, study, conditions,
-    /// directions, prompt sets, result rows) and say which differ. Exit 1 when any differs.
+    /// Check receipts: recompute every number from the rows bundled with them (rates, intervals,
+    /// paired comparisons, per-category rates), check the labels, the signature (--pubkey), the
+    /// database and every hash (model files, tokenizer, study, conditions, directions, prompt
+    /// sets). Paths inside receipts are read only inside the bundle folder or a --root. Exit 1
+    /// when anything differs.
     ///
-    /// Example: pgate receipt verify receipts/
+    /// Example: pgate receipt verify receipts/ --root . --pubkey receipts.key.pub
     Verify(VerifyArgs),
+    /// Sign a bundle with an Ed25519 key (`pgate keygen`): writes DIR/receipts.dsse.json, a DSSE
+    /// envelope around an in-toto Statement naming every file of the bundle with its sha256. The
+    /// bundle is checked first (seals, numbers against its rows, labels); a bundle that does not
+    /// check out is not signed.
+    ///
+    /// Example: pgate receipt sign receipts/ --key ~/.config/pgate/receipts.key
+    Sign(SignArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SignArgs {
+    /// The bundle folder (written by `pgate receipt DB -o DIR`).
+    pub dir: PathBuf,
+    /// The private key file (from `pgate keygen`; mode 0600).
+    #[arg(long)]
+    pub key: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct KeygenArgs {
+    /// The private key file to create (its public key goes to FILE.pub). Existing files are
+    /// never overwritten.
+    #[arg(short, long)]
+    pub out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -76,9 +106,24 @@ pub struct VerifyArgs {
     /// Results database (default: the one the receipts name).
     #[arg(long)]
     pub db: Option<PathBuf>,
-    /// Study file (default: the one the receipts name).
+    /// Study file (default: the one the receipts name, when it is inside the bundle folder or a
+    /// --root).
     #[arg(long)]
     pub study_file: Option<PathBuf>,
+    /// The model: a weights file, or the folder holding the receipts' model files (default: the
+    /// recorded paths, when inside the bundle folder or a --root). Model names are never resolved
+    /// or downloaded.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A folder the paths inside the receipts may lead into, besides the bundle folder
+    /// (repeatable), e.g. `--root .` for a project whose study, directions and prompt files live
+    /// in it. Paths elsewhere are reported as not checked.
+    #[arg(long)]
+    pub root: Vec<PathBuf>,
+    /// Require a signature by this public key (`KEY.pub` from `pgate keygen`) over every file of
+    /// the bundle.
+    #[arg(long)]
+    pub pubkey: Option<PathBuf>,
     /// Print every check, not only those that differ.
     #[arg(long, short)]
     pub verbose: bool,
@@ -129,19 +174,28 @@ pub struct CheckArgs {
     /// Only these conditions (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Gate only on bundles signed with this public key (`KEY.pub`): an unsigned bundle, another
+    /// key's signature or a file changed since signing fails every condition.
+    #[arg(long)]
+    pub pubkey: Option<PathBuf>,
+    /// Results database, for bundles written before rows were bundled with the receipts.
+    #[arg(long)]
+    pub db: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run_receipt(a: ReceiptArgs) -> Result<()> {
-    if let Some(ReceiptSub::Verify(v)) = a.cmd {
-        return run_verify(v);
+    match a.cmd {
+        Some(ReceiptSub::Verify(v)) => return run_verify(v),
+        Some(ReceiptSub::Sign(v)) => return run_sign(v),
+        None => {}
     }
     let (Some(db), Some(out)) = (a.db, a.out) else {
         bail!("usage: pgate receipt STUDY_DB -o DIR (or pgate receipt verify RECEIPT)");
     };
     let sr = build_receipts(&db, &a.common.options())?;
-    let files = write_receipts(&sr, &out)?;
+    let (files, removed_sig) = write_receipts_noting(&sr, &out)?;
     println!(
         "study {} ({}): {} receipts -> {}",
         sr.bundle.study.name,
@@ -172,11 +226,38 @@ pub fn run_receipt(a: ReceiptArgs) -> Result<()> {
             if r.complete { "" } else { "  (incomplete)" }
         );
     }
+    label_warnings(&sr.receipts);
     if sr.bundle.policy_version == "unspecified" {
         eprintln!("[pgate] no --policy given: receipts record policy_version \"unspecified\"");
     }
+    if removed_sig {
+        eprintln!(
+            "[pgate] removed {}: it signed the previous receipts (sign again with `pgate receipt sign`)",
+            out.join(dsse::SIGNATURE_FILE).display()
+        );
+    }
     eprintln!("[pgate] wrote {} files", files.len());
     Ok(())
+}
+
+/// Say when labels were changed after generation, and loudly when some are backed by nothing.
+fn label_warnings(receipts: &[Receipt]) {
+    for r in receipts {
+        let Some(p) = r.labels.as_ref().and_then(|l| l.provenance.as_ref()) else {
+            continue;
+        };
+        if p.unbacked > 0 {
+            eprintln!(
+                "[pgate] WARNING: {}: {} labels are backed by no labeler (edited by hand?): {}; `pgate receipt verify` and `pgate check` fail this receipt",
+                r.condition.name,
+                p.unbacked,
+                p.unbacked_rows.join("; ")
+            );
+        }
+        if let Some(n) = p.describe_relabel() {
+            eprintln!("[pgate] {}: {n}", r.condition.name);
+        }
+    }
 }
 
 fn run_verify(a: VerifyArgs) -> Result<()> {
@@ -187,6 +268,10 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
         &VerifyOptions {
             db: a.db,
             study_file: a.study_file,
+            model: a.model,
+            roots: a.root,
+            pubkey: a.pubkey,
+            skip_files: false,
         },
     )?;
     if a.json {
@@ -197,15 +282,26 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
                 println!("{}", format_check(c));
             }
         }
+        for n in &rep.notes {
+            println!("note     {n}");
+        }
         let bad = rep.failures().len();
+        let skipped = rep.skipped().len();
         println!(
-            "{} receipts, {} checks: {}",
+            "{} receipts, {} checks: {}{}",
             receipts.len(),
-            rep.checks.len(),
+            rep.checks.len() - skipped,
             if bad == 0 {
                 "all match".to_string()
             } else {
                 format!("{bad} differ")
+            },
+            if skipped == 0 {
+                String::new()
+            } else {
+                format!(
+                    "; {skipped} not checked (files outside the bundle folder: pass --root DIR, --model, --study-file or --db; -v lists them)"
+                )
             }
         );
     }
@@ -213,6 +309,105 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+fn run_sign(a: SignArgs) -> Result<()> {
+    let key = dsse::load_signing_key(&a.key)?;
+    let (bundle, receipts) = load_receipts(&a.dir)?;
+    let bundle = bundle.context("sign a bundle folder (with bundle.json), not a receipt file")?;
+    if bundle.rows.is_none() {
+        bail!(
+            "{}: the bundle has no rows (written by an older pgate): write it again with `pgate receipt DB -o DIR` so the signature covers the rows",
+            a.dir.display()
+        );
+    }
+    // Sign only what checks out: seals, the numbers against the bundled rows, the labels.
+    let rep = verify(
+        &receipts,
+        Some(&bundle),
+        &VerifyOptions {
+            skip_files: true,
+            ..Default::default()
+        },
+    )?;
+    let bad = rep.failures();
+    if !bad.is_empty() {
+        for c in &bad {
+            eprintln!("{}", format_check(c));
+        }
+        bail!(
+            "{}: {} checks fail; not signing (see `pgate receipt verify`)",
+            a.dir.display(),
+            bad.len()
+        );
+    }
+    let (path, keyid) = dsse::sign_bundle(&a.dir, &key)?;
+    println!(
+        "signed {} files of {} with key {} -> {}",
+        persona_gate::report::dsse::bundle_files(&bundle)?.len(),
+        a.dir.display(),
+        &keyid[..16],
+        path.display()
+    );
+    Ok(())
+}
+
+pub fn run_keygen(a: KeygenArgs) -> Result<()> {
+    let (public, keyid) = dsse::keygen(&a.out)?;
+    println!(
+        "private key {} (mode 0600: keep it out of any repository), public key {} (key id {})",
+        a.out.display(),
+        public.display(),
+        &keyid[..16]
+    );
+    Ok(())
+}
+
+/// The rows of a receipts folder: bundled when the bundle has them, else from the database
+/// (`--db`, or the one the bundle names when it lies in the bundle folder).
+fn receipts_rows(
+    input: &Path,
+    bundle: &persona_gate::report::Bundle,
+    db: Option<&Path>,
+) -> Result<(Vec<RowView>, Option<Store>)> {
+    let dir = if input.is_dir() {
+        input.to_path_buf()
+    } else {
+        input.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let recorded = PathBuf::from(&bundle.study.results_db);
+    let located = match db {
+        Some(p) => ReadPolicy::explicit(p),
+        None => {
+            let pol = ReadPolicy::new(&dir, &[]);
+            match pol.locate(&recorded) {
+                Located::File(p) => Located::File(p),
+                other => recorded
+                    .file_name()
+                    .map(|n| pol.locate(&dir.join(n)))
+                    .filter(|l| matches!(l, Located::File(_)))
+                    .unwrap_or(other),
+            }
+        }
+    };
+    let store = match located {
+        Located::File(p) => Some(Store::open_read(&p)?),
+        _ => None,
+    };
+    if let (Some(r), Some(l)) = (&bundle.rows, &bundle.labels) {
+        let b = persona_gate::report::rows::read_rows(&dir, r, l)?;
+        return Ok((b.rows, store));
+    }
+    let Some(st) = store else {
+        bail!(
+            "{}: the bundle holds no rows and its database {} is not in the bundle folder: pass --db",
+            input.display(),
+            bundle.study.results_db
+        );
+    };
+    let rec = st.find_study(Some(&bundle.study.hash))?;
+    let rows = st.rows(&rec.hash)?;
+    Ok((rows, Some(st)))
 }
 
 fn is_receipts_path(p: &Path) -> bool {
@@ -225,13 +420,11 @@ pub fn run_report(a: ReportArgs) -> Result<()> {
     let (bundle, receipts, rows, study) = if is_receipts_path(&a.input) {
         let (bundle, rs) = load_receipts(&a.input)?;
         let bundle = bundle.context("a report needs the bundle.json of a study's receipts")?;
-        let db =
-            a.db.clone()
-                .unwrap_or_else(|| PathBuf::from(&bundle.study.results_db));
-        let store = Store::open_read(&db)?;
-        let rec = store.find_study(Some(&bundle.study.hash))?;
-        let rows = store.rows(&rec.hash)?;
-        let study = resolve_stored(&rec, opts.study_file.as_deref()).ok();
+        let (rows, store) = receipts_rows(&a.input, &bundle, a.db.as_deref())?;
+        let study = store
+            .as_ref()
+            .and_then(|st| st.find_study(Some(&bundle.study.hash)).ok())
+            .and_then(|rec| resolve_stored(&rec, opts.study_file.as_deref()).ok());
         let receipts: Vec<Receipt> = rs.into_iter().map(|(_, r)| r).collect();
         (bundle, receipts, rows, study)
     } else {
@@ -263,7 +456,7 @@ pub fn run_report(a: ReportArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let html = render_html(&input);
     let hp = a.out.join("report.html");
-    std::fs::write(&hp, &html).with_context(|| format!("writing {}", hp.display()))?;
+    write_atomic(&hp, html.as_bytes())?;
     let gate = match a.max_refusal_drop {
         Some(pp) => Some(check(
             &receipts,
@@ -276,7 +469,7 @@ pub fn run_report(a: ReportArgs) -> Result<()> {
     };
     let md = render_markdown(&bundle, &receipts, gate.as_ref());
     let mp = a.out.join("summary.md");
-    std::fs::write(&mp, &md).with_context(|| format!("writing {}", mp.display()))?;
+    write_atomic(&mp, md.as_bytes())?;
     let figs = persona_gate::report::html::figures(&input);
     let drawn = figs.iter().filter(|f| f.svg.is_some()).count();
     println!(
@@ -302,26 +495,6 @@ pub fn run_report(a: ReportArgs) -> Result<()> {
 }
 
 pub fn run_check(a: CheckArgs) -> Result<()> {
-    let mut receipts: Vec<Receipt> = Vec::new();
-    let mut bundle: Option<Bundle> = None;
-    for p in &a.receipts {
-        let (b, rs) = load_receipts(p)?;
-        if bundle.is_none() {
-            bundle = b;
-        }
-        receipts.extend(rs.into_iter().map(|(_, r)| r));
-    }
-    // A receipt missing from the folder is a failure, not a pass.
-    if let Some(b) = &bundle {
-        for e in &b.receipts {
-            if !receipts
-                .iter()
-                .any(|r| r.condition.hash == e.condition_hash)
-            {
-                bail!("receipt {} listed in bundle.json is missing", e.file);
-            }
-        }
-    }
     let opts = GateOptions {
         max_refusal_drop: a.max_refusal_drop,
         max_unsafe_rate: a.max_unsafe_rate.as_deref().map(parse_rate).transpose()?,
@@ -338,7 +511,14 @@ pub fn run_check(a: CheckArgs) -> Result<()> {
             .map(parse_rate)
             .transpose()?,
     };
-    let rep = check(&receipts, &opts)?;
+    let rep = check_paths(
+        &a.receipts,
+        &opts,
+        &GateSources {
+            pubkey: a.pubkey.clone(),
+            db: a.db.clone(),
+        },
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {

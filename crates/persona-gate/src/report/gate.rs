@@ -19,14 +19,26 @@
 //! cannot pass on missing evidence. Receipts whose own hash does not match their content, and
 //! incomplete conditions, fail too.
 //!
+//! [`check_paths`] is what `pgate check` runs: it reads receipts from folders and first
+//! *verifies* them without trusting their numbers: with `--pubkey` the bundle must carry a
+//! signature by that key over every file; every number the gate reads is recomputed from the rows
+//! bundled with the receipts (or the results database) and must match; every label must be backed
+//! by its labeler. A receipt that fails any of that fails the gate whatever it says, so editing
+//! `vs_baseline.diff` and sealing the receipt again turns nothing into a pass. Labels changed
+//! after generation (a relabel) are named in the verdict.
+//!
 //! `min_labeler_accuracy` asks that the labels themselves be trustworthy: every labeler of a
 //! condition's rows must have a measured agreement with careful labels (quoted in the receipt's
 //! `labels.labeler_accuracy`, from `data/labels/accuracy.json`) of at least the limit. An
 //! unmeasured labeler, or a receipt that does not record its labelers, fails.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
-use super::receipt::Receipt;
+use super::receipt::{load_receipts, Receipt};
+use super::verify::{file_label, quote_confirmed, short, verify, VerifyOptions};
 use crate::eval::Rate;
 use crate::{Error, Result};
 
@@ -289,6 +301,105 @@ pub fn check(receipts: &[Receipt], opts: &GateOptions) -> Result<GateReport> {
     })
 }
 
+/// What `pgate check` reads besides the receipts.
+#[derive(Debug, Clone, Default)]
+pub struct GateSources {
+    /// Gate only on bundles signed with this public key (`--pubkey`).
+    pub pubkey: Option<PathBuf>,
+    /// Results database, for bundles written before rows were bundled (`--db`).
+    pub db: Option<PathBuf>,
+}
+
+/// Most verification failures quoted in one verdict.
+const MAX_QUOTED: usize = 3;
+
+/// `pgate check`: read receipts from `paths` (bundle folders, `bundle.json` files, receipt
+/// files), verify them (signature, seals, numbers recomputed from their rows, labels backed; no
+/// model or study files), then run [`check`]. A receipt that does not verify fails; labels
+/// changed after generation are noted.
+pub fn check_paths(paths: &[PathBuf], opts: &GateOptions, src: &GateSources) -> Result<GateReport> {
+    let mut receipts: Vec<Receipt> = Vec::new();
+    // Per condition hash: why it does not verify, and notes.
+    let mut fails: HashMap<String, Vec<String>> = HashMap::new();
+    let mut notes: HashMap<String, Vec<String>> = HashMap::new();
+    for p in paths {
+        let (bundle, rs) = load_receipts(p)?;
+        let rep = verify(
+            &rs,
+            bundle.as_ref(),
+            &VerifyOptions {
+                db: src.db.clone(),
+                pubkey: src.pubkey.clone(),
+                skip_files: true,
+                ..Default::default()
+            },
+        )?;
+        for (path, r) in &rs {
+            let label = file_label(path);
+            let f = fails.entry(r.condition.hash.clone()).or_default();
+            for c in rep.checks.iter().filter(|c| !c.ok) {
+                // The gate's own seal check reports an edited receipt.
+                if (c.receipt == label || c.receipt == "bundle")
+                    && !c.what.starts_with("receipt_sha256")
+                {
+                    f.push(format!(
+                        "does not verify: {}: receipt {}, rows {}",
+                        c.what,
+                        short(&c.expected),
+                        short(&c.found)
+                    ));
+                }
+            }
+            if opts.min_labeler_accuracy.is_some() {
+                for q in r.labels.iter().flat_map(|l| &l.labeler_accuracy) {
+                    if quote_confirmed(q) != Some(true) {
+                        f.push(format!(
+                            "the accuracy quoted for labeler {} is not this pgate's measurement (data/labels/accuracy.json)",
+                            q.labeler
+                        ));
+                    }
+                }
+            }
+            let prefix = format!("{label}: ");
+            let n = notes.entry(r.condition.hash.clone()).or_default();
+            n.extend(
+                rep.notes
+                    .iter()
+                    .filter_map(|x| x.strip_prefix(&prefix).map(str::to_string)),
+            );
+        }
+        receipts.extend(rs.into_iter().map(|(_, r)| r));
+    }
+    let mut g = check(&receipts, opts)?;
+    for v in &mut g.verdicts {
+        let Some(r) = receipts.iter().find(|r| r.condition.name == v.condition) else {
+            continue;
+        };
+        let f = fails.get(&r.condition.hash).cloned().unwrap_or_default();
+        let n = notes.get(&r.condition.hash).cloned().unwrap_or_default();
+        if !f.is_empty() {
+            let mut quoted: Vec<String> = f.iter().take(MAX_QUOTED).cloned().collect();
+            if f.len() > MAX_QUOTED {
+                quoted.push(format!(
+                    "{} more (run `pgate receipt verify`)",
+                    f.len() - MAX_QUOTED
+                ));
+            }
+            let before = if v.pass {
+                String::new()
+            } else {
+                format!("; {}", v.reason)
+            };
+            v.pass = false;
+            v.reason = format!("{}{before}", quoted.join("; "));
+        }
+        if !n.is_empty() {
+            v.reason = format!("{}; {}", v.reason, n.join("; "));
+        }
+    }
+    Ok(g)
+}
+
 /// Whether every labeler of a receipt's rows has a measured agreement of at least `min`: a note
 /// when so, else the one-line reason.
 fn labeler_check(r: &Receipt, min: f64) -> std::result::Result<String, String> {
@@ -474,6 +585,7 @@ mod tests {
             labelers: vec!["rules@1".into()],
             labels_sha256: "0".repeat(64),
             labeler_accuracy: vec![],
+            provenance: None,
         };
         r.labels = Some(rec.clone());
         r.seal().unwrap();

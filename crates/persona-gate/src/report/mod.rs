@@ -1,17 +1,31 @@
 //! Refusal receipts, reports and the deployment gate (issue 5).
 //!
 //! - [`receipt`]: one JSON receipt per condition of a study (what ran, what happened), bundled
-//!   per study; schema `pgate-receipt/1`, documented field by field in `docs/receipt.md`.
-//! - [`verify`]: recompute every hash of a receipt from the files and the results database.
+//!   per study with the rows they were computed from ([`rows`]); schema `pgate-receipt/1`,
+//!   documented field by field in `docs/receipt.md`.
+//! - [`stats`]: every row-derived number of a receipt, in one place for writer and verifier;
+//!   [`recompute`]: compare receipts with what their rows give; [`provenance`]: where each label
+//!   came from (relabels and hand edits show).
+//! - [`verify`] (with [`verify_files`]): check a receipt: signature, seals, every number
+//!   recomputed from the rows, labels, the results database, model / study / prompt / direction
+//!   files. Paths inside receipts are untrusted ([`untrusted`]).
+//! - [`dsse`]: Ed25519 keys and signed bundles (DSSE envelope around an in-toto Statement).
 //! - [`html`] with [`svg`]: the self-contained offline HTML report; [`markdown`]: the PR summary.
 //! - [`gate`]: `pgate check`, the interval-based refusal-drop gate.
 
+pub mod dsse;
 pub mod gate;
 pub mod html;
 pub mod markdown;
+pub mod provenance;
 pub mod receipt;
+pub mod recompute;
+pub mod rows;
+pub mod stats;
 pub mod svg;
+pub mod untrusted;
 pub mod verify;
+pub mod verify_files;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,7 +35,7 @@ use crate::study::file::DirectionEntry;
 use crate::study::plan::Study;
 use crate::Result;
 
-pub use gate::{check, Bound, GateOptions, GateReport};
+pub use gate::{check, check_paths, Bound, GateOptions, GateReport, GateSources};
 pub use html::{render_html, CosineMap, ReportInput};
 pub use markdown::render_markdown;
 pub use receipt::{

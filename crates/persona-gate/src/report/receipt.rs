@@ -17,17 +17,24 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::provenance::{LabelProvenance, RowLabels};
+use super::rows::{plain_name, row_line, BundledFile};
+use super::stats::{condition_stats, StatCondition, StatInputs};
 use crate::directions::DirectionSet;
 use crate::eval::paired::paired_bootstrap;
-use crate::eval::{wilson, PromptSet, Rate};
+use crate::eval::{PromptSet, Rate};
+use crate::fsutil;
 use crate::label::accuracy::{self, LabelerAccuracy};
 use crate::study::canon::{canonical_json, hash_json};
 use crate::study::file::{DirRef, DirectionEntry, StudyFile};
 use crate::study::plan::Study;
-use crate::study::report::{report, JudgeStats, PairedVs, ReportOptions};
+use crate::study::report::{JudgeStats, PairedVs};
 use crate::study::store::{iso_utc, now_ms, RowView, StudyRecord};
 use crate::study::Store;
 use crate::{Error, Result};
+
+/// Largest receipt or bundle file read: receipts are read from folders others hand over.
+pub const MAX_RECEIPT_BYTES: u64 = 64 << 20;
 
 /// Schema tag of one receipt. Bump the number on any change a reader must know about.
 pub const RECEIPT_SCHEMA: &str = "pgate-receipt/1";
@@ -309,6 +316,11 @@ pub struct LabelsRecord {
     /// receipt was written); a labeler missing here was not measured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labeler_accuracy: Vec<LabelerAccuracy>,
+    /// How the labels came to be: re-derived rules labels, labels backed by the label history,
+    /// relabels after generation, and labels edited by hand (absent in receipts written before
+    /// it was recorded; see [`super::provenance`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<LabelProvenance>,
 }
 
 impl LabelsRecord {
@@ -373,7 +385,7 @@ impl Receipt {
     }
 
     pub fn load(path: &Path) -> Result<Receipt> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = fsutil::read_text_bounded(path, MAX_RECEIPT_BYTES)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::InvalidValue(format!("{}: not JSON: {e}", path.display())))?;
         let schema = v.get("schema").and_then(Value::as_str).unwrap_or("");
@@ -393,7 +405,7 @@ impl Receipt {
     }
 }
 
-fn canon_floats(v: &mut Value) {
+pub(crate) fn canon_floats(v: &mut Value) {
     match v {
         Value::Number(n) if !n.is_i64() && !n.is_u64() => {
             let x = n.as_f64().unwrap_or(f64::NAN);
@@ -423,11 +435,18 @@ pub struct Bundle {
     pub software: Software,
     pub created_at: String,
     pub receipts: Vec<BundleEntry>,
+    /// The study's result rows, bundled (`rows.jsonl`): the evidence every number is recomputed
+    /// from. Absent in bundles written before rows were bundled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<BundledFile>,
+    /// Each row's labeler and label history (`labels.jsonl`), parallel to `rows`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BundledFile>,
 }
 
 impl Bundle {
     pub fn load(path: &Path) -> Result<Bundle> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = fsutil::read_text_bounded(path, MAX_RECEIPT_BYTES)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::InvalidValue(format!("{}: not JSON: {e}", path.display())))?;
         let schema = v.get("schema").and_then(Value::as_str).unwrap_or("");
@@ -462,6 +481,8 @@ pub struct StudyReceipts {
     pub bundle: Bundle,
     pub receipts: Vec<Receipt>,
     pub rows: Vec<RowView>,
+    /// Each row's label history, parallel to `rows`.
+    pub labels: Vec<RowLabels>,
     pub study: Study,
     pub record: StudyRecord,
 }
@@ -709,12 +730,7 @@ pub fn model_record(study: &Study) -> Result<ModelRecord> {
 pub fn rows_sha256<'a>(rows: impl Iterator<Item = &'a RowView>) -> Result<String> {
     let mut text = String::new();
     for r in rows {
-        let mut v = serde_json::to_value(r)?;
-        if let Some(m) = v.as_object_mut() {
-            m.remove("result_id");
-            m.remove("labeler");
-        }
-        text.push_str(&canonical_json(&v));
+        text.push_str(&row_line(r)?);
         text.push('\n');
     }
     Ok(crate::hash::sha256_bytes(text.as_bytes()))
@@ -757,6 +773,7 @@ pub fn labels_record(rows: &[&RowView]) -> LabelsRecord {
         labels_sha256: labels_sha256(rows.iter().copied()),
         labelers,
         labeler_accuracy,
+        provenance: None,
     }
 }
 
@@ -823,21 +840,6 @@ fn prompt_set_records(study: &Study, benign: &[String]) -> Vec<PromptSetRecord> 
         .collect()
 }
 
-/// Ops of a condition with the direction left out: two conditions whose ops match this way
-/// differ only in the directions they use.
-fn op_shape(o: &OpRecord) -> Value {
-    json!([
-        o.field,
-        o.coeff,
-        o.raw,
-        o.lo,
-        o.hi,
-        o.pick,
-        o.layers,
-        o.positions
-    ])
-}
-
 /// Build the receipts of a study in a database (nothing written).
 pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts> {
     let store = Store::open_read(db)?;
@@ -850,45 +852,21 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
         ))
     })?;
     if study.hash != record.hash {
-        let stored: std::collections::HashSet<String> = store
-            .status(&record.hash)?
-            .into_iter()
-            .map(|s| s.condition_hash)
-            .collect();
-        let changed: Vec<&str> = study
-            .conditions
-            .iter()
-            .filter(|c| !stored.contains(&c.hash))
-            .map(|c| c.name.as_str())
-            .collect();
-        return Err(Error::InvalidValue(format!(
-            "study {}: its files changed since the run (study hash {} now {}; conditions with a new hash: {}); run `pgate study run` again or restore the files",
-            record.name,
-            &record.hash[..12],
-            &study.hash[..12],
-            if changed.is_empty() { "none (prompt sets or settings changed)".to_string() } else { changed.join(", ") }
-        )));
+        return Err(changed_study(&store, &record, &study)?);
     }
     let rows = store.rows(&record.hash)?;
+    // Each row's label history, for the labels provenance (see `provenance`).
+    let labels: Vec<RowLabels> = rows
+        .iter()
+        .map(|r| {
+            Ok(RowLabels {
+                history: store.label_history(r.result_id)?,
+            })
+        })
+        .collect::<Result<_>>()?;
     let status = store.status(&record.hash)?;
     let stats = &study.file.stats;
-    let rep_opts = ReportOptions {
-        baseline: None,
-        by_category: false,
-        bootstrap: stats.bootstrap,
-        seed: stats.seed,
-    };
     let baseline_name = study.conditions[study.baseline].name.clone();
-    let rep = report(&rows, &baseline_name, &rep_opts);
-    let rep_cat = report(
-        &rows,
-        &baseline_name,
-        &ReportOptions {
-            by_category: true,
-            bootstrap: 0,
-            ..rep_opts.clone()
-        },
-    );
     let model = model_record(&study)?;
     // Endpoint studies: the recorded target and per-condition usage (see study::remote).
     let target = match study.endpoint() {
@@ -907,284 +885,41 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
         .unwrap_or_else(|| "unspecified".into());
     let refusal = opts.refusal_direction.as_deref();
     let sets = prompt_set_records(&study, &opts.benign);
-    let family: HashMap<&str, &str> = sets
+    let families: HashMap<String, String> = sets
         .iter()
-        .map(|s| (s.name.as_str(), s.family.as_str()))
+        .map(|s| (s.name.clone(), s.family.clone()))
         .collect();
-    let g = &study.file.generation;
-    let generation = GenerationRecord {
-        max_new_tokens: g.max_new_tokens,
-        batch_size: g.batch_size,
-        temperature: g.temperature as f64,
-        top_p: g.top_p as f64,
-        seed: g.seed,
-        samples: g.samples,
-        seed_rule: "item seed = first 8 bytes of sha256(\"seed\\x1f{seed}\\x1f{prompt_set_sha256}\\x1f{prompt_id}\\x1f{sample}\") & (2^63-1), shared by all conditions; greedy when temperature = 0".into(),
-    };
-    let study_ref = StudyRef {
-        name: record.name.clone(),
-        hash: record.hash.clone(),
-        file: opts
-            .study_file
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .or_else(|| record.source_path.clone()),
-        toml_sha256: crate::hash::sha256_bytes(record.toml.as_bytes()),
-        baseline: baseline_name.clone(),
-        results_db: db.display().to_string(),
-        created_at: iso_utc(record.created_at),
-        last_run_at: iso_utc(record.last_run_at),
-    };
-    let judges: Vec<Value> = study
-        .file
-        .judges
-        .iter()
-        .map(|j| {
-            json!({
-                "name": j.display_name(),
-                "kind": j.kind,
-                "mode": j.effective_mode().map(|m| m.name()),
-                "model": j.model,
-                "base_url": j.base_url,
-            })
-        })
-        .collect();
+    let generation = generation_record(&study);
+    let study_ref = study_ref(&record, opts, &baseline_name, db);
+    let judges = judge_records(&study);
     let all_ops: Vec<Vec<OpRecord>> = (0..study.conditions.len())
         .map(|ci| op_records(&study, ci, refusal))
         .collect::<Result<_>>()?;
-    // Refusal per (condition, set, prompt, sample) for the control comparisons.
-    let mut refused: HashMap<(String, String, String, i64), bool> = HashMap::new();
-    for r in &rows {
-        refused.insert(
-            (
-                r.condition_hash.clone(),
-                r.prompt_set.clone(),
-                r.prompt_id.clone(),
-                r.sample,
-            ),
-            r.label == "refusal",
-        );
-    }
-    let control_sets = |this: &str, other: &str, with_diff: bool| -> Vec<ControlSet> {
-        rep.iter()
-            .filter(|r| r.condition_hash == other)
-            .map(|o| {
-                let diff = with_diff.then(|| {
-                    let pairs: Vec<(bool, bool)> = rows
-                        .iter()
-                        .filter(|r| r.condition_hash == this && r.prompt_set == o.prompt_set)
-                        .filter_map(|r| {
-                            refused
-                                .get(&(
-                                    other.to_string(),
-                                    r.prompt_set.clone(),
-                                    r.prompt_id.clone(),
-                                    r.sample,
-                                ))
-                                .map(|b| (*b, r.label == "refusal"))
-                        })
-                        .collect();
-                    crate::eval::paired::paired_bootstrap_bool(&pairs, stats.bootstrap, stats.seed)
-                });
-                ControlSet {
-                    prompt_set: o.prompt_set.clone(),
-                    refusal: o.refusal,
-                    diff: diff.filter(|d| d.n > 0),
-                }
-            })
-            .collect()
-    };
+    let conditions = stat_conditions(&study, &all_ops);
+    let expected: HashMap<(String, String), usize> = status
+        .iter()
+        .map(|s| ((s.condition_hash.clone(), s.prompt_set.clone()), s.total))
+        .collect();
+    let b = &study.conditions[study.baseline];
+    let computed = condition_stats(&StatInputs {
+        rows: &rows,
+        labels: &labels,
+        row_lines: None,
+        conditions: &conditions,
+        baseline: (&b.name, &b.hash),
+        families: &families,
+        bootstrap: stats.bootstrap,
+        seed: stats.seed,
+        expected: &expected,
+        english: study.file.english,
+        discover_controls: true,
+    })?;
     let mut receipts = Vec::new();
-    for (ci, c) in study.conditions.iter().enumerate() {
-        let ops = all_ops[ci].clone();
-        let my_rows: Vec<&RowView> = rows.iter().filter(|r| r.condition_hash == c.hash).collect();
-        let mut results = Vec::new();
-        for rr in rep.iter().filter(|r| r.condition_hash == c.hash) {
-            let set_rows: Vec<&RowView> = my_rows
-                .iter()
-                .copied()
-                .filter(|r| r.prompt_set == rr.prompt_set)
-                .collect();
-            let fam = family
-                .get(rr.prompt_set.as_str())
-                .copied()
-                .unwrap_or("harmful");
-            let leak: Vec<f64> = set_rows.iter().map(|r| r.leakage).collect();
-            // Judge scores: first judge (by name) that gave each kind of score.
-            let mut sr = None;
-            let mut unsafe_rate = None;
-            let mut leak_j = None;
-            let mut judge_names: Vec<String> = set_rows
-                .iter()
-                .flat_map(|r| r.verdicts.iter().map(|v| v.judge.clone()))
-                .collect();
-            judge_names.sort();
-            judge_names.dedup();
-            for j in &judge_names {
-                let vs: Vec<&crate::study::store::VerdictRow> = set_rows
-                    .iter()
-                    .flat_map(|r| r.verdicts.iter())
-                    .filter(|v| &v.judge == j && v.ok)
-                    .collect();
-                let s: Vec<f64> = vs.iter().filter_map(|v| v.strongreject).collect();
-                if sr.is_none() && !s.is_empty() {
-                    sr = Some(JudgedScore {
-                        judge: j.clone(),
-                        score: mean_ci(&s, stats.bootstrap, stats.seed),
-                    });
-                }
-                let u: Vec<bool> = vs.iter().filter_map(|v| v.is_unsafe).collect();
-                if unsafe_rate.is_none() && !u.is_empty() {
-                    unsafe_rate = Some(JudgedRate {
-                        judge: j.clone(),
-                        rate: wilson(u.iter().filter(|x| **x).count(), u.len()),
-                    });
-                }
-                let l: Vec<f64> = vs.iter().filter_map(|v| v.leakage).collect();
-                if leak_j.is_none() && !l.is_empty() {
-                    leak_j = Some(JudgedScore {
-                        judge: j.clone(),
-                        score: mean_ci(&l, stats.bootstrap, stats.seed),
-                    });
-                }
-            }
-            let by_category = rep_cat
-                .iter()
-                .filter(|x| x.condition_hash == c.hash && x.prompt_set == rr.prompt_set)
-                .map(|x| CategoryRates {
-                    category: x.category.clone().unwrap_or_default(),
-                    n: x.n,
-                    refusal: x.refusal,
-                    bypass: x.bypass,
-                    degenerate: x.degenerate,
-                })
-                .collect();
-            let expected = status
-                .iter()
-                .find(|s| s.condition_hash == c.hash && s.prompt_set == rr.prompt_set)
-                .map(|s| s.total)
-                .unwrap_or(rr.n);
-            let times: Vec<i64> = set_rows.iter().map(|r| r.finished_at).collect();
-            results.push(SetResults {
-                prompt_set: rr.prompt_set.clone(),
-                prompt_set_sha256: set_rows
-                    .first()
-                    .map(|r| r.prompt_set_hash.clone())
-                    .unwrap_or_default(),
-                family: fam.into(),
-                expected,
-                n: rr.n,
-                refusal: rr.refusal,
-                bypass: rr.bypass,
-                degenerate: rr.degenerate,
-                leakage_rule: mean_ci(&leak, stats.bootstrap, stats.seed),
-                strongreject: sr,
-                unsafe_rate,
-                leakage_judged: leak_j,
-                judges: rr.judges.clone(),
-                by_category,
-                vs_baseline: rr.vs_baseline.clone(),
-                rows_sha256: rows_sha256(set_rows.iter().copied())?,
-                first_result_at: times.iter().min().map(|t| iso_utc(*t)),
-                last_result_at: times.iter().max().map(|t| iso_utc(*t)),
-            });
-        }
-        // Sets without any result yet.
-        for &si in &c.prompt_sets {
-            let s = &study.prompt_sets[si];
-            if results.iter().any(|r| r.prompt_set == s.name) {
-                continue;
-            }
-            let expected = status
-                .iter()
-                .find(|x| x.condition_hash == c.hash && x.prompt_set == s.name)
-                .map(|x| x.total)
-                .unwrap_or(0);
-            results.push(SetResults {
-                prompt_set: s.name.clone(),
-                prompt_set_sha256: s.hash.clone(),
-                family: family
-                    .get(s.name.as_str())
-                    .copied()
-                    .unwrap_or("harmful")
-                    .into(),
-                expected,
-                n: 0,
-                refusal: wilson(0, 0),
-                bypass: wilson(0, 0),
-                degenerate: wilson(0, 0),
-                leakage_rule: mean_ci(&[], 1, 0),
-                strongreject: None,
-                unsafe_rate: None,
-                leakage_judged: None,
-                judges: vec![],
-                by_category: vec![],
-                vs_baseline: None,
-                rows_sha256: rows_sha256(std::iter::empty())?,
-                first_result_at: None,
-                last_result_at: None,
-            });
-        }
-        let complete = results.iter().all(|r| r.n >= r.expected);
-        let benign: Vec<&SetResults> = results.iter().filter(|r| r.family == "benign").collect();
-        let benign_refusal = (!benign.is_empty()).then(|| {
-            wilson(
-                benign.iter().map(|r| r.refusal.k).sum(),
-                benign.iter().map(|r| r.refusal.n).sum(),
-            )
-        });
-        let neutral = (ci != study.baseline).then(|| {
-            let b = &study.conditions[study.baseline];
-            NeutralControl {
-                condition: b.name.clone(),
-                condition_hash: b.hash.clone(),
-                sets: control_sets(&c.hash, &b.hash, true)
-                    .into_iter()
-                    .filter(|s| {
-                        c.prompt_sets
-                            .iter()
-                            .any(|&i| study.prompt_sets[i].name == s.prompt_set)
-                    })
-                    .collect(),
-            }
-        });
-        // Random-direction controls: same system prompt and op shapes, random directions where
-        // this condition has persona or refusal ones, and at least one such swap.
-        let mut random_direction = Vec::new();
-        for (oi, o) in study.conditions.iter().enumerate() {
-            if oi == ci || o.system != c.system || all_ops[oi].len() != ops.len() {
-                continue;
-            }
-            let mut swapped = Vec::new();
-            let mut ok = true;
-            for (a, b) in ops.iter().zip(&all_ops[oi]) {
-                if op_shape(a) != op_shape(b) {
-                    ok = false;
-                    break;
-                }
-                if a.identity != b.identity {
-                    if a.role != "random" && b.role == "random" {
-                        swapped.push((a.direction.clone(), b.direction.clone()));
-                    } else {
-                        ok = false;
-                        break;
-                    }
-                }
-            }
-            if ok && !swapped.is_empty() {
-                random_direction.push(RandomControl {
-                    condition: o.name.clone(),
-                    condition_hash: o.hash.clone(),
-                    swapped,
-                    sets: control_sets(&c.hash, &o.hash, true),
-                });
-            }
-        }
+    for ((ci, c), cs) in study.conditions.iter().enumerate().zip(computed) {
         let system_sha = c
             .system
             .as_ref()
             .map(|s| crate::hash::sha256_bytes(s.as_bytes()));
-        let times: Vec<i64> = my_rows.iter().map(|r| r.finished_at).collect();
         let mut r = Receipt {
             schema: RECEIPT_SCHEMA.into(),
             receipt_sha256: String::new(),
@@ -1200,43 +935,29 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
                 persona: c.persona.clone(),
                 system_prompt: c.system.clone(),
                 system_prompt_sha256: system_sha,
-                ops,
+                ops: all_ops[ci].clone(),
                 vars: c.vars.clone(),
                 hashed: c.hash_input.clone(),
             },
             generation: generation.clone(),
             prompt_sets: c.prompt_sets.iter().map(|&i| sets[i].clone()).collect(),
-            complete,
-            results,
-            benign_refusal,
-            controls: Controls {
-                neutral,
-                random_direction,
-            },
+            complete: cs.complete,
+            results: cs.results,
+            benign_refusal: cs.benign_refusal,
+            controls: cs.controls,
             judges: judges.clone(),
             stats: json!({"bootstrap": stats.bootstrap, "seed": stats.seed, "interval": "95%"}),
             timestamps: Timestamps {
                 receipt_created: now.clone(),
                 study_created: iso_utc(record.created_at),
                 study_last_run: iso_utc(record.last_run_at),
-                first_result: times.iter().min().map(|t| iso_utc(*t)),
-                last_result: times.iter().max().map(|t| iso_utc(*t)),
+                first_result: cs.first_result,
+                last_result: cs.last_result,
             },
-            endpoint: target.as_ref().map(|t| {
-                let u = usage.iter().find(|u| u.condition_hash == c.hash);
-                let ep = study.endpoint();
-                json!({
-                    "target": t.target,
-                    "reported_models": t.reported_models,
-                    "server_models": t.server_models,
-                    "tries": u.map(|u| u.tries_ok_rows + u.failed_tries),
-                    "failed_tries": u.map(|u| u.failed_tries),
-                    "prompt_tokens": u.map(|u| u.prompt_tokens),
-                    "completion_tokens": u.map(|u| u.completion_tokens),
-                    "estimated_cost": u.and_then(|u| ep.and_then(|e| e.cost(u.prompt_tokens, u.completion_tokens))),
-                })
-            }),
-            labels: Some(labels_record(&my_rows)),
+            endpoint: target
+                .as_ref()
+                .map(|t| endpoint_record(&study, t, &usage, &c.hash)),
+            labels: Some(cs.labels),
         };
         r.seal()?;
         receipts.push(r);
@@ -1256,13 +977,129 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
                 receipt_sha256: r.receipt_sha256.clone(),
             })
             .collect(),
+        rows: None,
+        labels: None,
     };
     Ok(StudyReceipts {
         bundle,
         receipts,
         rows,
+        labels,
         study,
         record,
+    })
+}
+
+/// The conditions as the statistics see them (see [`super::stats`]).
+fn stat_conditions(study: &Study, all_ops: &[Vec<OpRecord>]) -> Vec<StatCondition> {
+    study
+        .conditions
+        .iter()
+        .zip(all_ops)
+        .map(|(c, ops)| StatCondition {
+            name: c.name.clone(),
+            hash: c.hash.clone(),
+            system: c.system.clone(),
+            ops: ops.clone(),
+            prompt_sets: c
+                .prompt_sets
+                .iter()
+                .map(|&i| {
+                    let s = &study.prompt_sets[i];
+                    (s.name.clone(), s.hash.clone())
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn study_ref(record: &StudyRecord, opts: &ReceiptOptions, baseline: &str, db: &Path) -> StudyRef {
+    StudyRef {
+        name: record.name.clone(),
+        hash: record.hash.clone(),
+        file: opts
+            .study_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .or_else(|| record.source_path.clone()),
+        toml_sha256: crate::hash::sha256_bytes(record.toml.as_bytes()),
+        baseline: baseline.to_string(),
+        results_db: db.display().to_string(),
+        created_at: iso_utc(record.created_at),
+        last_run_at: iso_utc(record.last_run_at),
+    }
+}
+
+/// The error for a study whose files changed since its run, naming the conditions affected.
+fn changed_study(store: &Store, record: &StudyRecord, study: &Study) -> Result<Error> {
+    let stored: std::collections::HashSet<String> = store
+        .status(&record.hash)?
+        .into_iter()
+        .map(|s| s.condition_hash)
+        .collect();
+    let changed: Vec<&str> = study
+        .conditions
+        .iter()
+        .filter(|c| !stored.contains(&c.hash))
+        .map(|c| c.name.as_str())
+        .collect();
+    Ok(Error::InvalidValue(format!(
+        "study {}: its files changed since the run (study hash {} now {}; conditions with a new hash: {}); run `pgate study run` again or restore the files",
+        record.name,
+        &record.hash[..12],
+        &study.hash[..12],
+        if changed.is_empty() { "none (prompt sets or settings changed)".to_string() } else { changed.join(", ") }
+    )))
+}
+
+fn generation_record(study: &Study) -> GenerationRecord {
+    let g = &study.file.generation;
+    GenerationRecord {
+        max_new_tokens: g.max_new_tokens,
+        batch_size: g.batch_size,
+        temperature: g.temperature as f64,
+        top_p: g.top_p as f64,
+        seed: g.seed,
+        samples: g.samples,
+        seed_rule: "item seed = first 8 bytes of sha256(\"seed\\x1f{seed}\\x1f{prompt_set_sha256}\\x1f{prompt_id}\\x1f{sample}\") & (2^63-1), shared by all conditions; greedy when temperature = 0".into(),
+    }
+}
+
+fn judge_records(study: &Study) -> Vec<Value> {
+    study
+        .file
+        .judges
+        .iter()
+        .map(|j| {
+            json!({
+                "name": j.display_name(),
+                "kind": j.kind,
+                "mode": j.effective_mode().map(|m| m.name()),
+                "model": j.model,
+                "base_url": j.base_url,
+            })
+        })
+        .collect()
+}
+
+/// The `endpoint` block of one condition's receipt (endpoint studies only).
+fn endpoint_record(
+    study: &Study,
+    t: &crate::study::store::TargetRecord,
+    usage: &[crate::study::store::EndpointUsage],
+    condition_hash: &str,
+) -> Value {
+    let u = usage.iter().find(|u| u.condition_hash == condition_hash);
+    let ep = study.endpoint();
+    json!({
+        "target": t.target,
+        "reported_models": t.reported_models,
+        "server_models": t.server_models,
+        "tries": u.map(|u| u.tries_ok_rows + u.failed_tries),
+        "failed_tries": u.map(|u| u.failed_tries),
+        "prompt_tokens": u.map(|u| u.prompt_tokens),
+        "completion_tokens": u.map(|u| u.completion_tokens),
+        "estimated_cost": u.and_then(|u| ep.and_then(|e| e.cost(u.prompt_tokens, u.completion_tokens))),
     })
 }
 
@@ -1283,21 +1120,41 @@ pub fn receipt_file_name(r: &Receipt) -> String {
     format!("{:02}-{clean}.json", r.condition.ord)
 }
 
-/// Write `bundle.json` and one file per receipt into `dir`.
+/// Write `bundle.json`, one file per receipt, and the rows they were computed from
+/// (`rows.jsonl`, `labels.jsonl`) into `dir`. Every file is written atomically (a reader never
+/// sees half a receipt); `bundle.json` goes last. A signature left from earlier receipts in `dir`
+/// no longer applies and is removed (the returned flag says so).
 pub fn write_receipts(sr: &StudyReceipts, dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(write_receipts_noting(sr, dir)?.0)
+}
+
+/// [`write_receipts`], also saying whether a stale signature was removed.
+pub fn write_receipts_noting(sr: &StudyReceipts, dir: &Path) -> Result<(Vec<PathBuf>, bool)> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let sig = dir.join(super::dsse::SIGNATURE_FILE);
+    let removed = match std::fs::remove_file(&sig) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(&sig, e)),
+    };
     let mut out = Vec::new();
+    let (rows, labels) = super::rows::write_rows(dir, &sr.rows, &sr.labels)?;
+    out.push(dir.join(&rows.file));
+    out.push(dir.join(&labels.file));
     for (r, e) in sr.receipts.iter().zip(&sr.bundle.receipts) {
-        let p = dir.join(&e.file);
+        let p = dir.join(plain_name(&e.file)?);
         let text = serde_json::to_string_pretty(r)? + "\n";
-        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+        fsutil::write_atomic(&p, text.as_bytes())?;
         out.push(p);
     }
+    let mut bundle = sr.bundle.clone();
+    bundle.rows = Some(rows);
+    bundle.labels = Some(labels);
     let p = dir.join("bundle.json");
-    let text = serde_json::to_string_pretty(&sr.bundle)? + "\n";
-    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    let text = serde_json::to_string_pretty(&bundle)? + "\n";
+    fsutil::write_atomic(&p, text.as_bytes())?;
     out.push(p);
-    Ok(out)
+    Ok((out, removed))
 }
 
 /// The bundle (when there is one) and each receipt with the file it came from.
@@ -1325,7 +1182,8 @@ pub fn load_receipts(path: &Path) -> Result<LoadedReceipts> {
             let dir = bp.parent().unwrap_or(Path::new("."));
             let mut rs = Vec::new();
             for e in &b.receipts {
-                let p = dir.join(&e.file);
+                // A bundle names files in its own folder only.
+                let p = dir.join(plain_name(&e.file)?);
                 let r = Receipt::load(&p)?;
                 rs.push((p, r));
             }

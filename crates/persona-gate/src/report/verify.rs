@@ -1,34 +1,42 @@
-//! `pgate receipt verify`: recompute every hash a receipt records, from the files and the results
-//! database, and say which differ.
+//! `pgate receipt verify`: check everything a receipt says against what it can be checked with,
+//! and say what differs.
 //!
 //! Checked, per receipt:
-//! - the receipt's own `receipt_sha256` (an edited receipt), and the bundle's copy of it;
-//! - the study file text stored in the database (`toml_sha256`), and the study and condition
-//!   hashes recomputed from the study file and every file it names;
-//! - `hashed` hashes to the condition hash (the receipt describes the condition it names);
-//! - each model file's sha256, and the tokenizer's vocabulary and chat-template hashes;
-//! - each direction file's sha256;
-//! - each prompt set's sha256 (the whole set) and the sha256 of the prompts used, read again from
-//!   its source;
-//! - each prompt set's result rows: their sha256 (outputs, labels, measurements, verdicts), their
-//!   number, and the refusal / bypass / degenerate counts;
-//! - the condition's labels (each row's key, label and labeler: `labels_sha256`), when the receipt
-//!   records them (receipts written before labelers were recorded do not).
+//! - the signature, with `--pubkey`: the bundle's DSSE envelope verifies with that key and covers
+//!   every file of the bundle unchanged ([`super::dsse`]);
+//! - the receipt's own `receipt_sha256`, the bundle's copy of it, and that `hashed` hashes to the
+//!   condition hash;
+//! - **every number that follows from the rows**, recomputed from the rows bundled with the
+//!   receipts (or the results database for bundles from before rows were bundled) with the same
+//!   functions `pgate receipt` used: rates and Wilson intervals, judge scores, per-category rates,
+//!   paired comparisons with the baseline and the controls, benign refusal, completeness, the rows
+//!   and labels hashes and the labels provenance ([`super::recompute`]). A receipt edited and
+//!   sealed again fails here, naming the field;
+//! - the labels: every row's label is backed (rules labels re-derived from the output, other
+//!   labels recorded in the label history); relabels after generation are reported
+//!   ([`super::provenance`]);
+//! - against the results database when it can be read: its rows and labels match the bundled
+//!   ones, its work items match `expected`, its study text matches `toml_sha256`;
+//! - files: model files, tokenizer hashes, the study and condition hashes from the study file and
+//!   every file it names, direction files, prompt sets.
+//!
+//! Paths and names inside a receipt are untrusted ([`super::untrusted`]): only regular files
+//! inside the bundle folder or a `--root`, or named on the command line, are read, with bounded
+//! reads; model specs are never resolved (no downloads). What cannot be read that way is reported
+//! as skipped, not as a match.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::receipt::{
-    labels_sha256, prompt_source_path, rows_sha256, selected_sha256, study_base_dir, Bundle,
-    Receipt,
-};
-use crate::eval::PromptSet;
+use super::provenance::{label_provenance, RowLabels};
+use super::receipt::{labels_sha256, rows_sha256, Bundle, Receipt};
+use super::recompute::{recompute, RowsSource, MAX_LISTED};
+use super::rows::{read_rows, BundledRows};
+use super::untrusted::{Located, ReadPolicy};
 use crate::study::canon::hash_json;
-use crate::study::file::StudyFile;
-use crate::study::plan::Study;
-use crate::study::store::RowView;
+use crate::study::store::{RowView, StatusRow, StudyRecord};
 use crate::study::Store;
 use crate::Result;
 
@@ -44,16 +52,25 @@ pub struct Check {
     pub expected: String,
     /// The value now (or why it could not be computed).
     pub found: String,
+    /// Not checked, and why (paths outside the bundle folder, nothing to read). `ok` is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub checks: Vec<Check>,
+    /// Facts an auditor should see though nothing failed (labels changed after generation).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 impl VerifyReport {
     pub fn failures(&self) -> Vec<&Check> {
         self.checks.iter().filter(|c| !c.ok).collect()
+    }
+    pub fn skipped(&self) -> Vec<&Check> {
+        self.checks.iter().filter(|c| c.skipped.is_some()).collect()
     }
     pub fn ok(&self) -> bool {
         self.checks.iter().all(|c| c.ok)
@@ -62,13 +79,24 @@ impl VerifyReport {
 
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
-    /// Results database (default: the one the receipt names).
+    /// Results database (default: the one the receipt names, when it is in the bundle folder or
+    /// a root, else a file of that name in the bundle folder).
     pub db: Option<PathBuf>,
-    /// Study file (default: the one the receipt names).
+    /// Study file (default: the one the receipt names, when it is in the bundle folder or a root).
     pub study_file: Option<PathBuf>,
+    /// The model: a weights file, or the folder holding the receipt's model files.
+    pub model: Option<PathBuf>,
+    /// Folders the paths inside receipts may lead into, besides the bundle folder.
+    pub roots: Vec<PathBuf>,
+    /// Public key the bundle must be signed with.
+    pub pubkey: Option<PathBuf>,
+    /// Leave out the model, tokenizer and study files: check the signature, the seals, and the
+    /// numbers and labels against the bundled rows and the database (`pgate receipt sign`,
+    /// `pgate check`).
+    pub skip_files: bool,
 }
 
-fn short(s: &str) -> String {
+pub(crate) fn short(s: &str) -> String {
     if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
         s[..16].to_string()
     } else {
@@ -76,13 +104,14 @@ fn short(s: &str) -> String {
     }
 }
 
-struct Ctx {
-    checks: Vec<Check>,
-    file_hashes: HashMap<PathBuf, std::result::Result<String, String>>,
+pub(crate) struct Ctx {
+    pub checks: Vec<Check>,
+    pub notes: Vec<String>,
+    file_hashes: HashMap<(PathBuf, u64), std::result::Result<String, String>>,
 }
 
 impl Ctx {
-    fn push(
+    pub fn push(
         &mut self,
         receipt: &str,
         what: String,
@@ -99,21 +128,49 @@ impl Ctx {
             ok,
             expected: expected.to_string(),
             found,
+            skipped: None,
         });
     }
 
-    fn file_sha(&mut self, p: &Path) -> std::result::Result<String, String> {
-        let real = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    pub fn skip(&mut self, receipt: &str, what: String, why: String) {
+        self.checks.push(Check {
+            receipt: receipt.to_string(),
+            what,
+            ok: true,
+            expected: String::new(),
+            found: String::new(),
+            skipped: Some(why),
+        });
+    }
+
+    /// sha256 of a located regular file of at most `max` bytes (cached).
+    pub fn file_sha(&mut self, p: &Path, max: u64) -> std::result::Result<String, String> {
         self.file_hashes
-            .entry(real.clone())
+            .entry((p.to_path_buf(), max))
             .or_insert_with(|| {
-                if !real.exists() {
-                    return Err(format!("{} does not exist", p.display()));
-                }
-                crate::hash::sha256_file(&real).map_err(|e| e.to_string())
+                crate::fsutil::sha256_regular_bounded(p, max)
+                    .map(|x| x.0)
+                    .map_err(|e| e.to_string())
             })
             .clone()
     }
+}
+
+/// The folder a set of receipts was read from.
+fn bundle_dir(receipts: &[(PathBuf, Receipt)]) -> PathBuf {
+    receipts
+        .first()
+        .and_then(|(p, _)| p.parent())
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// How checks name a receipt: its file name.
+pub fn file_label(path: &Path) -> String {
+    path.file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| path.display().to_string())
 }
 
 /// Verify receipts (with their bundle when there is one).
@@ -124,303 +181,375 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let mut cx = Ctx {
         checks: Vec::new(),
+        notes: Vec::new(),
         file_hashes: HashMap::new(),
     };
-    // Per study: its database rows and its re-resolved files, computed once.
-    let mut studies: HashMap<String, StudyState> = HashMap::new();
-    let mut tokenizers: HashMap<String, std::result::Result<(String, Option<String>), String>> =
-        HashMap::new();
+    let dir = bundle_dir(receipts);
+    let policy = ReadPolicy::new(&dir, &opts.roots);
+    if let Some(pk) = &opts.pubkey {
+        signature_check(&mut cx, &dir, bundle, pk);
+    }
+    let bundled = bundled_rows(&mut cx, &dir, bundle);
     for (path, r) in receipts {
-        let name = path
-            .file_name()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_else(|| path.display().to_string());
-        let rn = name.as_str();
-        cx.push(
-            rn,
-            "receipt_sha256 (the receipt's own content)".into(),
-            &r.receipt_sha256,
-            r.compute_sha256().map_err(|e| e.to_string()),
-        );
-        if let Some(b) = bundle {
-            let entry = b
-                .receipts
-                .iter()
-                .find(|e| e.condition_hash == r.condition.hash);
-            cx.push(
-                rn,
-                "bundle.json entry for this receipt".into(),
-                &r.receipt_sha256,
-                entry
-                    .map(|e| e.receipt_sha256.clone())
-                    .ok_or_else(|| "no entry in bundle.json".to_string()),
-            );
+        seal_checks(&mut cx, &file_label(path), r, bundle);
+    }
+    // The results database of each study, when it can be read.
+    let mut dbs: HashMap<String, Option<DbState>> = HashMap::new();
+    for (path, r) in receipts {
+        let rn = file_label(path);
+        if !dbs.contains_key(&r.study.hash) {
+            let st = DbState::open(&mut cx, &rn, r, &dir, &policy, opts);
+            dbs.insert(r.study.hash.clone(), st);
         }
+    }
+    // Numbers, per study (normally one).
+    let mut studies: Vec<&str> = receipts
+        .iter()
+        .map(|(_, r)| r.study.hash.as_str())
+        .collect();
+    studies.sort();
+    studies.dedup();
+    for sh in studies {
+        let group: Vec<&(PathBuf, Receipt)> = receipts
+            .iter()
+            .filter(|(_, r)| r.study.hash == sh)
+            .collect();
+        let db = dbs.get(sh).and_then(Option::as_ref);
+        statistics_checks(&mut cx, &group, bundle, bundled.as_ref(), db);
+        if let (Some(db), Some(_)) = (db, bundled.as_ref()) {
+            database_cross_checks(&mut cx, &group, db);
+        }
+        if let Some(db) = db {
+            super::verify_files::work_checks(&mut cx, &group, db);
+        }
+    }
+    if !opts.skip_files {
+        super::verify_files::file_checks(&mut cx, receipts, &policy, opts, &dbs);
+    }
+    Ok(VerifyReport {
+        checks: cx.checks,
+        notes: cx.notes,
+    })
+}
+
+fn signature_check(cx: &mut Ctx, dir: &Path, bundle: Option<&Bundle>, pk: &Path) {
+    let what = format!("signature ({})", super::dsse::SIGNATURE_FILE);
+    if bundle.is_none() {
         cx.push(
-            rn,
+            "bundle",
+            what,
+            "signed",
+            Err("a signature covers a bundle folder: verify the folder, not a receipt file".into()),
+        );
+        return;
+    }
+    let res = super::dsse::load_public_key(pk)
+        .and_then(|vk| super::dsse::verify_bundle(dir, &vk))
+        .map_err(|e| e.to_string());
+    match res {
+        Ok(s) => cx.push(
+            "bundle",
             format!(
-                "condition '{}': hash of its recorded `hashed` input",
-                r.condition.name
+                "{what} by key {}: {} files signed, none changed, every file of the bundle signed",
+                short(&s.keyid),
+                s.files.len()
             ),
-            &r.condition.hash,
-            Ok(hash_json(&r.condition.hashed)),
-        );
-        // Model files and tokenizer.
-        for f in &r.model.files {
-            let p = PathBuf::from(&f.path);
-            let found = if p.exists() {
-                cx.file_sha(&p)
-            } else {
-                // Another machine: resolve the spec again.
-                match crate::model::ModelSource::resolve(&r.model.spec) {
-                    Ok(crate::model::ModelSource::Gguf(g)) => cx.file_sha(&g),
-                    Ok(other) => Err(format!(
-                        "{} does not exist and the spec resolves to {}",
-                        f.path,
-                        other.describe()
-                    )),
-                    Err(e) => Err(format!("{} does not exist ({e})", f.path)),
-                }
-            };
+            "signed",
+            Ok("signed".into()),
+        ),
+        Err(e) => cx.push("bundle", what, "signed", Err(e)),
+    }
+}
+
+/// The rows bundled with the receipts (None for bundles from before rows were bundled).
+fn bundled_rows(cx: &mut Ctx, dir: &Path, bundle: Option<&Bundle>) -> Option<BundledRows> {
+    let b = bundle?;
+    let (Some(rows), Some(labels)) = (&b.rows, &b.labels) else {
+        return None;
+    };
+    match read_rows(dir, rows, labels) {
+        Ok(x) => {
             cx.push(
-                rn,
-                format!("model file {} sha256", f.path),
-                &f.sha256,
-                found,
+                "bundle",
+                format!(
+                    "bundled rows ({}, {}): hashes and counts",
+                    rows.file, labels.file
+                ),
+                &format!("{} rows", rows.n),
+                Ok(format!("{} rows", x.rows.len())),
             );
+            Some(x)
         }
-        // Endpoint receipts have no model files or tokenizer to check (white-box fields n/a).
-        let tok = if r.endpoint.is_some() {
-            Ok((
-                r.model.tokenizer.vocab_sha256.clone(),
-                r.model.tokenizer.chat_template_sha256.clone(),
-            ))
-        } else {
-            tokenizers
-                .entry(
-                    r.model
-                        .files
-                        .first()
-                        .map(|f| f.path.clone())
-                        .unwrap_or_default(),
-                )
-                .or_insert_with(|| tokenizer_hashes(r))
-                .clone()
-        };
+        Err(e) => {
+            cx.push(
+                "bundle",
+                format!("bundled rows ({}, {})", rows.file, labels.file),
+                &format!("{} rows", rows.n),
+                Err(e.to_string()),
+            );
+            None
+        }
+    }
+}
+
+fn seal_checks(cx: &mut Ctx, rn: &str, r: &Receipt, bundle: Option<&Bundle>) {
+    cx.push(
+        rn,
+        "receipt_sha256 (the receipt's own content)".into(),
+        &r.receipt_sha256,
+        r.compute_sha256().map_err(|e| e.to_string()),
+    );
+    if let Some(b) = bundle {
+        let entry = b
+            .receipts
+            .iter()
+            .find(|e| e.condition_hash == r.condition.hash);
         cx.push(
             rn,
-            "tokenizer vocabulary sha256".into(),
-            &r.model.tokenizer.vocab_sha256,
-            tok.clone().map(|t| t.0),
+            "bundle.json entry for this receipt".into(),
+            &r.receipt_sha256,
+            entry
+                .map(|e| e.receipt_sha256.clone())
+                .ok_or_else(|| "no entry in bundle.json".to_string()),
         );
-        cx.push(
-            rn,
-            "chat template sha256".into(),
-            r.model
-                .tokenizer
-                .chat_template_sha256
-                .as_deref()
-                .unwrap_or("none"),
-            tok.map(|t| t.1.unwrap_or_else(|| "none".into())),
-        );
-        // Study: database and files.
-        let db = opts
-            .db
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(&r.study.results_db));
-        let key = format!("{}\u{1f}{}", db.display(), r.study.hash);
-        let st = studies
-            .entry(key)
-            .or_insert_with(|| StudyState::load(&db, r, opts.study_file.as_deref()));
-        match &st.toml_sha256 {
-            Ok(h) => cx.push(
-                rn,
-                "study file text stored in the database".into(),
-                &r.study.toml_sha256,
-                Ok(h.clone()),
-            ),
-            Err(e) => cx.push(
-                rn,
-                format!("study {} in {}", r.study.name, db.display()),
-                &r.study.hash,
-                Err(e.clone()),
-            ),
-        }
-        match &st.study {
-            Err(e) => {
+    }
+    cx.push(
+        rn,
+        format!(
+            "condition '{}': hash of its recorded `hashed` input",
+            r.condition.name
+        ),
+        &r.condition.hash,
+        Ok(hash_json(&r.condition.hashed)),
+    );
+}
+
+/// Recompute every row-derived number of one study's receipts and compare.
+fn statistics_checks(
+    cx: &mut Ctx,
+    group: &[&(PathBuf, Receipt)],
+    bundle: Option<&Bundle>,
+    bundled: Option<&BundledRows>,
+    db: Option<&DbState>,
+) {
+    let rs: Vec<&Receipt> = group.iter().map(|(_, r)| r).collect();
+    let english = db.and_then(|d| d.english).unwrap_or(true);
+    let (src, from) = match (bundled, db.and_then(|d| d.rows.as_ref().ok())) {
+        (Some(b), _) => (
+            RowsSource {
+                rows: &b.rows,
+                labels: &b.labels,
+                lines: Some(&b.lines),
+                english,
+            },
+            "the bundled rows",
+        ),
+        (None, Some((rows, labels))) => (
+            RowsSource {
+                rows,
+                labels,
+                lines: None,
+                english,
+            },
+            "the database rows",
+        ),
+        (None, None) => {
+            for (p, _) in group {
                 cx.push(
-                    rn,
-                    "study files (re-read)".into(),
-                    &r.study.hash,
-                    Err(e.clone()),
+                    &file_label(p),
+                    "numbers recomputed from the rows".into(),
+                    "rows",
+                    Err("no rows bundled with the receipts and no results database to read (rewrite them with `pgate receipt`, or pass --db)".into()),
                 );
             }
-            Ok(study) => {
+            return;
+        }
+    };
+    let all = bundle.is_some_and(|b| b.receipts.len() == rs.len());
+    match recompute(&rs, &src, all) {
+        Err(e) => {
+            for (p, _) in group {
                 cx.push(
-                    rn,
-                    "study hash (from the study file and its files)".into(),
-                    &r.study.hash,
-                    Ok(study.hash.clone()),
+                    &file_label(p),
+                    format!("numbers recomputed from {from}"),
+                    "rows",
+                    Err(e.to_string()),
                 );
-                let c = study
-                    .condition(&r.condition.name)
-                    .map(|i| &study.conditions[i]);
-                cx.push(
-                    rn,
-                    format!("condition '{}' hash (system prompt, ops and directions, model, generation)", r.condition.name),
-                    &r.condition.hash,
-                    c.map(|c| c.hash.clone())
-                        .ok_or_else(|| "no such condition in the study file".into()),
-                );
-                for ps in &r.prompt_sets {
-                    let Some(s) = study.prompt_sets.iter().find(|s| s.name == ps.name) else {
-                        cx.push(
-                            rn,
-                            format!("prompt set '{}'", ps.name),
-                            &ps.set_sha256,
-                            Err("not in the study file".into()),
-                        );
-                        continue;
-                    };
-                    let src = prompt_source_path(&study.file, &s.source);
-                    let whole = PromptSet::load(&src)
-                        .map(|p| p.sha256())
-                        .map_err(|e| e.to_string());
-                    cx.push(
-                        rn,
-                        format!("prompt set '{}' ({}) sha256", ps.name, ps.source),
-                        &ps.set_sha256,
-                        whole,
-                    );
-                    cx.push(
-                        rn,
-                        format!(
-                            "prompt set '{}' prompts used (skip {}, n {}) sha256",
-                            ps.name, ps.skip, ps.n
-                        ),
-                        &ps.selected_sha256,
-                        Ok(selected_sha256(&s.items)),
-                    );
-                }
-                let base = &study.file.base_dir;
-                for o in &r.condition.ops {
-                    let (Some(file), Some(sha)) =
-                        (&o.file, o.identity.get("sha256").and_then(|v| v.as_str()))
-                    else {
-                        continue;
-                    };
-                    let p = PathBuf::from(file);
-                    let p = if p.is_relative() { base.join(p) } else { p };
-                    let found = cx.file_sha(&p);
-                    cx.push(
-                        rn,
-                        format!("direction '{}' file {} sha256", o.direction, p.display()),
-                        sha,
-                        found,
-                    );
-                }
             }
         }
-        match &st.rows {
-            Err(e) => cx.push(
-                rn,
-                format!("result rows in {}", db.display()),
-                "rows",
-                Err(e.clone()),
-            ),
-            Ok(rows) => {
-                for s in &r.results {
-                    let mine: Vec<&RowView> = rows
-                        .iter()
-                        .filter(|x| {
-                            x.condition_hash == r.condition.hash && x.prompt_set == s.prompt_set
-                        })
-                        .collect();
-                    let what = |w: &str| {
-                        format!(
-                            "condition '{}' set '{}' {w}",
-                            r.condition.name, s.prompt_set
-                        )
-                    };
-                    cx.push(
-                        rn,
-                        what("result rows sha256"),
-                        &s.rows_sha256,
-                        rows_sha256(mine.iter().copied()).map_err(|e| e.to_string()),
-                    );
-                    let count = |l: &str| mine.iter().filter(|x| x.label == l).count();
-                    cx.push(
-                        rn,
-                        what("rows / refusal / bypass / degenerate counts"),
-                        &format!("{}/{}/{}/{}", s.n, s.refusal.k, s.bypass.k, s.degenerate.k),
-                        Ok(format!(
-                            "{}/{}/{}/{}",
-                            mine.len(),
-                            count("refusal"),
-                            count("bypass"),
-                            count("degenerate")
-                        )),
-                    );
-                }
-                // Receipts written before labelers were recorded have no labels block.
-                if let Some(l) = &r.labels {
-                    let all = rows.iter().filter(|x| x.condition_hash == r.condition.hash);
-                    cx.push(
-                        rn,
-                        format!(
-                            "condition '{}' labels sha256 (row keys, labels, labelers {})",
-                            r.condition.name,
-                            l.labelers.join(", ")
-                        ),
-                        &l.labels_sha256,
-                        Ok(labels_sha256(all)),
-                    );
-                }
+        Ok(per) => {
+            for ((p, r), d) in group.iter().zip(per) {
+                let rn = file_label(p);
+                report_diffs(cx, &rn, r, &d, from, all);
+                accuracy_quote_checks(cx, &rn, r);
             }
         }
     }
-    Ok(VerifyReport { checks: cx.checks })
 }
 
-fn tokenizer_hashes(r: &Receipt) -> std::result::Result<(String, Option<String>), String> {
-    let p = r
-        .model
-        .files
-        .first()
-        .map(|f| PathBuf::from(&f.path))
-        .filter(|p| p.exists());
-    let src = match p {
-        Some(p) if r.model.format == "gguf" => crate::model::ModelSource::Gguf(p),
-        _ => crate::model::ModelSource::resolve(&r.model.spec).map_err(|e| e.to_string())?,
+fn report_diffs(
+    cx: &mut Ctx,
+    rn: &str,
+    r: &Receipt,
+    d: &super::recompute::ReceiptDiffs,
+    from: &str,
+    all: bool,
+) {
+    if d.diffs.is_empty() {
+        cx.push(
+            rn,
+            format!(
+                "{} numbers recomputed from {from} (rates, intervals, paired comparisons, per-category rates, controls{}, labels)",
+                d.compared,
+                if all { "" } else { " but random-direction ones (verify the bundle)" }
+            ),
+            "match",
+            Ok("match".into()),
+        );
+    }
+    for f in d.diffs.iter().take(MAX_LISTED) {
+        cx.push(
+            rn,
+            format!("{} (recomputed from {from})", f.field),
+            &f.receipt,
+            Ok(f.rows.clone()),
+        );
+    }
+    if d.diffs.len() > MAX_LISTED {
+        cx.push(
+            rn,
+            format!(
+                "{} more fields differ from {from}",
+                d.diffs.len() - MAX_LISTED
+            ),
+            "match",
+            Ok("differ".into()),
+        );
+    }
+    let p = &d.provenance;
+    cx.push(
+        rn,
+        format!(
+            "condition '{}' labels backed by their labeler ({} re-derived by rules, {} in the label history)",
+            r.condition.name, p.rules_rederived, p.history_backed
+        ),
+        "0 unbacked",
+        Ok(if p.unbacked == 0 {
+            "0 unbacked".into()
+        } else {
+            format!(
+                "{} unbacked (edited by hand?): {}",
+                p.unbacked,
+                p.unbacked_rows.join("; ")
+            )
+        }),
+    );
+    if let Some(n) = p.describe_relabel() {
+        cx.notes
+            .push(format!("{rn}: condition '{}': {n}", r.condition.name));
+    }
+}
+
+/// Whether a quoted labeler accuracy is this pgate's measurement: `Some(true)` when
+/// `data/labels/accuracy.json` has the same labeler, split and development set with the same
+/// figures, `Some(false)` when it has them with other figures (an edited quote), `None` when it
+/// has no such measurement (measured elsewhere, or on another development set).
+pub fn quote_confirmed(q: &crate::label::accuracy::LabelerAccuracy) -> Option<bool> {
+    let table = crate::label::accuracy::all().ok()?;
+    let e = table.iter().find(|e| {
+        e.labeler == q.labeler && e.split == q.split && e.devset_sha256 == q.devset_sha256
+    })?;
+    let canon = |x: &crate::label::accuracy::LabelerAccuracy| {
+        let mut v = serde_json::to_value(x).unwrap_or_default();
+        super::receipt::canon_floats(&mut v);
+        v
     };
-    let opened = crate::model::open(&src, &crate::model::LoadOptions::default())
-        .map_err(|e| e.to_string())?;
-    Ok((
-        opened.tokenizer.vocab_sha256(),
-        opened.tokenizer.chat_template_sha256(),
-    ))
+    Some(canon(e) == canon(q))
 }
 
-struct StudyState {
-    toml_sha256: std::result::Result<String, String>,
-    study: std::result::Result<Study, String>,
-    rows: std::result::Result<Vec<RowView>, String>,
+/// The labeler accuracies a receipt quotes, against this pgate's measured-accuracy table.
+fn accuracy_quote_checks(cx: &mut Ctx, rn: &str, r: &Receipt) {
+    for q in r.labels.iter().flat_map(|l| &l.labeler_accuracy) {
+        let what = format!(
+            "labeler {} accuracy quoted ({} split, devset {}) as measured in data/labels/accuracy.json",
+            q.labeler,
+            q.split,
+            short(&q.devset_sha256)
+        );
+        match quote_confirmed(q) {
+            Some(ok) => cx.push(
+                rn,
+                what,
+                &format!("agreement {}", q.agreement),
+                Ok(if ok { format!("agreement {}", q.agreement) } else { "other figures".into() }),
+            ),
+            None => cx.notes.push(format!(
+                "{rn}: labeler {} accuracy quoted from a measurement this pgate does not have (not confirmed)",
+                q.labeler
+            )),
+        }
+    }
 }
 
-impl StudyState {
-    fn load(db: &Path, r: &Receipt, study_file: Option<&Path>) -> StudyState {
-        let store = match Store::open_read(db) {
-            Ok(s) => s,
-            Err(e) => {
-                let e = e.to_string();
-                return StudyState {
-                    toml_sha256: Err(e.clone()),
-                    study: Err(e.clone()),
-                    rows: Err(e),
-                };
+/// The results database of a study, as far as it could be read.
+pub(crate) struct DbState {
+    pub path: PathBuf,
+    pub record: std::result::Result<StudyRecord, String>,
+    pub rows: std::result::Result<(Vec<RowView>, Vec<RowLabels>), String>,
+    pub status: Vec<StatusRow>,
+    /// The stored study's `english` (None when its text does not parse).
+    pub english: Option<bool>,
+}
+
+impl DbState {
+    /// Find and read the database of receipt `r`: `--db`, else the path it records when that lies
+    /// inside the bundle folder or a root, else a file of that name in the bundle folder.
+    fn open(
+        cx: &mut Ctx,
+        rn: &str,
+        r: &Receipt,
+        dir: &Path,
+        policy: &ReadPolicy,
+        opts: &VerifyOptions,
+    ) -> Option<DbState> {
+        let recorded = PathBuf::from(&r.study.results_db);
+        let located = match &opts.db {
+            Some(p) => ReadPolicy::explicit(p),
+            None => match policy.locate(&recorded) {
+                Located::File(p) => Located::File(p),
+                first => match recorded.file_name() {
+                    Some(n) => match policy.locate(&dir.join(n)) {
+                        Located::File(p) => Located::File(p),
+                        _ => first,
+                    },
+                    None => first,
+                },
+            },
+        };
+        let path = match located {
+            Located::File(p) => p,
+            Located::Outside(why) => {
+                cx.skip(rn, "results database".into(), format!("{why}: pass --db"));
+                return None;
+            }
+            Located::Refused(why) => {
+                cx.push(rn, "results database".into(), &r.study.results_db, Err(why));
+                return None;
             }
         };
-        let rec = store.studies().map_err(|e| e.to_string()).and_then(|all| {
+        let store = match Store::open_read(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                cx.push(
+                    rn,
+                    format!("results database {}", path.display()),
+                    "readable",
+                    Err(e.to_string()),
+                );
+                return None;
+            }
+        };
+        let record = store.studies().map_err(|e| e.to_string()).and_then(|all| {
             all.into_iter()
                 .find(|s| s.hash == r.study.hash)
                 .ok_or_else(|| {
@@ -428,38 +557,141 @@ impl StudyState {
                         "study {} ({}) is not in {}",
                         r.study.name,
                         short(&r.study.hash),
-                        db.display()
+                        path.display()
                     )
                 })
         });
-        let rec = match rec {
-            Ok(x) => x,
-            Err(e) => {
-                return StudyState {
-                    toml_sha256: Err(e.clone()),
-                    study: Err(e.clone()),
-                    rows: Err(e),
-                }
-            }
-        };
-        let file = study_file
-            .map(Path::to_path_buf)
-            .or_else(|| r.study.file.as_ref().map(PathBuf::from));
-        let base = study_base_dir(&rec, file.as_deref());
-        let study = StudyFile::parse(&rec.toml, &base)
-            .and_then(Study::resolve)
-            .map_err(|e| e.to_string());
-        StudyState {
-            toml_sha256: Ok(crate::hash::sha256_bytes(rec.toml.as_bytes())),
-            study,
-            rows: store.rows(&rec.hash).map_err(|e| e.to_string()),
-        }
+        let rows = record.as_ref().map_err(Clone::clone).and_then(|rec| {
+            let rows = store.rows(&rec.hash).map_err(|e| e.to_string())?;
+            let labels = rows
+                .iter()
+                .map(|x| {
+                    store
+                        .label_history(x.result_id)
+                        .map(|history| RowLabels { history })
+                })
+                .collect::<Result<Vec<_>>>()
+                .map_err(|e| e.to_string())?;
+            Ok((rows, labels))
+        });
+        let status = record
+            .as_ref()
+            .ok()
+            .and_then(|rec| store.status(&rec.hash).ok())
+            .unwrap_or_default();
+        let english = record.as_ref().ok().and_then(|rec| {
+            crate::study::file::StudyFile::parse(&rec.toml, Path::new("."))
+                .ok()
+                .map(|f| f.english)
+        });
+        let toml_sha = record
+            .as_ref()
+            .map(|rec| crate::hash::sha256_bytes(rec.toml.as_bytes()))
+            .map_err(Clone::clone);
+        cx.push(
+            rn,
+            format!("study file text stored in the database {}", path.display()),
+            &r.study.toml_sha256,
+            toml_sha,
+        );
+        Some(DbState {
+            path,
+            record,
+            rows,
+            status,
+            english,
+        })
     }
 }
 
-/// One line per check: `ok` / `DIFFERS`, the receipt, what, and both values when they differ.
+/// The bundled rows against the database's: rows and labels hashes, label history, and whether
+/// the database's labels are backed.
+fn database_cross_checks(cx: &mut Ctx, group: &[&(PathBuf, Receipt)], db: &DbState) {
+    let (rows, labels) = match &db.rows {
+        Ok(x) => x,
+        Err(e) => {
+            cx.push(
+                "bundle",
+                format!("rows of {}", db.path.display()),
+                "rows",
+                Err(e.clone()),
+            );
+            return;
+        }
+    };
+    let english = db.english.unwrap_or(true);
+    for (p, r) in group {
+        let rn = file_label(p);
+        let idx: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i].condition_hash == r.condition.hash)
+            .collect();
+        for s in &r.results {
+            let mine = idx
+                .iter()
+                .map(|&i| &rows[i])
+                .filter(|x| x.prompt_set == s.prompt_set);
+            cx.push(
+                &rn,
+                format!(
+                    "condition '{}' set '{}' result rows sha256 (database)",
+                    r.condition.name, s.prompt_set
+                ),
+                &s.rows_sha256,
+                rows_sha256(mine).map_err(|e| e.to_string()),
+            );
+        }
+        let my_rows: Vec<&RowView> = idx.iter().map(|&i| &rows[i]).collect();
+        let my_labels: Vec<&RowLabels> = idx.iter().map(|&i| &labels[i]).collect();
+        if let Some(l) = &r.labels {
+            cx.push(
+                &rn,
+                format!(
+                    "condition '{}' labels sha256 (database: row keys, labels, labelers {})",
+                    r.condition.name,
+                    l.labelers.join(", ")
+                ),
+                &l.labels_sha256,
+                Ok(labels_sha256(my_rows.iter().copied())),
+            );
+        }
+        let prov = label_provenance(&my_rows, &my_labels, english);
+        if let Some(p) = r.labels.as_ref().and_then(|l| l.provenance.as_ref()) {
+            cx.push(
+                &rn,
+                format!(
+                    "condition '{}' label history sha256 (database)",
+                    r.condition.name
+                ),
+                &p.history_sha256,
+                Ok(prov.history_sha256.clone()),
+            );
+        }
+        cx.push(
+            &rn,
+            format!(
+                "condition '{}' labels in the database backed by their labeler",
+                r.condition.name
+            ),
+            "0 unbacked",
+            Ok(if prov.unbacked == 0 {
+                "0 unbacked".into()
+            } else {
+                format!(
+                    "{} unbacked (edited by hand?): {}",
+                    prov.unbacked,
+                    prov.unbacked_rows.join("; ")
+                )
+            }),
+        );
+    }
+}
+
+/// One line per check: `ok` / `DIFFERS` / `skipped`, the receipt, what, and both values when
+/// they differ.
 pub fn format_check(c: &Check) -> String {
-    if c.ok {
+    if let Some(why) = &c.skipped {
+        format!("skipped  {}: {}: {why}", c.receipt, c.what)
+    } else if c.ok {
         format!("ok       {}: {}", c.receipt, c.what)
     } else {
         format!(
