@@ -12,13 +12,14 @@
 //! the preset) and, when the preset is not the default persona, a shadow row with the same messages
 //! under the default persona (no system prompt, no steering) that is dropped after the prefill.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Tensor, D};
-use persona_gate::generate::{Sampler, Sampling};
+use persona_gate::generate::{ChunkedPrefill, Sampler, Sampling};
 use persona_gate::intervene::{
     CompiledPlan, HookChain, LastTokenCapture, PlanHook, ResidualHook, RowCtx,
 };
@@ -182,6 +183,25 @@ pub struct EngineConfig {
     pub stop: Vec<u32>,
     pub guard: Option<Arc<GuardCalibration>>,
     pub projector: Projector,
+    /// Tokens (rows x columns) one prefill chunk may run: bounds the attention scores a prefill
+    /// holds (linear in the prompt) and how long running sequences wait between decode steps.
+    pub prefill_chunk_tokens: usize,
+    /// Padded prompt tokens one prefill group may hold: bounds the group's KV cache and how long
+    /// a request that arrives behind it waits.
+    pub max_prefill_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 32,
+            stop: Vec::new(),
+            guard: None,
+            projector: Projector::default(),
+            prefill_chunk_tokens: 512,
+            max_prefill_tokens: 8192,
+        }
+    }
 }
 
 struct Seq {
@@ -189,6 +209,24 @@ struct Seq {
     produced: usize,
     sampler: Sampler,
     next: u32,
+}
+
+/// Requests being prefilled together, one chunk per engine iteration.
+struct Pending {
+    jobs: Vec<Job>,
+    /// Row of each job's default-persona shadow (guard), if any.
+    shadow_row: Vec<Option<usize>>,
+    /// Plan of each row: jobs' rows first, then shadows (no plan).
+    plans: Vec<Option<Arc<CompiledPlan>>>,
+    group: ChunkedPrefill,
+}
+
+/// Jobs taken from the channel but not yet prefilled. `solo` holds jobs of a group whose prefill
+/// failed: each is retried alone, so one bad request cannot fail the others.
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<Job>,
+    solo: VecDeque<Job>,
 }
 
 /// Run the loop until every sender of `rx` is gone and no sequence is left.
@@ -208,60 +246,73 @@ pub fn run(model: Arc<Model>, cfg: EngineConfig, rx: Receiver<Job>, metrics: Arc
         n_layers,
         running: Vec::new(),
         cache: KvCache::new(n_layers),
+        pending: None,
+        waiting: Waiting::default(),
     };
     let mut open = true;
-    while open || !st.running.is_empty() {
-        // Intake: block while idle, else take what fits without waiting.
-        let mut new = Vec::new();
-        if st.running.is_empty() {
+    while open || st.busy() {
+        if !st.busy() {
+            // Idle: hand freed pages back to the system before blocking (the cache of a long
+            // prompt would otherwise stay resident), then wait for work.
+            release_free_memory();
             match rx.recv() {
-                Ok(j) => new.push(j),
+                Ok(j) => st.take(j),
                 Err(_) => break,
             }
         }
-        while open && st.running.len() + new.len() < cfg.batch_size {
+        while open && st.waiting.queue.len() + st.running.len() < 2 * cfg.batch_size {
             match rx.try_recv() {
-                Ok(j) => new.push(j),
+                Ok(j) => st.take(j),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
-        metrics.queue_depth.fetch_sub(
-            new.len().min(metrics.queue_depth.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
-        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
-            if !new.is_empty() {
-                st.prefill(new)?;
+        if st.pending.is_none() {
+            st.start_group();
+        }
+        if st.pending.is_some() {
+            let r = guarded(|| st.prefill_chunk());
+            if let Err(e) = r {
+                st.fail_group(e);
             }
+        }
+        let r = guarded(|| {
             st.drop_gone()?;
             if !st.running.is_empty() {
                 st.decode_step()?;
             }
             Ok(())
-        }));
-        let err = match step {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(p) => Some(format!(
-                "engine panic: {}",
-                p.downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default()
-            )),
-        };
-        if let Some(e) = err {
-            eprintln!(
-                "[pgate serve] engine error, failing {} sequences: {e}",
-                st.running.len()
-            );
-            for s in st.running.drain(..) {
-                let _ = s.job.events.send(Event::Error(e.clone()));
-            }
-            st.cache = KvCache::new(n_layers);
+        });
+        if let Err(e) = r {
+            st.isolate_decode_failure(e);
         }
         metrics.running.store(st.running.len(), Ordering::Relaxed);
+    }
+}
+
+/// Runs one engine phase, turning a panic into an error so the loop (and the other sequences)
+/// survive a bug.
+fn guarded(f: impl FnOnce() -> Result<()>) -> std::result::Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(p) => Err(format!(
+            "engine panic: {}",
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        )),
+    }
+}
+
+/// Returns freed heap pages to the OS (glibc keeps them otherwise: resident memory grew from 184 MB
+/// to 986 MB idle over a session of long prompts).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -273,9 +324,42 @@ struct State<'a> {
     n_layers: usize,
     running: Vec<Seq>,
     cache: KvCache,
+    pending: Option<Pending>,
+    waiting: Waiting,
+}
+
+/// Whether a job's client is still there and within its deadline; tells it otherwise.
+fn still_wanted(j: &Job, now: Instant, produced: usize) -> bool {
+    if j.events.is_closed() {
+        return false;
+    }
+    if now >= j.deadline {
+        let _ = j.events.send(Event::Done {
+            finish: FinishReason::Timeout,
+            completion_tokens: produced,
+        });
+        return false;
+    }
+    true
 }
 
 impl State<'_> {
+    /// A job leaves the channel (the queue-depth gauge counts the channel).
+    fn take(&mut self, j: Job) {
+        let q = &self.metrics.queue_depth;
+        let _ = q.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+            Some(d.saturating_sub(1))
+        });
+        self.waiting.queue.push_back(j);
+    }
+
+    fn busy(&self) -> bool {
+        !self.running.is_empty()
+            || self.pending.is_some()
+            || !self.waiting.queue.is_empty()
+            || !self.waiting.solo.is_empty()
+    }
+
     fn forward(
         &self,
         tokens: &Tensor,
@@ -283,87 +367,223 @@ impl State<'_> {
         cache: &mut KvCache,
         plans: &[Option<Arc<CompiledPlan>>],
         capture: Option<&mut LastTokenCapture>,
-    ) -> Result<Tensor> {
+        logits_at: LogitsAt,
+    ) -> Result<Option<Tensor>> {
         let mut plan_hook = PlanHook::new(plans, self.n_layers);
         let dec = &self.model.decoder;
         let active = plan_hook.is_active();
-        let logits = match (active, capture) {
-            (false, None) => dec.forward(tokens, rows, cache, None, LogitsAt::Last)?,
-            (true, None) => {
-                dec.forward(tokens, rows, cache, Some(&mut plan_hook), LogitsAt::Last)?
-            }
-            (false, Some(c)) => dec.forward(tokens, rows, cache, Some(c), LogitsAt::Last)?,
+        match (active, capture) {
+            (false, None) => dec.forward(tokens, rows, cache, None, logits_at),
+            (true, None) => dec.forward(tokens, rows, cache, Some(&mut plan_hook), logits_at),
+            (false, Some(c)) => dec.forward(tokens, rows, cache, Some(c), logits_at),
             (true, Some(c)) => {
                 let mut chain = HookChain(vec![&mut plan_hook as &mut dyn ResidualHook, c]);
-                dec.forward(tokens, rows, cache, Some(&mut chain), LogitsAt::Last)?
+                dec.forward(tokens, rows, cache, Some(&mut chain), logits_at)
             }
-        };
-        logits.ok_or_else(|| Error::InvalidValue("model returned no logits".into()))
+        }
     }
 
-    /// Prefill new jobs (with guard shadow rows), send `Started` and the first token, merge the
-    /// survivors into the running batch.
-    fn prefill(&mut self, jobs: Vec<Job>) -> Result<()> {
+    /// Forms the next prefill group from waiting jobs: a retried job alone, else as many jobs as
+    /// there are free slots within the group's token budget (at least one).
+    fn start_group(&mut self) {
         let now = Instant::now();
-        let mut jobs: Vec<Job> = jobs
-            .into_iter()
-            .filter(|j| {
-                if j.events.is_closed() {
-                    return false;
-                }
-                if now >= j.deadline {
-                    let _ = j.events.send(Event::Done {
-                        finish: FinishReason::Timeout,
-                        completion_tokens: 0,
-                    });
-                    return false;
-                }
-                true
-            })
-            .collect();
-        if jobs.is_empty() {
-            return Ok(());
+        let free = self.cfg.batch_size.saturating_sub(self.running.len());
+        if free == 0 {
+            return;
         }
-        let guard = self.cfg.guard.as_ref();
-        // Rows: every job's served prompt first, then the shadows of guarded jobs.
-        let mut prompts: Vec<&[u32]> = jobs.iter().map(|j| j.prompt.as_slice()).collect();
-        let mut plans: Vec<Option<Arc<CompiledPlan>>> =
-            jobs.iter().map(|j| j.plan.clone()).collect();
-        let mut shadow_row: Vec<Option<usize>> = vec![None; jobs.len()];
-        for (i, j) in jobs.iter().enumerate() {
-            if j.guard != GuardMode::Off && guard.is_some() {
-                if let Some(s) = &j.shadow {
-                    shadow_row[i] = Some(prompts.len());
-                    prompts.push(s);
-                    plans.push(None);
+        let mut jobs = Vec::new();
+        while let Some(j) = self.waiting.solo.pop_front() {
+            if still_wanted(&j, now, 0) {
+                jobs.push(j);
+                break;
+            }
+        }
+        let (mut rows, mut width) = (0usize, 0usize);
+        while jobs.is_empty() || (jobs.len() < free && !self.waiting.queue.is_empty()) {
+            let Some(j) = self.waiting.queue.pop_front() else {
+                break;
+            };
+            if !still_wanted(&j, now, 0) {
+                continue;
+            }
+            let r = rows + 1 + usize::from(self.wants_shadow(&j));
+            let w = width.max(j.prompt.len());
+            if !jobs.is_empty() && r * w > self.cfg.max_prefill_tokens {
+                self.waiting.queue.push_front(j);
+                break;
+            }
+            (rows, width) = (r, w);
+            jobs.push(j);
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        match self.group(jobs) {
+            Ok(p) => self.pending = Some(p),
+            Err((jobs, e)) => {
+                for j in jobs {
+                    let _ = j.events.send(Event::Error(e.to_string()));
                 }
             }
         }
-        let n_rows = prompts.len();
+    }
+
+    fn wants_shadow(&self, j: &Job) -> bool {
+        j.guard != GuardMode::Off && self.cfg.guard.is_some() && j.shadow.is_some()
+    }
+
+    /// Rows: every job's served prompt first, then the shadows of guarded jobs.
+    fn group(&self, jobs: Vec<Job>) -> std::result::Result<Pending, (Vec<Job>, Error)> {
+        let mut prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt.clone()).collect();
+        let mut plans: Vec<Option<Arc<CompiledPlan>>> =
+            jobs.iter().map(|j| j.plan.clone()).collect();
+        let mut shadow_row = vec![None; jobs.len()];
+        for (i, j) in jobs.iter().enumerate() {
+            if self.wants_shadow(j) {
+                shadow_row[i] = Some(prompts.len());
+                prompts.push(j.shadow.clone().unwrap_or_default());
+                plans.push(None);
+            }
+        }
+        match ChunkedPrefill::new(prompts, self.n_layers) {
+            Ok(group) => Ok(Pending {
+                jobs,
+                shadow_row,
+                plans,
+                group,
+            }),
+            Err(e) => Err((jobs, e)),
+        }
+    }
+
+    /// Drops rows of the pending group whose client left or timed out (with their shadows).
+    fn prune_pending(&mut self) -> Result<()> {
+        let Some(p) = self.pending.as_mut() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let alive: Vec<bool> = p.jobs.iter().map(|j| still_wanted(j, now, 0)).collect();
+        if alive.iter().all(|&a| a) {
+            return Ok(());
+        }
+        let kept: Vec<usize> = (0..p.jobs.len()).filter(|&i| alive[i]).collect();
+        // Served rows first, then the kept jobs' shadows, as the group was built.
+        let mut keep_rows = kept.clone();
+        let mut shadow_row = Vec::with_capacity(kept.len());
+        for &i in &kept {
+            shadow_row.push(p.shadow_row[i].map(|r| {
+                keep_rows.push(r);
+                keep_rows.len() - 1
+            }));
+        }
+        let jobs: Vec<Job> = std::mem::take(&mut p.jobs)
+            .into_iter()
+            .zip(&alive)
+            .filter_map(|(j, &a)| a.then_some(j))
+            .collect();
+        if jobs.is_empty() {
+            self.pending = None;
+            return Ok(());
+        }
+        p.plans = keep_rows.iter().map(|&r| p.plans[r].clone()).collect();
+        p.group.select(&keep_rows)?;
+        p.jobs = jobs;
+        p.shadow_row = shadow_row;
+        Ok(())
+    }
+
+    /// Runs the pending group's next chunk; after the last one, starts its sequences.
+    fn prefill_chunk(&mut self) -> Result<()> {
+        self.prune_pending()?;
+        let Some(mut p) = self.pending.take() else {
+            return Ok(());
+        };
         let dev = self.model.decoder.device().clone();
-        let (tokens, rows) = persona_gate::generate::left_padded(&prompts, &dev)?;
-        let mut new_cache = KvCache::new(self.n_layers);
-        let mut cap = (!self.capture_layers.is_empty())
+        let cols = p.group.chunk_columns(self.cfg.prefill_chunk_tokens);
+        let chunk = p.group.next_chunk(cols, &dev)?;
+        let n_rows = p.group.rows();
+        let mut cap = (chunk.last && !self.capture_layers.is_empty())
             .then(|| LastTokenCapture::new(self.n_layers, self.capture_layers.iter().copied()));
-        let logits = self.forward(&tokens, &rows, &mut new_cache, &plans, cap.as_mut())?;
+        let at = if chunk.last {
+            LogitsAt::Last
+        } else {
+            LogitsAt::None
+        };
+        let out = self.forward(
+            &chunk.tokens,
+            &chunk.rows,
+            p.group.cache_mut(),
+            &p.plans,
+            cap.as_mut(),
+            at,
+        );
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                self.pending = Some(p);
+                return Err(e);
+            }
+        };
+        p.group.advance(cols);
+        if !chunk.last {
+            self.pending = Some(p);
+            return Ok(());
+        }
+        let logits = out.ok_or_else(|| Error::InvalidValue("model returned no logits".into()))?;
         let caps = match cap.as_mut() {
             Some(c) => split_rows(&c.take(), n_rows)?,
             None => vec![Vec::new(); n_rows],
         };
-        // First tokens of the served rows.
-        let served = logits.narrow(0, 0, jobs.len())?;
-        let mut samplers: Vec<Sampler> = jobs.iter().map(|j| Sampler::new(j.sampling)).collect();
-        let firsts = pick(
-            &served,
-            &jobs.iter().map(|j| j.sampling).collect::<Vec<_>>(),
-            &mut samplers,
-        )?;
+        self.start_sequences(p, &logits, &caps)
+    }
+
+    /// The pending group failed: its jobs are retried one by one (a job that fails alone gets the
+    /// error); running sequences are untouched.
+    fn fail_group(&mut self, e: String) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        if p.jobs.len() == 1 {
+            eprintln!("[pgate serve] prefill failed for one request: {e}");
+            for j in p.jobs {
+                let _ = j.events.send(Event::Error(e.clone()));
+            }
+            return;
+        }
+        eprintln!(
+            "[pgate serve] prefill of {} requests failed ({e}); retrying each alone",
+            p.jobs.len()
+        );
+        for j in p.jobs.into_iter().rev() {
+            self.waiting.solo.push_front(j);
+        }
+    }
+
+    /// Sends `Started` and the first token of each job of a prefilled group, merging the
+    /// survivors into the running batch.
+    fn start_sequences(
+        &mut self,
+        mut p: Pending,
+        logits: &Tensor,
+        caps: &[Vec<Option<Vec<f32>>>],
+    ) -> Result<()> {
+        let guard = self.cfg.guard.as_ref();
+        let n_jobs = p.jobs.len();
+        let served = logits.narrow(0, 0, n_jobs)?;
+        let finite = finite_rows(&served)?;
+        let mut samplers: Vec<Sampler> = p.jobs.iter().map(|j| Sampler::new(j.sampling)).collect();
+        let sampling: Vec<Sampling> = p.jobs.iter().map(|j| j.sampling).collect();
+        let firsts = pick(&served, &sampling, &mut samplers)?;
         let mut keep = Vec::new();
-        for (i, ((job, sampler), tok)) in jobs.drain(..).zip(samplers).zip(firsts).enumerate() {
+        for (i, ((job, sampler), tok)) in p.jobs.drain(..).zip(samplers).zip(firsts).enumerate() {
+            if !finite[i] {
+                let _ = job.events.send(Event::Error(NON_FINITE.into()));
+                continue;
+            }
             let projections = self.cfg.projector.project(&caps[i]);
             let report = match (guard, job.guard) {
                 (Some(g), m) if m != GuardMode::Off => {
-                    let r = match shadow_row[i] {
+                    let r = match p.shadow_row[i] {
                         Some(s) => g.score(&caps[s], Some(&caps[i])),
                         None => g.score(&caps[i], None),
                     };
@@ -415,47 +635,46 @@ impl State<'_> {
                 next: tok,
             });
         }
-        if keep.len() != n_rows {
-            new_cache.select(&keep)?;
+        let mut new_cache = p.group.into_cache();
+        if keep.is_empty() {
+            return Ok(());
         }
-        if !keep.is_empty() {
-            let cache = std::mem::replace(&mut self.cache, KvCache::new(self.n_layers));
-            let mut merged = cache;
-            merged.merge(new_cache)?;
-            self.cache = merged;
-        }
+        new_cache.select(&keep)?;
+        let cache = std::mem::replace(&mut self.cache, KvCache::new(self.n_layers));
+        let mut merged = cache;
+        merged.merge(new_cache)?;
+        self.cache = merged;
         Ok(())
     }
 
     /// Remove sequences whose client left or whose deadline passed.
     fn drop_gone(&mut self) -> Result<()> {
         let now = Instant::now();
-        let mut keep = Vec::with_capacity(self.running.len());
-        let mut still = Vec::with_capacity(self.running.len());
-        for (i, s) in self.running.drain(..).enumerate() {
-            if s.job.events.is_closed() {
-                continue;
-            }
-            if now >= s.job.deadline {
-                let _ = s.job.events.send(Event::Done {
-                    finish: FinishReason::Timeout,
-                    completion_tokens: s.produced,
-                });
-                continue;
-            }
-            keep.push(i);
-            still.push(s);
-        }
-        let before = self.cache.batch();
-        self.running = still;
-        if keep.len() != before {
-            self.cache.select(&keep)?;
-        }
-        Ok(())
+        let keep: Vec<bool> = self
+            .running
+            .iter()
+            .map(|s| still_wanted(&s.job, now, s.produced))
+            .collect();
+        self.retain(&keep)
     }
 
-    fn decode_step(&mut self) -> Result<()> {
-        let b = self.running.len();
+    /// Keeps the running sequences flagged in `keep`, with their cache rows.
+    fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        if keep.iter().all(|&k| k) {
+            return Ok(());
+        }
+        let idx: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
+        let mut still = Vec::with_capacity(idx.len());
+        for (s, &k) in self.running.drain(..).zip(keep) {
+            if k {
+                still.push(s);
+            }
+        }
+        self.running = still;
+        self.cache.select(&idx)
+    }
+
+    fn decode_inputs(&self) -> Result<(Tensor, Vec<RowCtx>, Vec<Option<Arc<CompiledPlan>>>)> {
         let ids: Vec<u32> = self.running.iter().map(|s| s.next).collect();
         let rows: Vec<RowCtx> = self
             .running
@@ -468,23 +687,31 @@ impl State<'_> {
                 prompt_len: s.job.prompt.len(),
             })
             .collect();
-        let plans: Vec<Option<Arc<CompiledPlan>>> =
-            self.running.iter().map(|s| s.job.plan.clone()).collect();
+        let plans = self.running.iter().map(|s| s.job.plan.clone()).collect();
         let dev = self.model.decoder.device().clone();
-        let tokens = Tensor::from_vec(ids, (b, 1), &dev)?;
+        Ok((
+            Tensor::from_vec(ids, (self.running.len(), 1), &dev)?,
+            rows,
+            plans,
+        ))
+    }
+
+    fn decode_step(&mut self) -> Result<()> {
+        let b = self.running.len();
+        let (tokens, rows, plans) = self.decode_inputs()?;
         let mut cache = std::mem::replace(&mut self.cache, KvCache::new(self.n_layers));
-        let logits = self.forward(&tokens, &rows, &mut cache, &plans, None);
+        let logits = self.forward(&tokens, &rows, &mut cache, &plans, None, LogitsAt::Last);
         self.cache = cache;
-        let logits = logits?;
+        let logits =
+            logits?.ok_or_else(|| Error::InvalidValue("model returned no logits".into()))?;
+        let finite = finite_rows(&logits)?;
         let sampling: Vec<Sampling> = self.running.iter().map(|s| s.job.sampling).collect();
-        let mut samplers: Vec<Sampler> = Vec::new();
         // Samplers live in the sequences; move them out for the pick and back.
-        for s in self.running.iter_mut() {
-            samplers.push(std::mem::replace(
-                &mut s.sampler,
-                Sampler::new(Sampling::greedy()),
-            ));
-        }
+        let mut samplers: Vec<Sampler> = self
+            .running
+            .iter_mut()
+            .map(|s| std::mem::replace(&mut s.sampler, Sampler::new(Sampling::greedy())))
+            .collect();
         let picks = pick(&logits, &sampling, &mut samplers)?;
         for (s, sm) in self.running.iter_mut().zip(samplers) {
             s.sampler = sm;
@@ -493,35 +720,97 @@ impl State<'_> {
         self.metrics
             .decode_tokens
             .fetch_add(b as u64, Ordering::Relaxed);
-        let mut keep = Vec::with_capacity(b);
-        let mut still = Vec::with_capacity(b);
-        for (bi, (mut s, tok)) in self.running.drain(..).zip(picks).enumerate() {
-            s.produced += 1;
-            s.next = tok;
-            if s.job.events.send(Event::Token(tok)).is_err() {
+        let mut keep = vec![true; b];
+        for (bi, (s, tok)) in self.running.iter_mut().zip(picks).enumerate() {
+            keep[bi] = advance_seq(&self.cfg.stop, s, tok, finite[bi]);
+        }
+        self.retain(&keep)
+    }
+
+    /// A decode step failed for the whole batch: run each sequence alone on a copy of its cache
+    /// row to find the ones that fail, fail only those, and let the rest go on (their step is
+    /// redone next iteration; a failed forward never commits cache slots).
+    fn isolate_decode_failure(&mut self, e: String) {
+        let b = self.running.len();
+        if b == 0 {
+            return;
+        }
+        let mut keep = vec![true; b];
+        for (i, k) in keep.iter_mut().enumerate() {
+            if b > 1 && self.step_alone(i).is_ok() {
                 continue;
             }
-            let stop = self.cfg.stop.contains(&tok);
-            if stop || s.produced >= s.job.max_new_tokens {
-                let _ = s.job.events.send(Event::Done {
-                    finish: if stop {
-                        FinishReason::Stop
-                    } else {
-                        FinishReason::Length
-                    },
-                    completion_tokens: s.produced,
-                });
-                continue;
+            *k = false;
+            let _ = self.running[i].job.events.send(Event::Error(e.clone()));
+        }
+        eprintln!(
+            "[pgate serve] decode step failed ({e}); failed {} of {b} sequences",
+            keep.iter().filter(|k| !**k).count()
+        );
+        if self.retain(&keep).is_err() {
+            // The cache itself is unusable: nothing can go on.
+            for s in self.running.drain(..) {
+                let _ = s.job.events.send(Event::Error(e.clone()));
             }
-            keep.push(bi);
-            still.push(s);
+            self.cache = KvCache::new(self.n_layers);
         }
-        self.running = still;
-        if keep.len() != b {
-            self.cache.select(&keep)?;
-        }
+    }
+
+    fn step_alone(&self, i: usize) -> Result<()> {
+        let s = &self.running[i];
+        let mut cache = self.cache.clone();
+        cache.select(&[i])?;
+        let dev = self.model.decoder.device().clone();
+        let tokens = Tensor::from_vec(vec![s.next], (1, 1), &dev)?;
+        let rows = [RowCtx {
+            seq: 0,
+            chunk_pad: 0,
+            start_pos: cache.next_position(0),
+            prompt_len: s.job.prompt.len(),
+        }];
+        let plans = [s.job.plan.clone()];
+        self.forward(&tokens, &rows, &mut cache, &plans, None, LogitsAt::Last)?;
         Ok(())
     }
+}
+
+/// Hands one sampled token to its sequence; false when the sequence ends here.
+fn advance_seq(stop_ids: &[u32], s: &mut Seq, tok: u32, finite: bool) -> bool {
+    if !finite {
+        let _ = s.job.events.send(Event::Error(NON_FINITE.into()));
+        return false;
+    }
+    s.produced += 1;
+    s.next = tok;
+    if s.job.events.send(Event::Token(tok)).is_err() {
+        return false;
+    }
+    let stop = stop_ids.contains(&tok);
+    if stop || s.produced >= s.job.max_new_tokens {
+        let _ = s.job.events.send(Event::Done {
+            finish: if stop {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            },
+            completion_tokens: s.produced,
+        });
+        return false;
+    }
+    true
+}
+
+const NON_FINITE: &str =
+    "the model produced non-finite logits for this request (is a steering coefficient too large?)";
+
+/// Whether each row of `[b, vocab]` logits is finite (a NaN or an infinity anywhere makes the
+/// row's sum non-finite).
+fn finite_rows(logits: &Tensor) -> Result<Vec<bool>> {
+    let sums = logits
+        .to_dtype(candle_core::DType::F32)?
+        .sum(D::Minus1)?
+        .to_vec1::<f32>()?;
+    Ok(sums.iter().map(|s| s.is_finite()).collect())
 }
 
 /// Next token of each row: argmax on the device when every row is greedy.

@@ -399,10 +399,7 @@ pub struct CalibrateInput {
 pub fn encode_default(model: &Model, texts: &[String]) -> Result<Vec<Vec<u32>>> {
     texts
         .iter()
-        .map(|t| {
-            let s = model.tokenizer.format_prompt(None, t)?;
-            model.tokenizer.encode(&s)
-        })
+        .map(|t| model.tokenizer.encode_prompt(None, t))
         .collect()
 }
 

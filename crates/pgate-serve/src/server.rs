@@ -152,6 +152,7 @@ pub async fn serve(
         stop: model.tokenizer.stop_token_ids().to_vec(),
         guard: cfg.guard.clone(),
         projector: cfg.projector.clone(),
+        ..EngineConfig::default()
     };
     let m2 = model.clone();
     let met2 = metrics.clone();

@@ -8,6 +8,7 @@
 
 pub mod chat;
 mod fixed_step;
+pub mod prefill;
 pub mod sampling;
 
 use std::collections::VecDeque;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use chat::{encode_chat, generate_chat, ChatPrompt, Completion, GenSettings};
 pub use fixed_step::graphs_enabled;
+pub use prefill::{Chunk, ChunkedPrefill};
 pub use sampling::{Sampler, Sampling};
 
 use fixed_step::FixedStepper;

@@ -403,14 +403,21 @@ impl Decoder {
                 rows.len()
             )));
         }
-        if cache.is_empty() {
+        if cache.is_empty() && cache.batch() == 0 {
             cache.start(&rows.iter().map(|r| r.chunk_pad).collect::<Vec<_>>());
-        } else if cache.batch() != b || rows.iter().any(|r| r.chunk_pad != 0) {
-            return Err(Error::InvalidValue(
-                "extending a cache needs the same rows and no padding".into(),
-            ));
         }
         let t0 = cache.len();
+        // A chunk's padding is what is left of each row's declared padding (chunked prefill).
+        let pads_match = cache
+            .pads()
+            .iter()
+            .zip(rows)
+            .all(|(&p, r)| r.chunk_pad == p.saturating_sub(t0).min(l));
+        if cache.batch() != b || !pads_match {
+            return Err(Error::InvalidValue(
+                "extending a cache needs the same rows, padded as the cache declares".into(),
+            ));
+        }
         let total = t0 + l;
         let pads = cache.pads().to_vec();
 

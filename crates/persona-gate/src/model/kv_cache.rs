@@ -31,6 +31,11 @@ impl KvCache {
         }
     }
 
+    /// Layers the cache holds storage for.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Storage generation (see the field's doc).
     pub fn generation(&self) -> u64 {
         self.generation
@@ -109,6 +114,19 @@ impl KvCache {
     /// Position (as seen by RoPE) of the next token of row `b`.
     pub fn next_position(&self, b: usize) -> usize {
         self.len - self.pads[b]
+    }
+
+    /// Declare the rows of a fresh cache and each row's leading padding before the first chunk
+    /// runs: a prompt prefilled in several chunks has padding that may span more than the first
+    /// chunk, so the chunk's own `chunk_pad` cannot tell the whole of it.
+    pub fn declare_rows(&mut self, pads: &[usize]) -> Result<()> {
+        if self.len != 0 {
+            return Err(crate::Error::InvalidValue(
+                "rows can be declared only on an empty cache".into(),
+            ));
+        }
+        self.pads = pads.to_vec();
+        Ok(())
     }
 
     /// Declare the rows of a fresh cache (with their leading padding in the first chunk).
