@@ -5,8 +5,9 @@
 //! text) and for a vector on every layer.
 //!
 //! llama.cpp runs through llama-cpp-python: `$PGATE_LLAMA_CPP_PYTHON`, else `/tmp/lcpp/bin/python`,
-//! else a venv this test creates once under the persona-gate cache (`pip install
-//! llama-cpp-python==0.3.36 numpy`, which builds llama.cpp: minutes). The control vector is read
+//! else the venv `scripts/setup-llamacpp.sh` builds once under the persona-gate cache
+//! (llama-cpp-python==0.3.36 built from source, library only; the test command starts that build in
+//! the background while the tests compile). The control vector is read
 //! with ggml's own GGUF parser (libggml-base) and laid out as llama.cpp's
 //! `common_control_vector_load` does.
 
@@ -157,31 +158,16 @@ fn llama_cpp_python() -> PathBuf {
     if py.exists() && has_llama_cpp(&py) {
         return py;
     }
-    let ok = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .is_ok_and(|s| s.success());
+    // The same build the test command starts in the background (trimmed to the library).
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/setup-llamacpp.sh");
+    let out = Command::new("bash").arg(&script).output().expect("run setup-llamacpp.sh");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let py = PathBuf::from(printed.lines().last().unwrap_or("").trim());
     assert!(
-        ok,
-        "could not create a venv at {} (python3 -m venv)",
-        venv.display()
-    );
-    let ok = Command::new(&py)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "llama-cpp-python==0.3.36",
-            "numpy",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok && has_llama_cpp(&py),
-        "could not install llama-cpp-python into {} (set PGATE_LLAMA_CPP_PYTHON to a python that has it)",
-        venv.display()
+        out.status.success() && has_llama_cpp(&py),
+        "could not build llama-cpp-python with {} (set PGATE_LLAMA_CPP_PYTHON to a python that has it): {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
     );
     py
 }
