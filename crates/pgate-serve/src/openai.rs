@@ -6,6 +6,7 @@
 //! a field of the wrong type (with its path: `max_tokens: invalid type: string "x", expected ...`),
 //! an unknown preset, too many tokens.
 
+use persona_gate::model::limits::quote;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -149,7 +150,7 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
     serde_path_to_error::deserialize::<_, ChatRequest>(v).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        ApiError::bad_request(format!("invalid field '{path}': {inner}")).param(path)
+        ApiError::bad_request(quote(&format!("invalid field '{path}': {inner}"), 1000)).param(path)
     })
 }
 
@@ -166,7 +167,8 @@ pub fn flatten_messages(msgs: &[Message]) -> Result<Vec<(String, String)>, ApiEr
             "assistant" => "assistant",
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "messages[{i}].role '{other}' is not supported (system, developer, user, assistant)"
+                    "messages[{i}].role '{}' is not supported (system, developer, user, assistant)",
+                    quote(other, 40)
                 ))
                 .param(format!("messages[{i}].role")))
             }
@@ -180,7 +182,7 @@ pub fn flatten_messages(msgs: &[Message]) -> Result<Vec<(String, String)>, ApiEr
                     if p.kind != "text" {
                         return Err(ApiError::bad_request(format!(
                             "messages[{i}].content[{j}] has type '{}': only text parts are supported",
-                            p.kind
+                            quote(&p.kind, 40)
                         ))
                         .param(format!("messages[{i}].content")));
                     }

@@ -33,6 +33,7 @@ use std::sync::Arc;
 
 use persona_gate::directions::{DirectionSet, DirectionSpec, PlanBuilder};
 use persona_gate::intervene::CompiledPlan;
+use persona_gate::model::limits::{one_line, one_line_error, quote};
 use persona_gate::model::Model;
 use persona_gate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -115,16 +116,48 @@ pub struct PresetFile {
 
 impl PresetFile {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // Preset files are a few kB; a huge one is refused before it is read.
+        let text = persona_gate::model::source::read_bounded(path, 16 << 20)?;
         Self::parse(&text).map_err(|e| Error::InvalidValue(format!("{}: {e}", path.display())))
     }
 
+    /// Parse and check a presets file: names, and the syntax of every steering spec (directions
+    /// are resolved when the presets are built for a model). Errors are one line.
     pub fn parse(text: &str) -> Result<Self> {
-        let f: PresetFile = toml::from_str(text).map_err(|e| Error::InvalidValue(e.to_string()))?;
-        for name in f.presets.keys() {
+        let f: PresetFile =
+            toml::from_str(text).map_err(|e| Error::InvalidValue(one_line(&e.to_string())))?;
+        for (name, spec) in &f.presets {
             check_name(name)?;
+            spec.parse_specs().map_err(|e| {
+                Error::InvalidValue(format!("preset '{name}': {}", one_line_error(e)))
+            })?;
         }
         Ok(f)
+    }
+}
+
+type ParseSpec = fn(&str) -> Result<DirectionSpec>;
+
+impl PresetSpec {
+    /// The steering specs as written, with the parser of each, in application order.
+    fn spec_groups(&self) -> [(&Vec<String>, ParseSpec); 4] {
+        [
+            (&self.ablate, DirectionSpec::parse_ablate),
+            (&self.cap, DirectionSpec::parse_cap),
+            (&self.add, DirectionSpec::parse_add),
+            (&self.add_raw, DirectionSpec::parse_add_raw),
+        ]
+    }
+
+    /// Every steering spec parsed (no file is read).
+    pub fn parse_specs(&self) -> Result<Vec<DirectionSpec>> {
+        let mut out = Vec::new();
+        for (list, parse) in self.spec_groups() {
+            for s in list {
+                out.push(parse(s)?);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -135,7 +168,8 @@ fn check_name(name: &str) -> Result<()> {
             .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
     {
         return Err(Error::InvalidValue(format!(
-            "preset name '{name}' must be non-empty ASCII letters, digits, '-', '_', '.' or ':'"
+            "preset name '{}' must be non-empty ASCII letters, digits, '-', '_', '.' or ':'",
+            quote(name, 80)
         )));
     }
     Ok(())
@@ -288,14 +322,7 @@ pub fn build_presets(
                 };
                 b.plan_file(&p)?;
             }
-            type Parse = fn(&str) -> Result<DirectionSpec>;
-            let groups: [(&Vec<String>, Parse); 4] = [
-                (&spec.ablate, DirectionSpec::parse_ablate),
-                (&spec.cap, DirectionSpec::parse_cap),
-                (&spec.add, DirectionSpec::parse_add),
-                (&spec.add_raw, DirectionSpec::parse_add_raw),
-            ];
-            for (list, parse) in groups {
+            for (list, parse) in spec.spec_groups() {
                 for s in list {
                     let mut d = parse(s)?;
                     dirs.resolve(&mut d, &base)?;

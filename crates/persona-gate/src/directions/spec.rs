@@ -31,6 +31,7 @@ use serde::Deserialize;
 
 use super::set::DirectionSet;
 use crate::intervene::{Intervention, InterventionPlan, LayerSet, OpKind, Positions};
+use crate::model::limits::{one_line, quote};
 use crate::{Error, Result};
 
 /// One operation given on the command line.
@@ -86,9 +87,10 @@ impl DirectionSpec {
     }
 
     fn parse(kind: SpecKind, s: &str) -> Result<Self> {
+        // Specs come from files too: quoted so that the error stays one line.
         let bad = |reason: String| Error::InvalidSpec {
-            spec: s.into(),
-            reason: format!("{reason} (expected {})", kind.form()),
+            spec: quote(s, 200),
+            reason: format!("{} (expected {})", quote(&reason, 300), kind.form()),
         };
         let (head, tail) = s
             .rsplit_once('@')
@@ -293,11 +295,13 @@ impl PlanBuilder {
         Self::default()
     }
 
-    /// Load (once) a direction file.
+    /// Load (once) a direction file; anything but a regular file (a FIFO, /dev/zero) is refused
+    /// before it is opened.
     pub fn direction(&mut self, path: &Path) -> Result<Arc<DirectionSet>> {
         if let Some(s) = self.files.get(path) {
             return Ok(s.clone());
         }
+        crate::model::source::require_regular_file(path)?;
         let s = Arc::new(DirectionSet::load(path)?);
         self.files.insert(path.to_path_buf(), s.clone());
         Ok(s)
@@ -306,23 +310,35 @@ impl PlanBuilder {
     /// Append the ops of a plan file (JSON or TOML by extension; `.toml` is TOML, anything else is
     /// tried as JSON, then TOML).
     pub fn plan_file(&mut self, path: &Path) -> Result<&mut Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::model::source::read_bounded(path, MAX_PLAN_FILE)?;
         let is_toml = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        self.plan_text(&text, is_toml, &base, &path.display().to_string())
+    }
+
+    /// Append the ops of plan text (TOML when `is_toml`, else JSON then TOML); relative direction
+    /// paths are read from `base`, `name` names the plan in errors.
+    pub fn plan_text(
+        &mut self,
+        text: &str,
+        is_toml: bool,
+        base: &Path,
+        name: &str,
+    ) -> Result<&mut Self> {
         let file: PlanFile = if is_toml {
-            toml::from_str(&text).map_err(|e| plan_error(path, &e.to_string()))?
+            toml::from_str(text).map_err(|e| plan_error(name, &e.to_string()))?
         } else {
-            match serde_json::from_str(&text) {
+            match serde_json::from_str(text) {
                 Ok(f) => f,
-                Err(je) => toml::from_str(&text).map_err(|_| plan_error(path, &je.to_string()))?,
+                Err(je) => toml::from_str(text).map_err(|_| plan_error(name, &je.to_string()))?,
             }
         };
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         for (i, op) in file.ops.into_iter().enumerate() {
-            let ops = self
-                .expand(op, &base)
-                .map_err(|e| Error::InvalidValue(format!("{} op {i}: {e}", path.display())))?;
+            let ops = self.expand(op, base).map_err(|e| {
+                Error::InvalidValue(format!("{name} op {i}: {}", one_line(&e.to_string())))
+            })?;
             self.plan.ops.extend(ops);
         }
         Ok(self)
@@ -427,18 +443,19 @@ impl PlanBuilder {
             }
             other => {
                 return Err(Error::InvalidValue(format!(
-                    "unknown op '{other}' (add, ablate or cap)"
+                    "unknown op '{}' (add, ablate or cap)",
+                    quote(other, 80)
                 )))
             }
         };
         let layers = match op.layers {
             LayersField::Text(s) => LayerSet::parse(&s)?,
-            LayersField::One(l) => LayerSet::single(l),
+            LayersField::One(l) => LayerSet::from_layers([l])?,
             LayersField::List(v) => {
                 if v.is_empty() {
                     return Err(Error::InvalidValue("'layers' is empty".into()));
                 }
-                LayerSet(v.into_iter().collect())
+                LayerSet::from_layers(v)?
             }
         };
         let (file, pick) = match op.direction {
@@ -479,11 +496,13 @@ impl PlanBuilder {
     }
 }
 
-fn plan_error(path: &Path, e: &str) -> Error {
+/// Largest plan file read (a plan with inline directions of a 16k-wide model is ~100 kB per op).
+const MAX_PLAN_FILE: u64 = 64 << 20;
+
+fn plan_error(name: &str, e: &str) -> Error {
     Error::InvalidValue(format!(
-        "plan {} is not a valid intervention plan: {}",
-        path.display(),
-        e.split_whitespace().collect::<Vec<_>>().join(" ")
+        "plan {name} is not a valid intervention plan: {}",
+        one_line(e)
     ))
 }
 

@@ -24,36 +24,49 @@ use crate::{Error, Result};
 pub struct LayerSet(pub BTreeSet<usize>);
 
 impl LayerSet {
+    /// Parse `12`, `20,21,22`, `10-20` or a mix. Indices must be below
+    /// [`crate::model::limits::MAX_LAYERS`] (checked before a range is expanded, so `0-999999999999`
+    /// is an error, not an allocation); the model's own layer count is checked when a plan is
+    /// compiled.
     pub fn parse(spec: &str) -> Result<Self> {
-        let bad = |reason: &str| Error::InvalidSpec {
-            spec: spec.into(),
-            reason: reason.into(),
+        let bad = |reason: String| Error::InvalidSpec {
+            spec: crate::model::limits::quote(spec, 120),
+            reason,
+        };
+        let index = |t: &str, what: &str| -> Result<usize> {
+            let l: usize = t.trim().parse().map_err(|_| bad(what.into()))?;
+            check_index(l).map_err(bad)
         };
         let mut set = BTreeSet::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             if let Some((a, b)) = part.split_once('-') {
-                let a: usize = a
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad("layer range bounds must be integers"))?;
-                let b: usize = b
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad("layer range bounds must be integers"))?;
+                let a = index(a, "layer range bounds must be integers")?;
+                let b = index(b, "layer range bounds must be integers")?;
                 if a > b {
-                    return Err(bad("layer range goes backwards"));
+                    return Err(bad("layer range goes backwards".into()));
                 }
                 set.extend(a..=b);
             } else {
-                set.insert(
-                    part.parse().map_err(|_| {
-                        bad("layers must be integers, lists (1,2) or ranges (10-20)")
-                    })?,
-                );
+                set.insert(index(
+                    part,
+                    "layers must be integers, lists (1,2) or ranges (10-20)",
+                )?);
             }
         }
         if set.is_empty() {
-            return Err(bad("no layers given"));
+            return Err(bad("no layers given".into()));
+        }
+        Ok(Self(set))
+    }
+
+    /// A set of the given layers, each checked against [`crate::model::limits::MAX_LAYERS`].
+    pub fn from_layers(layers: impl IntoIterator<Item = usize>) -> Result<Self> {
+        let set = layers
+            .into_iter()
+            .map(|l| check_index(l).map_err(Error::InvalidValue))
+            .collect::<Result<BTreeSet<_>>>()?;
+        if set.is_empty() {
+            return Err(Error::InvalidValue("no layers given".into()));
         }
         Ok(Self(set))
     }
@@ -64,6 +77,18 @@ impl LayerSet {
 
     pub fn contains(&self, l: usize) -> bool {
         self.0.contains(&l)
+    }
+}
+
+/// A layer index no model may reach is refused before anything is sized by it.
+fn check_index(l: usize) -> std::result::Result<usize, String> {
+    let max = crate::model::limits::MAX_LAYERS;
+    if l < max {
+        Ok(l)
+    } else {
+        Err(format!(
+            "layer {l} is beyond the limit of {max} layers (no supported model has more)"
+        ))
     }
 }
 

@@ -6,6 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::limits::{
+    MAX_CONTEXT, MAX_D_FF, MAX_D_MODEL, MAX_HEADS, MAX_HEAD_DIM, MAX_LAYERS, MAX_VOCAB,
+};
+
 /// Architecture family. `Mistral` runs the llama decoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -117,13 +121,26 @@ impl ModelConfig {
         }
     }
 
-    /// Sanity checks that turn a malformed config into a clear error instead of a shape panic later.
+    /// Sanity checks that turn a malformed or crafted config into a clear error instead of a shape
+    /// panic, a division by zero or an allocation sized by a hostile number later: every dimension
+    /// non-zero and within [`super::limits`], heads that group evenly, finite positive constants.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(crate::Error::InvalidValue(format!("model config: {m}")));
-        if self.n_layers == 0 || self.d_model == 0 || self.n_heads == 0 || self.vocab_size == 0 {
-            return bad(format!("zero-sized dimension in {self:?}"));
+        for (name, v, max) in [
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("d_model", self.d_model, MAX_D_MODEL),
+            ("n_heads", self.n_heads, MAX_HEADS),
+            ("n_kv_heads", self.n_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("d_ff", self.d_ff, MAX_D_FF),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("max_position", self.max_position, MAX_CONTEXT),
+        ] {
+            if v == 0 || v > max {
+                return bad(format!("{name} = {v} (must be from 1 to {max})"));
+            }
         }
-        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} attention heads cannot be grouped over {} kv heads",
                 self.n_heads, self.n_kv_heads
@@ -132,6 +149,71 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} is odd", self.head_dim));
         }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window = 0".into());
+        }
+        self.validate_constants()
+    }
+
+    /// Norm epsilon, RoPE bases and scalings, attention scalar and soft-cap: finite, and positive
+    /// where a zero would divide.
+    fn validate_constants(&self) -> crate::Result<()> {
+        let positive = |name: &str, v: Option<f64>| match v {
+            Some(x) if !(x.is_finite() && x > 0.0) => Err(crate::Error::InvalidValue(format!(
+                "model config: {name} = {x} (must be finite and positive)"
+            ))),
+            _ => Ok(()),
+        };
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return Err(crate::Error::InvalidValue(format!(
+                "model config: rms_eps = {} (must be finite and not negative)",
+                self.rms_eps
+            )));
+        }
+        positive("rope_theta", Some(self.rope_theta as f64))?;
+        positive("rope_local_theta", self.rope_local_theta.map(f64::from))?;
+        positive("rope linear factor", self.rope_linear_factor.map(f64::from))?;
+        positive("embed_scale", self.embed_scale.map(f64::from))?;
+        positive(
+            "query_pre_attn_scalar",
+            self.query_pre_attn_scalar.map(f64::from),
+        )?;
+        positive(
+            "final_logit_softcap",
+            self.final_logit_softcap.map(f64::from),
+        )?;
+        if let Some(l3) = &self.rope_llama3 {
+            positive("rope_scaling.factor", Some(l3.factor as f64))?;
+            positive(
+                "rope_scaling.low_freq_factor",
+                Some(l3.low_freq_factor as f64),
+            )?;
+            positive(
+                "rope_scaling.high_freq_factor",
+                Some(l3.high_freq_factor as f64),
+            )?;
+            if l3.high_freq_factor <= l3.low_freq_factor || l3.original_max_position == 0 {
+                return Err(crate::Error::InvalidValue(format!(
+                    "model config: llama3 rope_scaling needs high_freq_factor > low_freq_factor and original_max_position_embeddings > 0 (got {l3:?})"
+                )));
+            }
+        }
         Ok(())
+    }
+}
+
+/// Head width: as given (`key_length` / `head_dim`), else `d_model / n_heads`, which must divide
+/// evenly; a head count of 0 is an error here rather than a division by zero.
+pub fn head_dim_of(d_model: usize, n_heads: usize, given: Option<usize>) -> crate::Result<usize> {
+    let bad = |m: String| Err(crate::Error::InvalidValue(format!("model config: {m}")));
+    if n_heads == 0 {
+        return bad("the attention head count is 0".into());
+    }
+    match given {
+        Some(h) => Ok(h),
+        None if !d_model.is_multiple_of(n_heads) => bad(format!(
+            "hidden size {d_model} is not divisible by {n_heads} attention heads"
+        )),
+        None => Ok(d_model / n_heads),
     }
 }

@@ -1,6 +1,6 @@
 //! Llama family (SmolLM2, Llama-3.x; Mistral runs the same decoder).
 
-use super::config::{Activation, Family, Llama3Rope, ModelConfig};
+use super::config::{head_dim_of, Activation, Family, Llama3Rope, ModelConfig};
 use super::meta::{GgufMeta, HfConfig};
 use crate::Result;
 
@@ -13,9 +13,7 @@ pub fn from_gguf(m: &GgufMeta, family: Family, vocab: usize, tied: bool) -> Resu
         d_model,
         n_heads,
         n_kv_heads: m.opt_usize("attention.head_count_kv")?.unwrap_or(n_heads),
-        head_dim: m
-            .opt_usize("attention.key_length")?
-            .unwrap_or(d_model / n_heads),
+        head_dim: head_dim_of(d_model, n_heads, m.opt_usize("attention.key_length")?)?,
         d_ff: m.usize("feed_forward_length")?,
         vocab_size: vocab,
         rms_eps: m
@@ -68,7 +66,7 @@ pub fn from_hf(c: &HfConfig, family: Family) -> Result<ModelConfig> {
         d_model,
         n_heads,
         n_kv_heads: c.opt_usize("num_key_value_heads").unwrap_or(n_heads),
-        head_dim: c.opt_usize("head_dim").unwrap_or(d_model / n_heads),
+        head_dim: head_dim_of(d_model, n_heads, c.opt_usize("head_dim"))?,
         d_ff: c.usize("intermediate_size")?,
         vocab_size: c.usize("vocab_size")?,
         rms_eps: c.opt_f64("rms_norm_eps").unwrap_or(1e-5),

@@ -7,7 +7,9 @@ pub mod config;
 pub mod decoder;
 pub mod export;
 pub mod gemma3;
+pub mod gguf_check;
 pub mod kv_cache;
+pub mod limits;
 pub mod llama;
 pub mod meta;
 pub mod qwen2;
@@ -18,6 +20,7 @@ pub mod weights;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use serde::Serialize;
 
@@ -171,31 +174,10 @@ pub fn open(src: &ModelSource, opts: &LoadOptions) -> Result<OpenedModel> {
 fn open_gguf(path: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> Result<OpenedModel> {
     let g = GgufWeights::open(path)?;
     let md = &g.content.metadata;
-    let arch = md
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .ok_or_else(|| Error::MissingMetadata {
-            what: "GGUF key 'general.architecture'".into(),
-        })?;
-    let family = Family::parse(&arch).ok_or_else(|| Error::UnknownArchitecture(arch.clone()))?;
-    let meta = GgufMeta {
-        md,
-        arch: arch.clone(),
-    };
-    let emb = g
-        .content
-        .tensor_infos
-        .get("token_embd.weight")
-        .ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
-    let vocab = emb.shape.dims()[0];
-    let tied = !g.content.tensor_infos.contains_key("output.weight");
-    let cfg = match family {
-        Family::Llama | Family::Mistral => llama::from_gguf(&meta, family, vocab, tied)?,
-        Family::Qwen2 => qwen2::from_gguf(&meta, vocab, tied)?,
-        Family::Gemma3 => gemma3::from_gguf(&meta, vocab)?,
-    };
-    let tokenizer = ChatTokenizer::from_gguf_metadata(md)?;
+    let cfg = config_from_gguf(&g.content)?;
+    // Metadata strings (e.g. the tokenizer model's name) are quoted in errors: keep them one line.
+    let tokenizer = ChatTokenizer::from_gguf_metadata(md).map_err(limits::one_line_error)?;
+    check_gguf_blocks(&g.content, &cfg)?;
     let mut tensor_types = BTreeMap::new();
     let mut n_params = 0u64;
     for info in g.content.tensor_infos.values() {
@@ -234,15 +216,99 @@ fn open_gguf(path: &std::path::Path, src: &ModelSource, opts: &LoadOptions) -> R
     })
 }
 
-fn open_hf_dir(
-    dir: &std::path::Path,
-    src: &ModelSource,
-    opts: &LoadOptions,
-) -> Result<OpenedModel> {
+/// The model config a GGUF file's metadata and tensor shapes describe, checked: the family's
+/// fields, [`ModelConfig::validate`]'s limits (a crafted `block_count` would otherwise size the
+/// decoder's allocations), and an embedding of two non-zero dimensions whose width is `d_model`.
+pub fn config_from_gguf(content: &gguf_file::Content) -> Result<ModelConfig> {
+    let md = &content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| Error::MissingMetadata {
+            what: "GGUF key 'general.architecture'".into(),
+        })?;
+    let family =
+        Family::parse(&arch).ok_or_else(|| Error::UnknownArchitecture(limits::quote(&arch, 80)))?;
+    let meta = GgufMeta {
+        md,
+        arch: arch.clone(),
+    };
+    let emb = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
+    let (vocab, width) = match emb.shape.dims() {
+        &[v, d] if v > 0 && d > 0 => (v, d),
+        dims => {
+            return Err(Error::InvalidValue(format!(
+                "model config: token_embd.weight has shape {dims:?} (expected [vocab, d_model], both non-zero)"
+            )))
+        }
+    };
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let cfg = match family {
+        Family::Llama | Family::Mistral => llama::from_gguf(&meta, family, vocab, tied)?,
+        Family::Qwen2 => qwen2::from_gguf(&meta, vocab, tied)?,
+        Family::Gemma3 => gemma3::from_gguf(&meta, vocab)?,
+    };
+    cfg.validate()?;
+    if width != cfg.d_model {
+        return Err(Error::InvalidValue(format!(
+            "model config: token_embd.weight is {width} wide but embedding_length is {}",
+            cfg.d_model
+        )));
+    }
+    Ok(cfg)
+}
+
+/// A tensor for every block `block_count` announces: a clear error for a count that does not
+/// match the file, before the decoder looks for the missing tensors one by one.
+pub fn check_gguf_blocks(content: &gguf_file::Content, cfg: &ModelConfig) -> Result<()> {
+    let blocks = content
+        .tensor_infos
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("blk.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .map(|i| i.saturating_add(1))
+        .max()
+        .unwrap_or(0);
+    if blocks < cfg.n_layers {
+        return Err(Error::InvalidValue(format!(
+            "model config: block_count is {} but the file has tensors for {blocks} blocks",
+            cfg.n_layers
+        )));
+    }
+    Ok(())
+}
+
+/// Largest `config.json` read: real ones are a few kB.
+const MAX_CONFIG_JSON: u64 = 16 << 20;
+
+/// The model config of a Hugging Face directory's `config.json`, checked (see
+/// [`config_from_hf_json`]).
+pub fn config_from_hf_dir(dir: &std::path::Path) -> Result<ModelConfig> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::NotAModel {
-        path: cfg_path.clone(),
+    let text = source::read_bounded(&cfg_path, MAX_CONFIG_JSON)?;
+    config_from_hf_json(&text).map_err(|e| match e {
+        Error::NotAModel { reason, .. } => Error::NotAModel {
+            path: cfg_path.clone(),
+            reason,
+        },
+        other => other,
+    })
+}
+
+/// The model config `config.json` text describes: the family's fields and
+/// [`ModelConfig::validate`]'s limits. What the fuzz tests drive.
+pub fn config_from_hf_json(text: &str) -> Result<ModelConfig> {
+    let json: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::NotAModel {
+        path: "config.json".into(),
         reason: format!("config.json is not valid JSON ({e})"),
     })?;
     let c = HfConfig(&json);
@@ -258,16 +324,28 @@ fn open_hf_dir(
         .ok_or_else(|| Error::MissingMetadata {
             what: "config.json key 'model_type'".into(),
         })?;
-    let family = Family::parse(&arch).ok_or_else(|| Error::UnknownArchitecture(arch.clone()))?;
+    let family =
+        Family::parse(&arch).ok_or_else(|| Error::UnknownArchitecture(limits::quote(&arch, 80)))?;
     let cfg = match family {
         Family::Llama | Family::Mistral => llama::from_hf(&c, family)?,
         Family::Qwen2 => qwen2::from_hf(&c)?,
         Family::Gemma3 => gemma3::from_hf(&c)?,
     };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn open_hf_dir(
+    dir: &std::path::Path,
+    src: &ModelSource,
+    opts: &LoadOptions,
+) -> Result<OpenedModel> {
+    let cfg = config_from_hf_dir(dir)?;
+    let family = cfg.family;
     let files = source::safetensors_files(dir)?;
     let norm_offset = if family == Family::Gemma3 { 1.0 } else { 0.0 };
     let st = SafetensorsWeights::open(&files, norm_offset)?;
-    let tokenizer = ChatTokenizer::from_hf_dir(dir)?;
+    let tokenizer = ChatTokenizer::from_hf_dir(dir).map_err(limits::one_line_error)?;
     let mut tensor_types = BTreeMap::new();
     let mut n_params = 0u64;
     for f in &files {
@@ -294,6 +372,14 @@ fn open_hf_dir(
         device: opts.device.clone(),
         sandwich: cfg.sandwich_norms,
     };
+    let last = format!("blk.{}.attn_q.weight", cfg.n_layers - 1);
+    if !loader.has(&last) {
+        return Err(Error::InvalidValue(format!(
+            "model config: num_hidden_layers is {} but the weights have no '{}'",
+            cfg.n_layers,
+            weights::hf_name("model.", &last, cfg.sandwich_norms)
+        )));
+    }
     Ok(OpenedModel {
         config: cfg,
         weights: loader,

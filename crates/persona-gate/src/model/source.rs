@@ -90,24 +90,21 @@ impl ModelSource {
     }
 }
 
-/// The `.safetensors` shards of a HF directory, in index order when an index exists.
+/// Largest `model.safetensors.index.json` read (real ones are well under 1 MB).
+const MAX_INDEX_JSON: u64 = 64 << 20;
+
+/// The `.safetensors` shards of a HF directory, in index order when an index exists. Shard names
+/// in an index are untrusted: each must be a plain relative path that resolves, symlinks
+/// followed, to a regular file inside `dir` (see [`shard_path`]).
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        let mut files: Vec<String> = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .map(|m| {
-                m.values()
-                    .filter_map(|f| f.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files.dedup();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        let text = read_bounded(&index, MAX_INDEX_JSON)?;
+        let files = index_shards(&text).map_err(|reason| Error::NotAModel {
+            path: index.clone(),
+            reason,
+        })?;
+        return files.iter().map(|f| shard_path(dir, f)).collect();
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
@@ -121,26 +118,135 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             reason: "no .safetensors files".into(),
         });
     }
+    files
+        .iter()
+        .map(|f| shard_path(dir, &f.file_name().unwrap_or_default().to_string_lossy()))
+        .collect()
+}
+
+/// The distinct shard names of an index's `weight_map`, sorted; each a plain relative path.
+pub fn index_shards(text: &str) -> std::result::Result<Vec<String>, String> {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("model.safetensors.index.json is not valid JSON ({e})"))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or("model.safetensors.index.json has no 'weight_map' object")?;
+    let mut files = Vec::new();
+    for f in map.values() {
+        let f = f
+            .as_str()
+            .ok_or("a 'weight_map' value of model.safetensors.index.json is not a string")?;
+        check_shard_name(f)?;
+        files.push(f.to_string());
+    }
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err("model.safetensors.index.json names no shard files".into());
+    }
     Ok(files)
+}
+
+/// A shard name must be a relative path of plain components (no `..`, root, drive or empty
+/// name): it is joined to the model directory, or handed to the hub client as a file name.
+fn check_shard_name(f: &str) -> std::result::Result<(), String> {
+    use std::path::Component;
+    let plain = !f.is_empty()
+        && !f.contains('\\')
+        && !f.contains('\0')
+        && Path::new(f)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "shard '{}' in the index's weight_map is not a file inside the model directory",
+            super::limits::quote(f, 120)
+        ))
+    }
+}
+
+/// `dir/name`, refused unless it resolves (symlinks followed) to a regular file inside `dir`.
+pub fn shard_path(dir: &Path, name: &str) -> Result<PathBuf> {
+    let escape = |why: &str| Error::NotAModel {
+        path: dir.into(),
+        reason: format!("shard '{}' {why}", super::limits::quote(name, 120)),
+    };
+    check_shard_name(name).map_err(|_| escape("is not a plain relative path"))?;
+    let p = dir.join(name);
+    let real = p.canonicalize().map_err(|e| Error::io(&p, e))?;
+    let root = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    if !real.starts_with(&root) && !in_hub_blobs(&root, &real) {
+        return Err(escape(&format!(
+            "resolves to {}, outside the model directory",
+            real.display()
+        )));
+    }
+    require_regular_file(&real)?;
+    Ok(p)
+}
+
+/// The Hugging Face cache keeps a snapshot's files as symlinks into the repo's blob store
+/// (`models--org--name/snapshots/REV/f -> ../../blobs/SHA`): inside that store is inside the model.
+fn in_hub_blobs(root: &Path, real: &Path) -> bool {
+    let Some(snapshots) = root.parent() else {
+        return false;
+    };
+    let repo = snapshots.parent();
+    let is_hub = snapshots.file_name().is_some_and(|n| n == "snapshots")
+        && repo
+            .and_then(Path::file_name)
+            .is_some_and(|n| n.to_string_lossy().starts_with("models--"));
+    is_hub && repo.is_some_and(|r| real.starts_with(r.join("blobs")))
+}
+
+/// Refuse anything but a regular file (a FIFO, a device such as /dev/zero, a directory) before
+/// opening it: reading one could block or never end.
+pub fn require_regular_file(p: &Path) -> Result<()> {
+    let m = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
+    if m.is_file() {
+        Ok(())
+    } else {
+        Err(Error::io(
+            p,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        ))
+    }
+}
+
+/// A regular file's text, refused when larger than `max` bytes (configs and indexes are small;
+/// a huge one is an attempt to exhaust memory).
+pub fn read_bounded(p: &Path, max: u64) -> Result<String> {
+    require_regular_file(p)?;
+    let len = std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len();
+    if len > max {
+        return Err(Error::io(
+            p,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{len} bytes, more than the {max} this file may have"),
+            ),
+        ));
+    }
+    std::fs::read_to_string(p).map_err(|e| Error::io(p, e))
 }
 
 /// Tensor dtype counts and parameter count of one safetensors file (header only).
 pub fn safetensors_summary(f: &Path) -> Result<(Vec<(String, usize)>, u64)> {
+    require_regular_file(f)?;
     let file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
     // SAFETY: read-only mapping of a file we just opened; only the header is parsed.
     let mm = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(f, e))?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&mm).map_err(|e| Error::CorruptModel {
+    let s = super::weights::check_safetensors_bytes(&mm).map_err(|e| match e {
+        Error::CorruptModel { reason, .. } => Error::CorruptModel {
             path: f.into(),
-            reason: e.to_string(),
-        })?;
-    let mut counts = std::collections::BTreeMap::new();
-    let mut n = 0u64;
-    for (_, info) in meta.tensors() {
-        *counts.entry(format!("{:?}", info.dtype)).or_insert(0usize) += 1;
-        n += info.shape.iter().product::<usize>() as u64;
-    }
-    Ok((counts.into_iter().collect(), n))
+            reason,
+        },
+        other => other,
+    })?;
+    Ok((s.types.into_iter().collect(), s.n_params))
 }
 
 /// Hugging Face hub access. Cached files are used offline; downloads go to the standard HF cache.
@@ -194,19 +300,10 @@ pub mod hub {
         }
         match r.get("model.safetensors.index.json") {
             Ok(index) => {
-                let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-                let v: serde_json::Value = serde_json::from_str(&text)?;
-                let mut shards: Vec<String> = v
-                    .get("weight_map")
-                    .and_then(|m| m.as_object())
-                    .map(|m| {
-                        m.values()
-                            .filter_map(|x| x.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                shards.sort();
-                shards.dedup();
+                let text = read_bounded(&index, MAX_INDEX_JSON)?;
+                // Names are checked before any is requested: a crafted index must not make the
+                // hub client write outside its cache.
+                let shards = index_shards(&text).map_err(err)?;
                 for s in shards {
                     r.get(&s).map_err(|e| err(format!("{s}: {e}")))?;
                 }

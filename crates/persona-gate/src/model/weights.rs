@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -206,38 +206,13 @@ pub struct SafetensorsWeights {
 }
 
 impl GgufWeights {
-    /// Read a GGUF header and check that every tensor's bytes lie inside the file, so a truncated
-    /// download fails here with a clear message instead of midway through loading.
+    /// Read a GGUF header through [`super::gguf_check::read_content`] (bounded pass, candle's
+    /// parser, every tensor's bytes inside the file), so a truncated download or a crafted header
+    /// fails here with a clear message instead of midway through loading, or in a panic.
     pub fn open(path: &Path) -> Result<Self> {
+        super::source::require_regular_file(path)?;
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let mut magic = [0u8; 4];
-        let n = read_up_to(&mut file, &mut magic).map_err(|e| Error::io(path, e))?;
-        if n < 4 || &magic != b"GGUF" {
-            return Err(Error::NotAModel {
-                path: path.into(),
-                reason: "no GGUF magic at the start of the file (expected a .gguf model or a Hugging Face model directory)".into(),
-            });
-        }
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::CorruptModel {
-            path: path.into(),
-            reason: format!("cannot read the GGUF header ({e})"),
-        })?;
-        for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + bytes as u64;
-            if end > len {
-                return Err(Error::CorruptModel {
-                    path: path.into(),
-                    reason: format!(
-                        "tensor '{name}' ends at byte {end} but the file has {len} bytes (truncated download?)"
-                    ),
-                });
-            }
-        }
+        let content = super::gguf_check::read_content(&mut BufReader::new(&mut file), path)?;
         Ok(Self {
             path: path.into(),
             content,
@@ -267,16 +242,48 @@ fn lacks_fast_cpu_kernel(t: GgmlDType) -> bool {
     matches!(t, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
 }
 
-fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        let k = f.read(&mut buf[n..])?;
-        if k == 0 {
-            break;
-        }
-        n += k;
+/// What [`check_safetensors_bytes`] reads from a safetensors header.
+#[derive(Debug, Clone, Default)]
+pub struct SafetensorsSummary {
+    pub names: Vec<String>,
+    /// dtype name -> number of tensors
+    pub types: std::collections::BTreeMap<String, usize>,
+    pub n_params: u64,
+}
+
+/// Check a whole safetensors file in memory: the header (its length inside the file, valid JSON,
+/// offsets that tile the data exactly, as the `safetensors` crate checks) and at most
+/// [`super::limits::MAX_SAFETENSORS_TENSORS`] tensors. What loading and the fuzz tests share.
+pub fn check_safetensors_bytes(bytes: &[u8]) -> Result<SafetensorsSummary> {
+    let corrupt = |reason: String| Error::CorruptModel {
+        path: "<memory>".into(),
+        reason,
+    };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        corrupt(format!(
+            "not a valid safetensors file ({})",
+            super::limits::one_line(&e.to_string())
+        ))
+    })?;
+    let tensors = meta.tensors();
+    if tensors.len() > super::limits::MAX_SAFETENSORS_TENSORS {
+        return Err(corrupt(format!(
+            "{} tensors in one file (limit {})",
+            tensors.len(),
+            super::limits::MAX_SAFETENSORS_TENSORS
+        )));
     }
-    Ok(n)
+    let mut out = SafetensorsSummary::default();
+    for (name, info) in tensors {
+        *out.types.entry(format!("{:?}", info.dtype)).or_insert(0) += 1;
+        let n = info
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        out.n_params = out.n_params.saturating_add(n.unwrap_or(u64::MAX));
+        out.names.push(name);
+    }
+    Ok(out)
 }
 
 impl SafetensorsWeights {
@@ -287,17 +294,20 @@ impl SafetensorsWeights {
         let mut mmaps = Vec::new();
         let mut index = HashMap::new();
         for (i, p) in files.iter().enumerate() {
+            super::source::require_regular_file(p)?;
             let f = File::open(p).map_err(|e| Error::io(p, e))?;
             // SAFETY: the file is opened read-only and the mapping lives as long as `self`; a
             // concurrent truncation by another process is outside what any loader can defend against.
             let mm = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(p, e))?;
-            let st =
-                safetensors::SafeTensors::deserialize(&mm).map_err(|e| Error::CorruptModel {
+            let summary = check_safetensors_bytes(&mm).map_err(|e| match e {
+                Error::CorruptModel { reason, .. } => Error::CorruptModel {
                     path: p.clone(),
-                    reason: format!("not a valid safetensors file ({e})"),
-                })?;
-            for name in st.names() {
-                index.insert(name.to_string(), i);
+                    reason,
+                },
+                other => other,
+            })?;
+            for name in summary.names {
+                index.insert(name, i);
             }
             mmaps.push(mm);
         }

@@ -412,7 +412,8 @@ fn invalid(msg: String) -> Error {
 impl StudyFile {
     /// Read, parse and check a study file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // Study files are a few kB; a huge one is refused before it is read.
+        let text = crate::model::source::read_bounded(path, 16 << 20)?;
         let base = path
             .parent()
             .map(Path::to_path_buf)
@@ -437,7 +438,7 @@ impl StudyFile {
         })?;
         f.base_dir = base_dir.to_path_buf();
         f.source_text = text.to_string();
-        f.check()?;
+        f.check().map_err(crate::model::limits::one_line_error)?;
         Ok(f)
     }
 
@@ -535,6 +536,7 @@ impl StudyFile {
         if g.samples == 0 {
             return Err(invalid("generation.samples must be at least 1".into()));
         }
+        check_limits(g, &self.stats)?;
         crate::generate::Sampling {
             temperature: g.temperature,
             top_p: g.top_p,
@@ -843,6 +845,16 @@ impl StudyFile {
                     )));
                 }
             }
+            let max = crate::model::limits::MAX_CONDITIONS;
+            match product_len(&vars) {
+                Some(n) if n <= max.saturating_sub(out.len()) => {}
+                n => {
+                    return Err(invalid(format!(
+                        "{what}: {} combinations would make more than {max} conditions",
+                        n.map_or("too many".to_string(), |n| n.to_string())
+                    )))
+                }
+            }
             let names_templated = s.name.as_deref().is_some_and(has_placeholder);
             for combo in product(&vars) {
                 let map: BTreeMap<String, String> = combo.iter().cloned().collect();
@@ -920,6 +932,27 @@ impl StudyFile {
         }
         Ok(out)
     }
+}
+
+/// The documented upper limits of [`crate::model::limits`] on what a study may ask for, checked
+/// before anything is sized by them (`samples = 1e9` would otherwise plan a billion items).
+fn check_limits(g: &GenerationSection, stats: &StatsSection) -> Result<()> {
+    use crate::model::limits::{MAX_BATCH, MAX_BOOTSTRAP, MAX_NEW_TOKENS, MAX_SAMPLES};
+    for (name, v, max) in [
+        ("generation.samples", g.samples, MAX_SAMPLES),
+        (
+            "generation.max_new_tokens",
+            g.max_new_tokens,
+            MAX_NEW_TOKENS,
+        ),
+        ("generation.batch_size", g.batch_size, MAX_BATCH),
+        ("stats.bootstrap", stats.bootstrap, MAX_BOOTSTRAP),
+    ] {
+        if v > max {
+            return Err(invalid(format!("{name} = {v} is above the limit of {max}")));
+        }
+    }
+    Ok(())
 }
 
 fn strip_prefix(e: &Error) -> String {
@@ -1023,6 +1056,7 @@ fn sweep_vars(
                         if t.contains_key("width") {
                             return Err(bad("has 'width' without 'windows'"));
                         }
+                        check_sweep_count(((b - a) / step).saturating_add(1), &bad)?;
                         (a..=b)
                             .step_by(step as usize)
                             .map(|x| x.to_string())
@@ -1030,18 +1064,23 @@ fn sweep_vars(
                     }
                     (None, Some((a, b))) => {
                         let w = int("width")?.ok_or_else(|| bad("needs 'width' for windows"))?;
-                        if w < 1 || a < 0 || a + w - 1 > b {
+                        // a <= b and w <= b - a + 1 keep every sum below in range.
+                        if w < 1 || a < 0 || a > b || w - 1 > b - a {
                             return Err(bad("has windows that do not fit in [FROM, TO]"));
                         }
+                        check_sweep_count(((b - a - (w - 1)) / step).saturating_add(1), &bad)?;
                         let mut v = Vec::new();
                         let mut s = a;
-                        while s + w - 1 <= b {
+                        while s <= b - (w - 1) {
                             v.push(if w == 1 {
                                 s.to_string()
                             } else {
                                 format!("{s}-{}", s + w - 1)
                             });
-                            s += step;
+                            s = match s.checked_add(step) {
+                                Some(n) => n,
+                                None => break,
+                            };
                         }
                         v
                     }
@@ -1050,6 +1089,7 @@ fn sweep_vars(
             }
             _ => return Err(bad("is not a sweep field nor a variable")),
         };
+        check_sweep_count(values.len() as i64, &bad)?;
         let distinct: BTreeSet<&String> = values.iter().collect();
         if distinct.len() != values.len() {
             return Err(bad("repeats a value"));
@@ -1057,6 +1097,22 @@ fn sweep_vars(
         out.push((name.clone(), values));
     }
     Ok(out)
+}
+
+/// A sweep variable of more than [`crate::model::limits::MAX_SWEEP_VALUES`] values is refused
+/// before its values are listed (`range = [0, 1000000000000]` would otherwise list them all).
+fn check_sweep_count(n: i64, bad: &dyn Fn(&str) -> Error) -> Result<()> {
+    let max = crate::model::limits::MAX_SWEEP_VALUES;
+    if n > max as i64 {
+        return Err(bad(&format!("has {n} values, above the limit of {max}")));
+    }
+    Ok(())
+}
+
+/// Number of combinations of the variables, `None` past `usize`.
+fn product_len(vars: &[(String, Vec<String>)]) -> Option<usize> {
+    vars.iter()
+        .try_fold(1usize, |acc, (_, v)| acc.checked_mul(v.len()))
 }
 
 /// Cartesian product of the variables, first variable slowest.

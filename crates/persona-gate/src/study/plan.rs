@@ -294,6 +294,7 @@ impl Study {
                 )));
             }
         }
+        check_item_count(&conditions, &prompt_sets, g.samples)?;
         let baseline = match &file.baseline {
             Some(b) => conditions.iter().position(|c| &c.name == b).unwrap_or(0),
             None => 0,
@@ -484,6 +485,23 @@ impl Study {
     /// Index of a condition by name.
     pub fn condition(&self, name: &str) -> Option<usize> {
         self.conditions.iter().position(|c| c.name == name)
+    }
+}
+
+/// The study's work items (condition x prompt x sample), counted without listing them, must stay
+/// within [`crate::model::limits::MAX_STUDY_ITEMS`]: [`Study::items`] holds them all in memory.
+fn check_item_count(conds: &[Condition], sets: &[StudyPrompts], samples: usize) -> Result<()> {
+    let max = crate::model::limits::MAX_STUDY_ITEMS;
+    let per_sample = conds
+        .iter()
+        .flat_map(|c| c.prompt_sets.iter().map(|&i| sets[i].items.len()))
+        .try_fold(0usize, |a, n| a.checked_add(n));
+    match per_sample.and_then(|n| n.checked_mul(samples)) {
+        Some(n) if n <= max => Ok(()),
+        n => Err(Error::InvalidValue(format!(
+            "the study has {} work items (conditions x prompts x samples), above the limit of {max}: split it into several studies",
+            n.map_or("too many".to_string(), |n| n.to_string())
+        ))),
     }
 }
 
