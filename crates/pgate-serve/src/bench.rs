@@ -82,13 +82,13 @@ struct Tally {
     latencies: Vec<f64>,
 }
 
-fn read_rss(agent: &ureq::Agent, url: &str) -> Option<u64> {
-    let text = agent
-        .get(&format!("{url}/metrics"))
-        .call()
-        .ok()?
-        .into_string()
-        .ok()?;
+/// `/metrics` needs the API key when the server has one (unless it runs with --public-metrics).
+fn read_rss(agent: &ureq::Agent, url: &str, key: Option<&str>) -> Option<u64> {
+    let mut req = agent.get(&format!("{url}/metrics"));
+    if let Some(k) = key {
+        req = req.set("authorization", &format!("Bearer {k}"));
+    }
+    let text = req.call().ok()?.into_string().ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
         .and_then(|v| v.trim().parse::<f64>().ok())
@@ -113,9 +113,10 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> persona_gate::R
     let rss: Arc<Mutex<Vec<(f64, u64)>>> = Arc::default();
     let sampler = {
         let (agent, url, done, rss) = (agent.clone(), url.clone(), done.clone(), rss.clone());
+        let key = cfg.api_key.clone();
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                if let Some(b) = read_rss(&agent, &url) {
+                if let Some(b) = read_rss(&agent, &url, key.as_deref()) {
                     rss.lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push((start.elapsed().as_secs_f64(), b));
@@ -209,7 +210,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> persona_gate::R
         let _ = h.join();
     }
     let wall = start.elapsed().as_secs_f64();
-    if let Some(b) = read_rss(&agent, &url) {
+    if let Some(b) = read_rss(&agent, &url, cfg.api_key.as_deref()) {
         rss.lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((wall, b));

@@ -6,13 +6,17 @@
 //! - [`output_guard`]: the refusal probe on the finished answer (a second check, after generation).
 //! - [`output_eval`]: the output guard's true and false positive rates, offline.
 //! - [`server`]: routes, request checks, SSE streaming, auth, limits, graceful shutdown.
+//! - [`conn`]: the accept loop: connection cap, header read timeout, idle eviction.
+//! - [`layers`]: request ids, catch-panic, OpenAI error objects for every error status.
 //! - [`openai`]: request and response shapes, error objects.
 //! - [`metrics`]: Prometheus text.
 //! - [`bench`]: the load client behind `pgate serve-bench`.
 
 pub mod bench;
+pub mod conn;
 pub mod engine;
 pub mod guard;
+pub mod layers;
 pub mod metrics;
 pub mod openai;
 pub mod output_eval;
@@ -20,8 +24,9 @@ pub mod output_guard;
 pub mod presets;
 pub mod server;
 
+pub use conn::ConnLimits;
 pub use engine::Projector;
 pub use guard::{GuardCalibration, GuardReport};
 pub use output_guard::{OutputCheck, OutputGuard, OutputVerdict};
 pub use presets::{build_presets, DirectionRegistry, GuardMode, Preset, PresetFile};
-pub use server::{serve, shutdown_signal, Limits, ServerConfig};
+pub use server::{serve, serve_backend, shutdown_signal, Backend, Limits, ServerConfig};

@@ -14,6 +14,9 @@
 //! | `pgate_output_guard_seconds` | histogram | `preset` (one read: queueing in the reader + the pass) |
 //! | `pgate_queue_depth`, `pgate_running_sequences` | gauge | |
 //! | `pgate_decode_steps_total`, `pgate_decode_tokens_total` | counter | |
+//! | `pgate_open_connections` | gauge | |
+//! | `pgate_connections_total`, `pgate_connections_evicted_total`, `pgate_connection_header_timeouts_total` | counter | |
+//! | `pgate_handler_panics_total` | counter | |
 //! | `process_resident_memory_bytes` | gauge | |
 
 use std::collections::BTreeMap;
@@ -70,6 +73,16 @@ pub struct Metrics {
     pub running: AtomicUsize,
     pub decode_steps: AtomicU64,
     pub decode_tokens: AtomicU64,
+    /// Connections open now (the accept loop caps them).
+    pub conn_open: AtomicUsize,
+    /// Connections accepted.
+    pub conn_total: AtomicU64,
+    /// Idle connections closed to make room for a new one at the cap.
+    pub conn_evicted: AtomicU64,
+    /// Connections closed for not sending a request head in time.
+    pub conn_timeouts: AtomicU64,
+    /// Handler panics turned into 500s (each one is a bug).
+    pub panics: AtomicU64,
 }
 
 impl Metrics {
@@ -240,6 +253,42 @@ impl Metrics {
             "pgate_decode_tokens_total {}",
             self.decode_tokens.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            o,
+            "# HELP pgate_open_connections HTTP connections open now."
+        );
+        let _ = writeln!(o, "# TYPE pgate_open_connections gauge");
+        let _ = writeln!(
+            o,
+            "pgate_open_connections {}",
+            self.conn_open.load(Ordering::Relaxed)
+        );
+        for (name, v, help) in [
+            (
+                "pgate_connections_total",
+                &self.conn_total,
+                "HTTP connections accepted.",
+            ),
+            (
+                "pgate_connections_evicted_total",
+                &self.conn_evicted,
+                "Idle connections closed to admit a new one at the connection cap.",
+            ),
+            (
+                "pgate_connection_header_timeouts_total",
+                &self.conn_timeouts,
+                "Connections closed for not sending a request head within the header timeout.",
+            ),
+            (
+                "pgate_handler_panics_total",
+                &self.panics,
+                "Handler panics answered with a 500 (each one is a bug).",
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} counter");
+            let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
+        }
         if let Some(rss) = rss_bytes() {
             let _ = writeln!(
                 o,

@@ -4,8 +4,8 @@
 //! |---|---|
 //! | `POST /v1/chat/completions` | OpenAI chat completions, `stream: true` as server-sent events |
 //! | `GET /v1/models`, `GET /v1/models/{id}` | one entry per preset |
-//! | `GET /health` | status, model, presets, queue |
-//! | `GET /metrics` | Prometheus text |
+//! | `GET /health` | `{"status": "ok"}`; with the API key also model, presets, guard, queue |
+//! | `GET /metrics` | Prometheus text (needs the API key unless `public_metrics`) |
 //!
 //! With the output guard ([`crate::output_guard`]) on for a preset, every finished answer is read
 //! by the refusal probe before the response (or the stream's last chunk) goes out; the verdict is
@@ -13,8 +13,15 @@
 //!
 //! Every error is an OpenAI error object with a 4xx/5xx status: 400 malformed request (bad JSON,
 //! wrong field type, too many tokens, unsupported value), 401 missing or wrong bearer token, 404
-//! unknown preset (`model_not_found`) or route, 413 body over 4 MiB, 429 queue full (`queue_full`,
-//! with `Retry-After: 1`), 503 shutting down, 504 request timed out, 500 engine failure.
+//! unknown preset (`model_not_found`) or route, 405 wrong method, 408 body not received in time,
+//! 413 body over the limit, 429 queue full (`queue_full`, with `Retry-After: 1`), 503 shutting
+//! down, 504 request timed out, 500 engine failure or handler bug ([`crate::layers`]).
+//!
+//! Order of work on a chat request, cheapest refusal first, so that a client without the key or
+//! with an oversized body costs nothing: auth from the headers, then the declared length, then the
+//! body (bounded in size, time and, across requests, total buffered bytes), then parsing, the chat
+//! template and tokenization on the blocking pool ([`tokio::task::spawn_blocking`], a few at a
+//! time), never on the async workers that answer `/health` and stream other requests.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -24,21 +31,25 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use futures_util::{FutureExt, StreamExt};
 use persona_gate::generate::Sampling;
 use persona_gate::model::Model;
 use persona_gate::tokenize::{ChatMessage, ChatTokenizer, DecodeStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::conn::ConnLimits;
 use crate::engine::{self, EngineConfig, Event, FinishReason, Job, Projector, WindowProjection};
 use crate::guard::{GuardCalibration, GuardReport, BLOCK_MESSAGE};
+use crate::layers::{error_for_status, error_response, RequestId};
 use crate::metrics::Metrics;
 use crate::openai::{flatten_messages, now_secs, parse_chat_request, ApiError, Stop, Usage};
 use crate::output_guard::{
@@ -57,6 +68,10 @@ pub struct Limits {
     pub max_prompt_tokens: usize,
     /// Time from arrival to the last token, queueing included.
     pub timeout: Duration,
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Time a client has to send the whole body once its headers arrived (408 beyond).
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -66,17 +81,27 @@ impl Default for Limits {
             default_max_tokens: 256,
             max_prompt_tokens: 4096,
             timeout: Duration::from_secs(300),
+            max_body_bytes: 4 << 20,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
+
+/// Request bodies buffered at once across all requests, in bytes: many large bodies wait for room
+/// instead of holding `max_connections` x `max_body_bytes` in memory.
+const BODY_BUDGET_BYTES: usize = 64 << 20;
 
 pub struct ServerConfig {
     /// Name the default preset also answers to (the model's name).
     pub model_id: String,
     pub presets: BTreeMap<String, Preset>,
     pub limits: Limits,
-    /// Required `Authorization: Bearer` token for `/v1/*`.
+    /// Required `Authorization: Bearer` token for `/v1/*`, `/metrics` and `/health`'s details.
     pub api_key: Option<String>,
+    /// Serve `/metrics` without the API key (for a scraper inside a trusted network).
+    pub public_metrics: bool,
+    /// Connection cap and header read timeout.
+    pub conn: ConnLimits,
     /// Requests that may wait for a batch slot; one more is a 429.
     pub queue: usize,
     /// Sequences decoded together.
@@ -92,8 +117,16 @@ struct App {
     presets: BTreeMap<String, Preset>,
     limits: Limits,
     api_key: Option<String>,
+    public_metrics: bool,
     tokenizer: ChatTokenizer,
     has_template: bool,
+    /// Longest token spelling in bytes: a text of N bytes has at least N / this many tokens, so a
+    /// body far over the prompt limit is refused without tokenizing it.
+    max_token_bytes: usize,
+    /// Requests parsed and tokenized at once on the blocking pool.
+    prep: Arc<Semaphore>,
+    /// Body bytes buffered at once, in KiB permits ([`BODY_BUDGET_BYTES`]).
+    body_budget: Arc<Semaphore>,
     guard: Option<Arc<GuardCalibration>>,
     reader: Option<Reader>,
     tx: SyncSender<Job>,
@@ -137,6 +170,35 @@ pub fn check_config(cfg: &ServerConfig) -> persona_gate::Result<()> {
     Ok(())
 }
 
+/// The model side the HTTP layer talks to: the tokenizer, the engine's job queue and the threads
+/// to join at the end. [`serve`] builds it from a model; tests can put a stand-in engine behind it.
+pub struct Backend {
+    tokenizer: ChatTokenizer,
+    jobs: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+    reader: Option<Reader>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Backend {
+    /// A backend whose jobs go to `jobs` (read by `thread`, which must end once every sender is
+    /// gone). `metrics` is the one the engine updates.
+    pub fn new(
+        tokenizer: ChatTokenizer,
+        jobs: SyncSender<Job>,
+        metrics: Arc<Metrics>,
+        thread: std::thread::JoinHandle<()>,
+    ) -> Self {
+        Self {
+            tokenizer,
+            jobs,
+            metrics,
+            reader: None,
+            threads: vec![thread],
+        }
+    }
+}
+
 /// Serve on `listener` until `shutdown` resolves, then finish in-flight requests and return.
 pub async fn serve(
     model: Arc<Model>,
@@ -160,25 +222,48 @@ pub async fn serve(
         .name("pgate-engine".into())
         .spawn(move || engine::run(m2, engine_cfg, rx, met2))
         .map_err(|e| persona_gate::Error::io("engine thread", e))?;
-    let (reader, reader_thread) = match &cfg.output_guard {
-        Some(og) => {
-            let (r, h) = Reader::spawn(model.clone(), og.clone())?;
-            (Some(r), Some(h))
-        }
-        None => (None, None),
-    };
+    let mut backend = Backend::new(model.tokenizer.clone(), tx, metrics, engine);
+    if let Some(og) = &cfg.output_guard {
+        let (r, h) = Reader::spawn(model.clone(), og.clone())?;
+        backend.reader = Some(r);
+        backend.threads.push(h);
+    }
+    serve_backend(backend, cfg, listener, shutdown).await
+}
+
+/// [`serve`] over a given backend.
+pub async fn serve_backend(
+    backend: Backend,
+    cfg: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> persona_gate::Result<()> {
+    check_config(&cfg)?;
+    let Backend {
+        tokenizer,
+        jobs,
+        metrics,
+        reader,
+        threads,
+    } = backend;
+    let max_token_bytes = longest_token_bytes(&tokenizer);
+    let prep = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
     let app = Arc::new(App {
         model_id: cfg.model_id.clone(),
         presets: cfg.presets,
         limits: cfg.limits,
         api_key: cfg.api_key,
-        tokenizer: model.tokenizer.clone(),
-        has_template: model.tokenizer.has_chat_template(),
+        public_metrics: cfg.public_metrics,
+        has_template: tokenizer.has_chat_template(),
+        tokenizer,
+        max_token_bytes,
+        prep: Arc::new(Semaphore::new(prep)),
+        body_budget: Arc::new(Semaphore::new(BODY_BUDGET_BYTES >> 10)),
         guard: cfg.guard,
         reader,
-        tx,
+        tx: jobs,
         queue: cfg.queue,
-        metrics,
+        metrics: metrics.clone(),
         shutting_down: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
         started: now_secs(),
@@ -190,23 +275,35 @@ pub async fn serve(
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(4 << 20))
-        .with_state(app.clone());
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(app.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            metrics.clone(),
+            crate::layers::guard,
+        ));
     let flag = app.clone();
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            flag.shutting_down.store(true, Ordering::SeqCst);
-            eprintln!("[pgate serve] shutting down: finishing in-flight requests");
-        })
-        .await;
-    // The router (and its sender) is gone once serve returns; drop ours so the engine stops.
+    let result = crate::conn::serve(listener, router, cfg.conn, metrics, async move {
+        shutdown.await;
+        flag.shutting_down.store(true, Ordering::SeqCst);
+        eprintln!("[pgate serve] shutting down: finishing in-flight requests");
+    })
+    .await;
+    // Every connection (and its router clone) is gone once serve returns; drop our sender too so
+    // the engine stops.
     drop(app);
-    let _ = tokio::task::spawn_blocking(move || engine.join()).await;
-    if let Some(h) = reader_thread {
-        let _ = tokio::task::spawn_blocking(move || h.join()).await;
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     result.map_err(|e| persona_gate::Error::io("http server", e))
+}
+
+/// Bytes of the longest token spelling (an upper bound on the text one token covers).
+fn longest_token_bytes(t: &ChatTokenizer) -> usize {
+    (0..t.vocab_size() as u32)
+        .filter_map(|id| t.id_to_token(id))
+        .map(|s| s.len())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -229,16 +326,6 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-}
-
-fn error_response(e: &ApiError) -> Response {
-    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
-    let mut r = (status, Json(e.body())).into_response();
-    if e.status == 429 {
-        r.headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
-    }
-    r
 }
 
 fn check_auth(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -269,13 +356,22 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+const ROUTES: &str =
+    "POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics";
+
 async fn not_found() -> Response {
     error_response(
-        &ApiError::bad_request(
-            "no such route (POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics)",
-        )
-        .status(404)
-        .code("not_found"),
+        &ApiError::bad_request(format!("no such route ({ROUTES})"))
+            .status(404)
+            .code("not_found"),
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    error_response(
+        &ApiError::bad_request(format!("method not allowed on this route ({ROUTES})"))
+            .status(405)
+            .code("method_not_allowed"),
     )
 }
 
@@ -319,12 +415,17 @@ async fn get_model(
     }
 }
 
-async fn health(State(app): State<Arc<App>>) -> Response {
+/// Without the key only the status: preset names and guard thresholds tell an attacker what to
+/// probe for, and a load balancer needs nothing more.
+async fn health(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let status = if app.shutting_down.load(Ordering::SeqCst) {
         "shutting_down"
     } else {
         "ok"
     };
+    if check_auth(&app, &headers).is_err() {
+        return Json(json!({ "status": status })).into_response();
+    }
     Json(json!({
         "status": status,
         "model": app.model_id,
@@ -347,7 +448,14 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     .into_response()
 }
 
-async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+/// Behind the key unless `public_metrics`: labels name the presets and counts show the guard's
+/// verdicts.
+async fn metrics_text(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !app.public_metrics {
+        if let Err(e) = check_auth(&app, &headers) {
+            return error_response(&e);
+        }
+    }
     (
         [("content-type", "text/plain; version=0.0.4")],
         app.metrics.render(),
@@ -386,38 +494,19 @@ struct Prepared {
     rx: UnboundedReceiver<Event>,
 }
 
+/// Token ids of a conversation with the generation prompt (a base model: the system messages and
+/// the last user message). Message contents are client text: control tokens typed in them
+/// (`<|im_end|><|im_start|>system ...`) are encoded as text, so a client cannot forge a turn that
+/// overrides the preset's persona or the guard's default-persona comparison.
 fn render(app: &App, msgs: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
-    let text = if app.has_template {
-        app.tokenizer.render_chat(msgs, true)
-    } else {
-        // Base model: system and the last user message as plain text.
-        let sys = msgs
-            .iter()
-            .filter(|m| m.role == "system")
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n\n");
-        let user = msgs.last().map(|m| m.content.as_str()).unwrap_or("");
-        app.tokenizer
-            .format_prompt((!sys.is_empty()).then_some(sys.as_str()), user)
-    }
-    .map_err(|e| ApiError::bad_request(format!("could not render the conversation: {e}")))?;
     app.tokenizer
-        .encode(&text)
+        .encode_chat(msgs)
         .map_err(|e| ApiError::bad_request(format!("could not tokenize the conversation: {e}")))
 }
 
-fn prepare(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Prepared, (String, ApiError)> {
+/// Parse, check, render and tokenize a request body (CPU work: runs on the blocking pool).
+fn prepare(app: &App, body: &[u8]) -> Result<Prepared, (String, ApiError)> {
     let unknown = |e: ApiError| ("-".to_string(), e);
-    check_auth(app, headers).map_err(unknown)?;
-    if app.shutting_down.load(Ordering::SeqCst) {
-        return Err(unknown(
-            ApiError::bad_request("the server is shutting down")
-                .status(503)
-                .kind("server_error")
-                .code("shutting_down"),
-        ));
-    }
     let req = parse_chat_request(body).map_err(unknown)?;
     let preset_name = req.preset.clone().unwrap_or_else(|| req.model.clone());
     let preset = resolve_preset(app, &preset_name).map_err(unknown)?;
@@ -492,6 +581,7 @@ fn prepare(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Prepared, (Str
             _ => served.insert(0, ChatMessage::system(sys.clone())),
         }
     }
+    check_text_size(app, &served).map_err(tag)?;
     let prompt = render(app, &served).map_err(tag)?;
     if prompt.len() > app.limits.max_prompt_tokens {
         return Err(tag(ApiError::bad_request(format!(
@@ -547,6 +637,41 @@ fn prepare(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Prepared, (Str
     })
 }
 
+/// Refuse a conversation whose text alone proves it is over the prompt limit, before tokenizing
+/// it: tokenizing megabytes costs seconds of CPU for an answer known in advance.
+fn check_text_size(app: &App, msgs: &[ChatMessage]) -> Result<(), ApiError> {
+    if app.max_token_bytes == 0 {
+        return Ok(());
+    }
+    // What reaches the prompt: every message under a chat template; a base model reads the
+    // system messages and the last user message only. Templates may trim contents.
+    let bytes: usize = if app.has_template {
+        msgs.iter().map(|m| m.content.trim().len()).sum()
+    } else {
+        let sys: usize = msgs
+            .iter()
+            .filter(|m| m.role == "system")
+            .map(|m| m.content.trim().len())
+            .sum();
+        let last = msgs
+            .iter()
+            .rev()
+            .find(|m| m.role != "system")
+            .map_or(0, |m| m.content.trim().len());
+        sys + last
+    };
+    let at_least = bytes / app.max_token_bytes;
+    if at_least > app.limits.max_prompt_tokens {
+        return Err(ApiError::bad_request(format!(
+            "the conversation has at least {at_least} tokens ({bytes} bytes of text), more than this server allows ({})",
+            app.limits.max_prompt_tokens
+        ))
+        .param("messages")
+        .code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
 /// Holds back text that may be the start of a stop string; reports a hit.
 struct StopMatcher {
     stops: Vec<String>,
@@ -566,13 +691,14 @@ impl StopMatcher {
     /// Add text; returns (text safe to emit now, whether a stop string was hit).
     fn push(&mut self, s: &str) -> (String, bool) {
         self.text.push_str(s);
+        // A hit may start up to a stop's length before the new text. That offset is in bytes and
+        // can fall inside a multibyte character: search from the character it falls in.
         if let Some(cut) = self
             .stops
             .iter()
             .filter_map(|st| {
-                self.text[self.emitted.saturating_sub(st.len())..]
-                    .find(st.as_str())
-                    .map(|i| i + self.emitted.saturating_sub(st.len()))
+                let from = floor_char_boundary(&self.text, self.emitted.saturating_sub(st.len()));
+                self.text[from..].find(st.as_str()).map(|i| i + from)
             })
             .min()
         {
@@ -612,6 +738,15 @@ impl StopMatcher {
     fn full(&self) -> &str {
         &self.text
     }
+}
+
+/// The largest character boundary of `s` at or before byte `i`.
+fn floor_char_boundary(s: &str, i: usize) -> usize {
+    let mut i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 struct Meta {
@@ -673,15 +808,145 @@ impl Meta {
     }
 }
 
-async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(
+    State(app): State<Arc<App>>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let t0 = Instant::now();
-    let p = match prepare(&app, &headers, &body) {
-        Ok(p) => p,
+    match receive(&app, &rid, &headers, body).await {
+        Ok(p) => answer(app, p, t0).await,
         Err((preset, e)) => {
             app.metrics.request(&preset, e.status);
-            return error_response(&e);
+            error_response(&e)
         }
-    };
+    }
+}
+
+/// Admit a chat request and prepare it: auth and the declared length from the headers first, then
+/// the body, then parsing and tokenization on the blocking pool.
+async fn receive(
+    app: &Arc<App>,
+    rid: &RequestId,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Prepared, (String, ApiError)> {
+    let unknown = |e: ApiError| ("-".to_string(), e);
+    check_auth(app, headers).map_err(unknown)?;
+    if app.shutting_down.load(Ordering::SeqCst) {
+        return Err(unknown(
+            ApiError::bad_request("the server is shutting down")
+                .status(503)
+                .kind("server_error")
+                .code("shutting_down"),
+        ));
+    }
+    let max = app.limits.max_body_bytes;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(unknown(too_large(max)));
+    }
+    let deadline = tokio::time::Instant::now() + app.limits.body_timeout;
+    let kib = declared
+        .map_or(max, |n| n as usize)
+        .div_ceil(1024)
+        .clamp(1, BODY_BUDGET_BYTES >> 10) as u32;
+    let budget = tokio::time::timeout_at(deadline, app.body_budget.clone().acquire_many_owned(kib))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            unknown(
+                ApiError::bad_request("the server is busy receiving other requests; retry later")
+                    .status(429)
+                    .kind("rate_limit_error")
+                    .code("server_busy"),
+            )
+        })?;
+    let bytes = read_body(body, max, declared, deadline, app.limits.body_timeout)
+        .await
+        .map_err(unknown)?;
+    let prep: OwnedSemaphorePermit = app
+        .prep
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| unknown(ApiError::bad_request("shutting down").status(503)))?;
+    let a = app.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let _held = (budget, prep);
+        prepare(&a, &bytes)
+    })
+    .await;
+    match r {
+        Ok(r) => r,
+        Err(e) => {
+            let e = match e.try_into_panic() {
+                Ok(p) => crate::layers::panic_error(
+                    &app.metrics,
+                    "preparing a chat request",
+                    &rid.0,
+                    p.as_ref(),
+                ),
+                Err(e) => ApiError::bad_request(format!("preparing the request: {e}"))
+                    .status(500)
+                    .kind("server_error"),
+            };
+            Err(unknown(e))
+        }
+    }
+}
+
+fn too_large(max: usize) -> ApiError {
+    ApiError::bad_request(format!(
+        "the request body is larger than this server accepts ({max} bytes)"
+    ))
+    .status(413)
+    .code("request_too_large")
+}
+
+/// The body, at most `max` bytes, all of it before `deadline`.
+async fn read_body(
+    body: Body,
+    max: usize,
+    declared: Option<u64>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::with_capacity(declared.map_or(0, |n| (n as usize).min(max)));
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => {
+                return Err(error_for_status(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    &format!(
+                        "the request body did not arrive within {} s",
+                        timeout.as_secs_f64()
+                    ),
+                ))
+            }
+            Ok(None) => return Ok(Bytes::from(buf)),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(format!(
+                    "reading the request body: {e}"
+                )))
+            }
+            Ok(Some(Ok(chunk))) => {
+                if buf.len() + chunk.len() > max {
+                    return Err(too_large(max));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
+/// Queue a prepared request for the engine and answer it (whole or streamed).
+async fn answer(app: Arc<App>, p: Prepared, t0: Instant) -> Response {
     let Prepared {
         preset,
         output_mode,
@@ -1113,15 +1378,18 @@ struct Sink {
     otx: tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>,
     id: String,
     preset: String,
+    /// A client that stops reading holds the stream no longer than the request's deadline.
+    hard: tokio::time::Instant,
 }
 
 impl Sink {
-    /// Send one event; false when the client has gone.
+    /// Send one event; false when the client has gone or stopped reading past the deadline.
     async fn send(&self, v: Value) -> bool {
-        self.otx
-            .send(Ok(SseEvent::default().data(v.to_string())))
-            .await
-            .is_ok()
+        let ev = Ok(SseEvent::default().data(v.to_string()));
+        matches!(
+            tokio::time::timeout_at(self.hard, self.otx.send(ev)).await,
+            Ok(Ok(()))
+        )
     }
 
     async fn text(&self, s: &str) -> bool {
@@ -1132,7 +1400,8 @@ impl Sink {
     }
 
     async fn done(&self) {
-        let _ = self.otx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        let ev = Ok(SseEvent::default().data("[DONE]"));
+        let _ = tokio::time::timeout_at(self.hard, self.otx.send(ev)).await;
     }
 }
 
@@ -1242,11 +1511,8 @@ async fn stream_answer(
                 };
                 let o = outcome(app, meta, &sink.id, read, Some(cp.tokens));
                 if o.blocked {
-                    return sink.text(OUTPUT_BLOCK_MESSAGE).await.then_some((
-                        "content_filter",
-                        c.completion_tokens,
-                        Some(o),
-                    ));
+                    let sent = gone_unless(app, meta, sink.text(OUTPUT_BLOCK_MESSAGE).await);
+                    return sent.then_some(("content_filter", c.completion_tokens, Some(o)));
                 }
                 let mut out = held.release(cp.covered);
                 if cp.tokens >= held.max_read {
@@ -1290,7 +1556,8 @@ async fn stream_answer(
     let tokens = c.completion_tokens;
     if meta.output_mode == GuardMode::Off {
         let rest = held.release(usize::MAX);
-        return sink.text(&rest).await.then_some((finish, tokens, None));
+        let sent = gone_unless(app, meta, sink.text(&rest).await);
+        return sent.then_some((finish, tokens, None));
     }
     let full = format!("{}{}", held.sent, held.held);
     let o = check_output(app, meta, &sink.id, &full, hard).await;
@@ -1299,7 +1566,16 @@ async fn stream_answer(
         (true, false) => (STREAM_FLAGGED_NOTE.to_string(), "content_filter"),
         (false, _) => (held.release(usize::MAX), finish),
     };
-    sink.text(&text).await.then_some((finish, tokens, Some(o)))
+    let sent = gone_unless(app, meta, sink.text(&text).await);
+    sent.then_some((finish, tokens, Some(o)))
+}
+
+/// Count a stream whose client left (499) when `sent` is false; returns `sent`.
+fn gone_unless(app: &App, meta: &Meta, sent: bool) -> bool {
+    if !sent {
+        app.metrics.request(&meta.preset, 499);
+    }
+    sent
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1307,7 +1583,7 @@ async fn stream_response(
     app: Arc<App>,
     meta: Meta,
     id: String,
-    mut rx: UnboundedReceiver<Event>,
+    rx: UnboundedReceiver<Event>,
     stops: Vec<String>,
     include_usage: bool,
     t0: Instant,
@@ -1316,52 +1592,29 @@ async fn stream_response(
     let (otx, orx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     let mut hdrs = HeaderMap::new();
     meta.headers(&mut hdrs);
+    let sink = Sink {
+        otx: otx.clone(),
+        id: id.clone(),
+        preset: meta.preset.clone(),
+        hard,
+    };
     let preset = meta.preset.clone();
     tokio::spawn(async move {
-        let sink = Sink { otx, id, preset };
-        let mut first = chunk(
-            &sink.id,
-            &sink.preset,
-            json!({"role": "assistant", "content": ""}),
-            None,
-        );
-        first["persona_gate"] = meta.json();
-        if !sink.send(first).await {
-            return;
+        let task = stream_task(app.clone(), meta, sink, rx, stops, include_usage, t0);
+        if let Err(p) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+            // A bug while streaming: the client still gets an error event and the end marker,
+            // and the request is counted.
+            let e = crate::layers::panic_error(&app.metrics, "a chat stream", &id, p.as_ref());
+            app.metrics.request(&preset, 500);
+            let sink = Sink {
+                otx,
+                id,
+                preset,
+                hard,
+            };
+            let _ = sink.send(e.body()).await;
+            sink.done().await;
         }
-        let (finish, completion_tokens, output) = if meta.blocked {
-            if !sink.text(BLOCK_MESSAGE).await {
-                return;
-            }
-            ("content_filter", 0, None)
-        } else {
-            match stream_answer(&app, &meta, &sink, &mut rx, stops, t0, hard).await {
-                Some(r) => r,
-                None => return,
-            }
-        };
-        drop(rx);
-        let mut last = chunk(&sink.id, &sink.preset, json!({}), Some(finish));
-        if let Some(o) = &output {
-            record_outcome(&app, &meta, &sink.id, o);
-            last["persona_gate"] = json!({"output_guard": o.json()});
-        }
-        if !sink.send(last).await {
-            return;
-        }
-        if include_usage {
-            let mut u = chunk(&sink.id, &sink.preset, json!({}), None);
-            u["choices"] = json!([]);
-            u["usage"] = serde_json::to_value(Usage::new(meta.prompt_tokens, completion_tokens))
-                .unwrap_or(Value::Null);
-            let _ = sink.send(u).await;
-        }
-        sink.done().await;
-        app.metrics
-            .tokens(&meta.preset, meta.prompt_tokens, completion_tokens);
-        app.metrics
-            .duration(&meta.preset, t0.elapsed().as_secs_f64());
-        app.metrics.request(&meta.preset, 200);
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(orx);
     let mut r = Sse::new(stream)
@@ -1369,6 +1622,65 @@ async fn stream_response(
         .into_response();
     r.headers_mut().extend(hdrs);
     r
+}
+
+/// Send a streamed answer: the role chunk, the text, the finish chunk, usage, `[DONE]`.
+async fn stream_task(
+    app: Arc<App>,
+    meta: Meta,
+    sink: Sink,
+    mut rx: UnboundedReceiver<Event>,
+    stops: Vec<String>,
+    include_usage: bool,
+    t0: Instant,
+) {
+    let hard = sink.hard;
+    let mut first = chunk(
+        &sink.id,
+        &sink.preset,
+        json!({"role": "assistant", "content": ""}),
+        None,
+    );
+    first["persona_gate"] = meta.json();
+    if !sink.send(first).await {
+        app.metrics.request(&meta.preset, 499);
+        return;
+    }
+    let (finish, completion_tokens, output) = if meta.blocked {
+        if !sink.text(BLOCK_MESSAGE).await {
+            app.metrics.request(&meta.preset, 499);
+            return;
+        }
+        ("content_filter", 0, None)
+    } else {
+        match stream_answer(&app, &meta, &sink, &mut rx, stops, t0, hard).await {
+            Some(r) => r,
+            None => return,
+        }
+    };
+    drop(rx);
+    let mut last = chunk(&sink.id, &sink.preset, json!({}), Some(finish));
+    if let Some(o) = &output {
+        record_outcome(&app, &meta, &sink.id, o);
+        last["persona_gate"] = json!({"output_guard": o.json()});
+    }
+    if !sink.send(last).await {
+        app.metrics.request(&meta.preset, 499);
+        return;
+    }
+    if include_usage {
+        let mut u = chunk(&sink.id, &sink.preset, json!({}), None);
+        u["choices"] = json!([]);
+        u["usage"] = serde_json::to_value(Usage::new(meta.prompt_tokens, completion_tokens))
+            .unwrap_or(Value::Null);
+        let _ = sink.send(u).await;
+    }
+    sink.done().await;
+    app.metrics
+        .tokens(&meta.preset, meta.prompt_tokens, completion_tokens);
+    app.metrics
+        .duration(&meta.preset, t0.elapsed().as_secs_f64());
+    app.metrics.request(&meta.preset, 200);
 }
 
 #[cfg(test)]
@@ -1388,5 +1700,57 @@ mod tests {
         assert_eq!(m.finish(), "");
         let mut m = StopMatcher::new(vec![]);
         assert_eq!(m.push("abc"), ("abc".to_string(), false));
+    }
+
+    /// Finding (issue 17): non-ASCII output with `stop` set panicked ("byte index 4 is not a char
+    /// boundary"): the search window's start fell inside a multibyte character.
+    #[test]
+    fn stop_matcher_multibyte_text_and_stops() {
+        let mut m = StopMatcher::new(vec!["xyz".into()]);
+        assert_eq!(m.push("ééé"), ("ééé".to_string(), false));
+        assert_eq!(m.push("a"), ("a".to_string(), false));
+        let text = "Grüße 世界! Ça va? ここは日本です。👋🏽 ok — ñandú";
+        let stop_sets: [&[&str]; 8] = [
+            &["#", "@@", "~~~", "%%%%", "$$$$$"],
+            &["日本"],
+            &["ü"],
+            &["👋"],
+            &["va?", "界"],
+            &["ñandú"],
+            &["ú"],
+            &["—", "ok"],
+        ];
+        let chars: Vec<char> = text.chars().collect();
+        for stops in stop_sets {
+            let cut = stops.iter().filter_map(|s| text.find(s)).min();
+            let want = &text[..cut.unwrap_or(text.len())];
+            for per_push in 1..=5 {
+                let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
+                let (mut out, mut hit) = (String::new(), false);
+                for piece in chars.chunks(per_push) {
+                    let (o, h) = m.push(&piece.iter().collect::<String>());
+                    out.push_str(&o);
+                    if h {
+                        hit = true;
+                        break;
+                    }
+                }
+                if !hit {
+                    out.push_str(&m.finish());
+                }
+                assert_eq!(out, want, "stops {stops:?}, {per_push} chars per push");
+                assert_eq!(hit, cut.is_some(), "stops {stops:?}");
+                assert_eq!(m.full(), want);
+            }
+        }
+    }
+
+    #[test]
+    fn floor_char_boundary_stays_on_characters() {
+        let s = "aé日👋";
+        let got: Vec<usize> = (0..=s.len() + 1)
+            .map(|i| floor_char_boundary(s, i))
+            .collect();
+        assert_eq!(got, [0, 1, 1, 3, 3, 3, 6, 6, 6, 6, 10, 10]);
     }
 }

@@ -24,7 +24,7 @@ use persona_gate_serve::guard::{dot, unit, GuardCalibration, Logistic, Rates, FO
 use persona_gate_serve::output_eval::{self, EvalPreset, OutputEvalInput, Reference, Role};
 use persona_gate_serve::output_guard::{Reader, OUTPUT_BLOCK_MESSAGE, STREAM_FLAGGED_NOTE};
 use persona_gate_serve::{
-    build_presets, DirectionRegistry, GuardMode, Limits, OutputCheck, OutputGuard, PresetFile,
+    build_presets, ConnLimits, DirectionRegistry, GuardMode, Limits, OutputCheck, OutputGuard, PresetFile,
     Projector, ServerConfig,
 };
 use serde_json::{json, Value};
@@ -177,6 +177,8 @@ fn config(
         presets,
         limits: Limits::default(),
         api_key: None,
+        public_metrics: false,
+        conn: ConnLimits::default(),
         queue: 8,
         batch_size: 4,
         guard,

@@ -16,8 +16,8 @@ use persona_gate::model::Model;
 use persona_gate_serve::guard::{self, capture_last, CalibrateInput, GuardCalibration};
 use persona_gate_serve::output_eval::{self, EvalPreset, OutputEvalInput, Reference};
 use persona_gate_serve::{
-    build_presets, DirectionRegistry, GuardMode, Limits, OutputGuard, Preset, PresetFile,
-    Projector, ServerConfig,
+    build_presets, ConnLimits, DirectionRegistry, GuardMode, Limits, OutputGuard, Preset,
+    PresetFile, Projector, ServerConfig,
 };
 
 use crate::ModelArgs;
@@ -91,9 +91,25 @@ pub struct ServeArgs {
     /// Seconds from arrival to the last token (queueing included); then 504.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
-    /// Require `Authorization: Bearer KEY` on /v1/* (also from $PGATE_API_KEY).
+    /// Require `Authorization: Bearer KEY` on /v1/* and /metrics (also from $PGATE_API_KEY);
+    /// /health then answers only `{"status":"ok"}` without it.
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Serve /metrics without the API key (for a scraper on a trusted network; preset names and
+    /// guard counts become public).
+    #[arg(long)]
+    pub public_metrics: bool,
+    /// Connections served at once; at the cap, the oldest connection without a request in flight
+    /// is closed to admit a new one.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Seconds a connection has to send a complete request head (also the keep-alive idle
+    /// timeout); slower connections are closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Seconds a client has to send the whole request body; then 408.
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout: f64,
 }
 
 pub fn run_serve(a: ServeArgs) -> Result<()> {
@@ -111,6 +127,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         None if guard.is_some() => GuardMode::Monitor,
         None => GuardMode::Off,
     };
+    let (limits, conn) = request_limits(&a)?;
     if default_guard != GuardMode::Off && guard.is_none() {
         bail!(
             "--guard {} needs --guard-file (write one with `pgate guard calibrate`)",
@@ -175,13 +192,10 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     let server_cfg = ServerConfig {
         model_id: model_id.clone(),
         presets,
-        limits: Limits {
-            max_tokens: a.max_tokens,
-            default_max_tokens: a.default_max_tokens.min(a.max_tokens),
-            max_prompt_tokens: a.max_prompt_tokens,
-            timeout: Duration::from_secs(a.timeout.max(1)),
-        },
+        limits,
         api_key,
+        public_metrics: a.public_metrics,
+        conn,
         queue: a.queue,
         batch_size: a.max_batch,
         guard,
@@ -199,8 +213,11 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
             p.output_guard.name()
         );
     }
+    // Parsing and tokenizing run on the blocking pool a few at a time; a small pool keeps the
+    // number of threads (and their malloc arenas) bounded.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(16)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -236,6 +253,34 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         eprintln!("[pgate serve] stopped");
         Ok(())
     })
+}
+
+/// Request and connection limits from the flags, checked before the model loads.
+fn request_limits(a: &ServeArgs) -> Result<(Limits, ConnLimits)> {
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let limits = Limits {
+        max_tokens: a.max_tokens,
+        default_max_tokens: a.default_max_tokens.min(a.max_tokens),
+        max_prompt_tokens: a.max_prompt_tokens,
+        timeout: Duration::from_secs(a.timeout.max(1)),
+        body_timeout: secs("--body-timeout", a.body_timeout)?,
+        ..Limits::default()
+    };
+    let conn = ConnLimits {
+        max_connections: a.max_connections,
+        header_timeout: secs("--header-timeout", a.header_timeout)?,
+    };
+    Ok((limits, conn))
+}
+
+/// A timeout flag in seconds: positive and finite.
+fn secs(flag: &str, v: f64) -> Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        bail!("{flag} must be a number of seconds in (0, 86400], not {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 fn output_needs_guard(what: &str) -> String {

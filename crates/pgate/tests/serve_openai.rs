@@ -351,7 +351,7 @@ fn openai_python_client() {
     );
     assert!(so.contains("9 passed, 0 failed"), "{so}");
     // Metrics saw it: requests by preset, guard flags by preset, histograms.
-    let (s, _, m) = srv.request("GET", "/metrics", None, false);
+    let (s, _, m) = srv.request("GET", "/metrics", None, true);
     assert_eq!(s, 200);
     assert!(
         m.contains("pgate_requests_total{preset=\"default\",status=\"200\"}"),
@@ -416,7 +416,7 @@ fn malformed_requests_get_clear_4xx() {
     assert!(b.contains("missing API key"), "{b}");
     let (s, _, b) = http(&srv.addr, "GET", "/v1/models", None, Some("wrong"));
     assert_eq!(s, 401, "{b}");
-    // Unknown route; health and metrics need no key.
+    // Unknown route; health needs no key (and then says only its status).
     let (s, _, b) = srv.request("GET", "/v2/nothing", None, true);
     assert_eq!(s, 404, "{b}");
     assert!(b.contains("no such route"), "{b}");
@@ -426,7 +426,7 @@ fn malformed_requests_get_clear_4xx() {
     // The server is still fine after all that.
     let (s, _, v) = srv.chat(&chat_body("default", "Say hi.", 4));
     assert_eq!(s, 200, "{v}");
-    let (_, _, m) = srv.request("GET", "/metrics", None, false);
+    let (_, _, m) = srv.request("GET", "/metrics", None, true);
     assert!(m.contains("status=\"400\""), "{m}");
 }
 
@@ -462,7 +462,7 @@ fn continuous_batching_matches_one_at_a_time() {
                 .to_string(),
         );
     }
-    let (_, _, m0) = srv.request("GET", "/metrics", None, false);
+    let (_, _, m0) = srv.request("GET", "/metrics", None, true);
     let addr = srv.addr.clone();
     let handles: Vec<_> = prompts
         .iter()
@@ -493,7 +493,7 @@ fn continuous_batching_matches_one_at_a_time() {
         "batched answers differ from one-at-a-time answers"
     );
     // The concurrent round shared decode steps: more tokens than steps.
-    let (_, _, m1) = srv.request("GET", "/metrics", None, false);
+    let (_, _, m1) = srv.request("GET", "/metrics", None, true);
     let val = |m: &str, k: &str| -> f64 {
         m.lines()
             .find_map(|l| l.strip_prefix(&format!("{k} ")))
