@@ -15,38 +15,9 @@ use persona_gate::directions::{
 };
 use persona_gate::generate::Sampling;
 use persona_gate::intervene::{CompiledPlan, LayerSet};
-use persona_gate::model::{DTypeMode, LoadOptions, Model};
+use persona_gate::model::Model;
 
-/// The model to read activations from.
-#[derive(Args, Clone, Debug)]
-pub struct DirModelArgs {
-    /// Model: a .gguf file, a Hugging Face model directory, a short name fetched by
-    /// scripts/setup-models.sh (smollm2, q05, q15, gemma3), or a hub repo id (org/name).
-    pub model: String,
-    /// Numeric mode: f32 (reference), bf16, f16, or q (quantized matmuls, fast on CPU).
-    #[arg(long, default_value = "q")]
-    pub dtype: String,
-    /// Run on CUDA device N (needs a build with --features cuda).
-    #[arg(long)]
-    pub cuda: Option<usize>,
-    /// Batch-invariant kernels (CPU): activations, and so directions, do not depend on the batch
-    /// size the prompts were captured in.
-    #[arg(long)]
-    pub batch_invariant: bool,
-}
-
-impl DirModelArgs {
-    fn load(&self) -> Result<Model> {
-        let dtype = DTypeMode::parse(&self.dtype)?;
-        let device = match self.cuda {
-            None => persona_gate::device::Device::Cpu,
-            Some(i) => persona_gate::device::cuda(i)?,
-        };
-        let mut model = Model::load(&self.model, &LoadOptions { dtype, device })?;
-        model.decoder.set_batch_invariant(self.batch_invariant)?;
-        Ok(model)
-    }
-}
+use crate::ModelArgs;
 
 #[derive(Subcommand)]
 pub enum ExtractCmd {
@@ -74,7 +45,7 @@ pub struct TraitArgs {
     #[arg(long = "trait", value_name = "NAME|FILE")]
     pub trait_name: String,
     #[command(flatten)]
-    pub m: DirModelArgs,
+    pub m: ModelArgs,
     /// Output direction file (.safetensors).
     #[arg(short, long)]
     pub out: PathBuf,
@@ -118,7 +89,7 @@ pub struct TraitArgs {
 #[derive(Args)]
 pub struct RandomArgs {
     #[command(flatten)]
-    pub m: DirModelArgs,
+    pub m: ModelArgs,
     #[arg(long)]
     pub seed: u64,
     /// Output direction file (.safetensors).

@@ -251,11 +251,8 @@ fn load_reader(a: &LabelArgs, needed: bool) -> Result<Option<Model>> {
     match (&a.model, needed) {
         (Some(m), true) => Ok(Some(
             ModelArgs {
-                model: m.clone(),
                 dtype: a.dtype.clone(),
-                cuda: None,
-                device: None,
-                batch_invariant: false,
+                ..ModelArgs::named(m.clone())
             }
             .load()?,
         )),

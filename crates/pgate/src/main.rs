@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use persona_gate::generate::{generate_chat, ChatPrompt, GenSettings, Sampling};
 use persona_gate::intervene::InterventionPlan;
-use persona_gate::model::{DTypeMode, LoadOptions, Model, ModelSource};
+use persona_gate::model::{LoadOptions, Model, ModelSource};
 
+mod args;
 mod directions_cli;
 mod export_cli;
 mod label_cli;
@@ -19,6 +20,8 @@ mod report_cli;
 mod serve_cli;
 mod study_cli;
 mod synth_cli;
+
+pub(crate) use args::{rayon_threads, ModelArgs};
 
 #[derive(Parser)]
 #[command(
@@ -29,53 +32,9 @@ mod synth_cli;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(clap::Args, Clone)]
-pub(crate) struct ModelArgs {
-    /// Model: a .gguf file, a Hugging Face model directory, a short name fetched by
-    /// scripts/setup-models.sh (smollm2, q05, q15, gemma3), or a hub repo id (org/name).
-    pub model: String,
-    /// Numeric mode: f32 (reference), bf16, f16, or q (quantized matmuls, fast on CPU).
-    #[arg(long, default_value = "q")]
-    pub dtype: String,
-    /// Run on CUDA device N (needs a build with --features cuda).
-    #[arg(long)]
-    pub cuda: Option<usize>,
-    /// Device: cpu, cuda or cuda:N (same as --cuda N).
-    #[arg(long, conflicts_with = "cuda")]
-    pub device: Option<String>,
-    /// Compute each sequence the same way whatever else is in its batch (CPU): the same prompt
-    /// gives bit-identical logits alone, in a study batch or in a server's continuous batch, so
-    /// local and served audits agree exactly. Costs prefill speed (BENCHMARKS.md).
-    #[arg(long)]
-    pub batch_invariant: bool,
-}
-
-impl ModelArgs {
-    pub fn load(&self) -> Result<Model> {
-        let dtype = DTypeMode::parse(&self.dtype)?;
-        let cuda = match self.device.as_deref() {
-            None => self.cuda,
-            Some("cpu") => None,
-            Some("cuda") | Some("gpu") => Some(0),
-            Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(i)) => Some(i),
-                _ => bail!("unknown device '{d}' (expected cpu, cuda or cuda:N)"),
-            },
-        };
-        let device = match cuda {
-            None => candle_device_cpu(),
-            Some(i) => persona_gate::device::cuda(i)?,
-        };
-        let mut model = Model::load(&self.model, &LoadOptions { dtype, device })?;
-        model.decoder.set_batch_invariant(self.batch_invariant)?;
-        Ok(model)
-    }
-}
-
-fn candle_device_cpu() -> persona_gate::device::Device {
-    persona_gate::device::Device::Cpu
+    /// CPU threads for every command (default: PGATE_THREADS, else RAYON_NUM_THREADS, else the cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -257,6 +216,11 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    // SAFETY: at startup, before any thread exists (it sets the thread-count environment variables).
+    if let Err(e) = unsafe { persona_gate::kernels::init_threads(cli.threads) } {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     if writes_only_to_stdout(&cli.cmd) {
         restore_sigpipe();
     }
@@ -457,12 +421,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }
 
 fn load_plan(
