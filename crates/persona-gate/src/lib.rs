@@ -14,6 +14,7 @@ pub mod directions;
 pub mod endpoint;
 pub mod error;
 pub mod eval;
+pub mod events;
 pub mod fsutil;
 pub mod generate;
 pub mod hash;
