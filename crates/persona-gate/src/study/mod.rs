@@ -21,18 +21,21 @@
 //! at once, so a run killed at any point continues where it stopped. [`runner`] generates the
 //! missing items, [`judging`] grades stored outputs with a [`crate::eval::judge::Judge`],
 //! [`report`] computes label rates with Wilson intervals and paired comparisons against the
-//! baseline (McNemar, paired bootstrap), and [`export`] writes JSONL, CSV or Parquet.
+//! baseline (McNemar, paired bootstrap), and [`export`] writes JSONL, CSV or Parquet (the last
+//! two from the one typed form of [`flat`]).
 //! [`relabel`] labels stored outputs again with another labeler (`crate::label`), keeping every
 //! earlier label in the store's `labels` history.
 //!
 //! A study may target an OpenAI-compatible endpoint instead of local weights (`[model] endpoint`):
 //! [`remote`] then sends the same work items as chat-completions requests (black-box conditions
 //! only: system prompts and sampling settings), into the same store with the same keys, so it
-//! resumes, shards and merges exactly like a local run.
+//! resumes, shards and merges exactly like a local run. What the two runners share (options,
+//! pending items, summary, progress events) lives in [`work`], so neither depends on the other.
 
 pub mod canon;
 pub mod export;
 pub mod file;
+pub mod flat;
 pub mod judging;
 mod parquet_out;
 pub mod personas;
@@ -42,9 +45,11 @@ pub mod remote;
 pub mod report;
 pub mod runner;
 pub mod store;
+pub mod work;
 
 pub use file::StudyFile;
 pub use plan::{Condition, Study, WorkItem};
 pub use remote::run_endpoint_study;
-pub use runner::{run_study, RunOptions, RunSummary};
+pub use runner::run_study;
+pub use work::{RunOptions, RunSummary};
 pub use store::Store;

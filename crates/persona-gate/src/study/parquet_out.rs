@@ -13,7 +13,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::Type;
 
-use super::export::{flat, Cell, Kind};
+use super::flat::{flat, Cell, Kind};
 use super::store::RowView;
 use crate::{Error, Result};
 

@@ -16,11 +16,11 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::plan::{Study, WorkItem};
-use super::runner::{RunEvent, RunOptions, RunSummary};
+pub use super::work::EndpointRunStats;
+use super::work::{plan_pending, RunEvent, RunOptions, RunSummary};
 use super::store::{
     now_ms, EndpointCall, EndpointFailureRow, NewResult, Store, GENERATION_LABELER,
 };
@@ -37,29 +37,6 @@ pub const NOT_APPLICABLE: &[&str] = &[
     "directions and interventions (add, ablate, cap)",
     "residual-stream measurements",
 ];
-
-/// What an endpoint run did, beyond [`RunSummary`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct EndpointRunStats {
-    pub base_url: String,
-    pub model: String,
-    pub concurrency: usize,
-    /// Tries sent (successful and failed).
-    pub requests: usize,
-    pub failed_tries: usize,
-    /// Items whose tries all failed in this run (left missing for the next run).
-    pub gave_up: usize,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Answers without `usage` (their token counts are stored as 0).
-    pub without_usage: usize,
-    /// Distinct `model` names in the answers.
-    pub reported_models: Vec<String>,
-    /// `GET /models` of the server, when it answered.
-    pub server_models: Option<Vec<String>>,
-    /// Estimated cost of this run's answers (when the study gives both prices).
-    pub cost: Option<f64>,
-}
 
 /// The target record of an endpoint study (stored in `study_targets`, copied into receipts).
 pub fn target_json(ep: &EndpointConfig) -> Value {
@@ -133,7 +110,7 @@ pub fn run_endpoint_study(
         ..Default::default()
     };
 
-    let (pending, mut summary) = super::runner::plan_pending(study, store, opts)?;
+    let (pending, mut summary) = plan_pending(study, store, opts)?;
     on_event(RunEvent::Planned {
         planned: pending.len(),
         summary: &summary,
