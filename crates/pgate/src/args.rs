@@ -6,8 +6,13 @@
 //! itself (a reader model named by another flag) starts from [`ModelArgs::named`] so a flag added
 //! here reaches it with its default.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
 use persona_gate::device::Device;
+use persona_gate::directions::{load_compiled_plan, PlanSource};
+use persona_gate::intervene::CompiledPlan;
 use persona_gate::model::{DTypeMode, LoadOptions, Model};
 
 /// The model to load and how: weights, numeric mode, device, batch-invariant kernels.
@@ -92,6 +97,62 @@ pub fn parse_device(device: Option<&str>, cuda: Option<usize>) -> Result<Device>
         None => Device::Cpu,
         Some(i) => persona_gate::device::cuda(i)?,
     })
+}
+
+/// An intervention plan: a plan file and/or steering specs, loaded by the library's one plan
+/// loader ([`persona_gate::directions::load_plan`]).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PlanArgs {
+    /// Intervention plan (JSON or TOML; directions inline or as {file, layer}) applied to every
+    /// sequence, before the --ablate/--cap/--add ops.
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// Add COEFF x unit direction: FILE[L]:COEFF@LAYERS[/prompt|generated] (repeatable).
+    /// [L] uses layer L's vector at every layer; without it each layer uses its own vector.
+    /// Example: --add compliant.safetensors:2@12-16
+    #[arg(long, value_name = "FILE[L]:COEFF@LAYERS")]
+    pub add: Vec<String>,
+    /// Add COEFF x the vector as stored (not normalized), e.g. the raw difference in means.
+    #[arg(long, value_name = "FILE[L]:COEFF@LAYERS")]
+    pub add_raw: Vec<String>,
+    /// Project the direction out: FILE[L]@LAYERS. Example: --ablate refusal.safetensors[12]@0-23
+    #[arg(long, value_name = "FILE[L]@LAYERS")]
+    pub ablate: Vec<String>,
+    /// Clamp the projection on the unit direction into [LO, HI] (either may be empty):
+    /// FILE[L]:LO:HI@LAYERS. Example: --cap axis.safetensors:-4:@10-20
+    #[arg(long, value_name = "FILE[L]:LO:HI@LAYERS")]
+    pub cap: Vec<String>,
+}
+
+impl PlanArgs {
+    /// The flags as the library's plan source.
+    pub fn source(&self) -> PlanSource {
+        PlanSource {
+            plan: self.plan.clone(),
+            ablate: self.ablate.clone(),
+            cap: self.cap.clone(),
+            add: self.add.clone(),
+            add_raw: self.add_raw.clone(),
+        }
+    }
+
+    /// Parse every spec without reading a file, so a typo fails before a model is loaded.
+    pub fn check(&self) -> Result<()> {
+        self.source().specs()?;
+        Ok(())
+    }
+
+    /// The plan compiled for `model` (`None` when no flag is given).
+    pub fn load(&self, model: &Model) -> Result<Option<Arc<CompiledPlan>>> {
+        Ok(load_compiled_plan(&self.source(), model)?)
+    }
+}
+
+/// `--plan FILE` alone (`pgate bench`, `pgate logits`), through the same loader: JSON or TOML,
+/// directions inline or by file.
+pub fn load_plan(path: Option<&Path>, model: &Model) -> Result<Option<Arc<CompiledPlan>>> {
+    let Some(p) = path else { return Ok(None) };
+    Ok(load_compiled_plan(&PlanSource::file(p), model)?)
 }
 
 /// Threads the CPU kernels run on (what the bench header reports).

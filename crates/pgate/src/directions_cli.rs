@@ -2,20 +2,17 @@
 //! argument parsing and printing over `persona_gate::directions`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use persona_gate::directions::capture::CaptureOptions;
 use persona_gate::directions::{
     export_control_vector, extract_trait, import_control_vector, random_directions, DirectionSet,
-    DirectionSpec, ExportOptions, GeometryReport, Method, PlanBuilder, Position, RandomOptions,
-    TraitOptions, TraitSpec,
+    ExportOptions, GeometryReport, Method, Position, RandomOptions, TraitOptions, TraitSpec,
 };
 use persona_gate::generate::Sampling;
-use persona_gate::intervene::{CompiledPlan, LayerSet};
-use persona_gate::model::Model;
+use persona_gate::intervene::LayerSet;
 
 use crate::ModelArgs;
 
@@ -154,76 +151,6 @@ pub enum DirectionsCmd {
     ///
     /// Example: pgate directions info compliant.safetensors
     Info { file: PathBuf },
-}
-
-/// Steering flags shared by `pgate generate`.
-#[derive(Args, Clone, Debug, Default)]
-pub struct SteerArgs {
-    /// Add COEFF x unit direction: FILE[L]:COEFF@LAYERS[/prompt|generated] (repeatable).
-    /// [L] uses layer L's vector at every layer; without it each layer uses its own vector.
-    /// Example: --add compliant.safetensors:2@12-16
-    #[arg(long, value_name = "FILE[L]:COEFF@LAYERS")]
-    pub add: Vec<String>,
-    /// Add COEFF x the vector as stored (not normalized), e.g. the raw difference in means.
-    #[arg(long, value_name = "FILE[L]:COEFF@LAYERS")]
-    pub add_raw: Vec<String>,
-    /// Project the direction out: FILE[L]@LAYERS. Example: --ablate refusal.safetensors[12]@0-23
-    #[arg(long, value_name = "FILE[L]@LAYERS")]
-    pub ablate: Vec<String>,
-    /// Clamp the projection on the unit direction into [LO, HI] (either may be empty):
-    /// FILE[L]:LO:HI@LAYERS. Example: --cap axis.safetensors:-4:@10-20
-    #[arg(long, value_name = "FILE[L]:LO:HI@LAYERS")]
-    pub cap: Vec<String>,
-}
-
-impl SteerArgs {
-    /// Parse every spec (before a model is loaded, so a typo fails fast).
-    pub fn specs(&self) -> Result<Vec<DirectionSpec>> {
-        Ok(self
-            .ablate
-            .iter()
-            .map(|s| DirectionSpec::parse_ablate(s))
-            .chain(self.cap.iter().map(|s| DirectionSpec::parse_cap(s)))
-            .chain(self.add.iter().map(|s| DirectionSpec::parse_add(s)))
-            .chain(self.add_raw.iter().map(|s| DirectionSpec::parse_add_raw(s)))
-            .collect::<persona_gate::Result<Vec<_>>>()?)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.add.is_empty()
-            && self.add_raw.is_empty()
-            && self.ablate.is_empty()
-            && self.cap.is_empty()
-    }
-}
-
-/// The plan of `pgate generate`: the `--plan` file (JSON or TOML, directions inline or as file
-/// references), then the flag operations in the order ablate, cap, add, add-raw (remove first,
-/// then bound, then steer), compiled for `model`.
-pub fn generate_plan(
-    plan: Option<&Path>,
-    steer: &SteerArgs,
-    model: &Model,
-) -> Result<Option<Arc<CompiledPlan>>> {
-    if plan.is_none() && steer.is_empty() {
-        return Ok(None);
-    }
-    let mut b = PlanBuilder::new();
-    if let Some(p) = plan {
-        b.plan_file(p)?;
-    }
-    for s in &steer.specs()? {
-        b.spec(s)?;
-    }
-    let cfg = model.config();
-    let plan = b.finish(cfg.n_layers, cfg.d_model)?;
-    let compiled = plan.compile(
-        cfg.n_layers,
-        cfg.d_model,
-        model.decoder.dtype(),
-        model.decoder.device(),
-    )?;
-    Ok(Some(Arc::new(compiled)))
 }
 
 fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {

@@ -3,12 +3,10 @@
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use persona_gate::generate::{generate_chat, ChatPrompt, GenSettings, Sampling};
-use persona_gate::intervene::InterventionPlan;
 use persona_gate::model::{LoadOptions, Model, ModelSource};
 
 mod args;
@@ -21,7 +19,7 @@ mod serve_cli;
 mod study_cli;
 mod synth_cli;
 
-pub(crate) use args::{rayon_threads, ModelArgs};
+pub(crate) use args::{load_plan, rayon_threads, ModelArgs};
 
 #[derive(Parser)]
 #[command(
@@ -78,12 +76,8 @@ enum Cmd {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Intervention plan (JSON or TOML; directions inline or as {file, layer}) applied to every
-        /// sequence, before the --ablate/--cap/--add ops.
-        #[arg(long)]
-        plan: Option<PathBuf>,
         #[command(flatten)]
-        steer: directions_cli::SteerArgs,
+        plan: args::PlanArgs,
         /// Write one JSON line per completion here (as each finishes).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -103,7 +97,8 @@ enum Cmd {
         prompt_tokens: Option<usize>,
         #[arg(long, default_value_t = 1)]
         reps: usize,
-        /// Intervention plan (JSON) applied during the benchmark.
+        /// Intervention plan (JSON or TOML, directions inline or by file) applied during the
+        /// benchmark.
         #[arg(long)]
         plan: Option<PathBuf>,
         /// Built-in steering plans to run in turn (seeded random directions): none, add
@@ -272,7 +267,6 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             seed,
             plan,
-            steer,
             out,
         } => {
             let mut list: Vec<ChatPrompt> = prompt
@@ -285,9 +279,9 @@ fn run(cli: Cli) -> Result<()> {
             if list.is_empty() {
                 bail!("no prompts: give --prompt TEXT or --prompts FILE.jsonl");
             }
-            steer.specs()?;
+            plan.check()?;
             let model = m.load()?;
-            let plan = directions_cli::generate_plan(plan.as_deref(), &steer, &model)?;
+            let plan = plan.load(&model)?;
             let settings = GenSettings {
                 max_new_tokens: max_tokens,
                 sampling: Sampling {
@@ -421,25 +415,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn load_plan(
-    path: Option<&std::path::Path>,
-    model: &Model,
-) -> Result<Option<Arc<persona_gate::intervene::CompiledPlan>>> {
-    let Some(p) = path else { return Ok(None) };
-    let text =
-        std::fs::read_to_string(p).with_context(|| format!("reading plan {}", p.display()))?;
-    let plan: InterventionPlan = serde_json::from_str(&text)
-        .with_context(|| format!("plan {} is not a valid intervention plan", p.display()))?;
-    let cfg = model.config();
-    let compiled = plan.compile(
-        cfg.n_layers,
-        cfg.d_model,
-        model.decoder.dtype(),
-        model.decoder.device(),
-    )?;
-    Ok(Some(Arc::new(compiled)))
 }
 
 fn read_prompts(path: &std::path::Path, system: Option<&str>) -> Result<Vec<ChatPrompt>> {

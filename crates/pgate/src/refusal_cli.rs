@@ -134,11 +134,8 @@ pub struct EvalArgs {
     pub max_tokens: usize,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Intervention plan file (JSON or TOML).
-    #[arg(long)]
-    pub plan: Option<PathBuf>,
     #[command(flatten)]
-    pub steer: crate::directions_cli::SteerArgs,
+    pub plan: crate::args::PlanArgs,
     /// Write every output with its label as JSONL.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -157,8 +154,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if let Some(n) = a.n {
         set = set.take(n);
     }
+    a.plan.check()?;
     let model = a.m.load()?;
-    let plan = crate::directions_cli::generate_plan(a.plan.as_deref(), &a.steer, &model)?;
+    let plan = a.plan.load(&model)?;
     let prompts: Vec<ChatPrompt> = set
         .items
         .iter()

@@ -8,14 +8,8 @@
 use serde::Serialize;
 
 use super::set::DirectionSet;
-use super::util::{dot, norm};
+pub use super::util::cosine;
 use crate::{Error, Result};
-
-/// Cosine similarity, `None` when either vector is zero.
-pub fn cosine(a: &[f32], b: &[f32]) -> Option<f64> {
-    let d = norm(a) * norm(b);
-    (d > 0.0).then(|| (dot(a, b) / d).clamp(-1.0, 1.0))
-}
 
 /// Expected `|cos|` between two independent random directions in `d` dimensions.
 pub fn random_abs_cos(d: usize) -> f64 {

@@ -17,12 +17,14 @@
 //! - [`set`]: [`DirectionSet`], the value type: vectors, metadata, arithmetic, safetensors files.
 //! - [`gguf`]: llama.cpp control-vector GGUF export and import.
 //! - [`geometry`]: norms and cosines between directions and across layers.
-//! - [`spec`]: intervention plans built from direction files (`--add FILE:COEFF@LAYERS`, TOML plans).
+//! - [`spec`]: command-line steering specs (`--add FILE:COEFF@LAYERS`) and the operations they make.
+//! - [`plan`]: whole plans from plan files (JSON, TOML) and specs: [`PlanSource`], [`load_plan`].
 
 pub mod capture;
 pub mod extract;
 pub mod geometry;
 pub mod gguf;
+pub mod plan;
 pub mod random;
 pub mod set;
 pub mod spec;
@@ -34,10 +36,13 @@ pub use extract::{
     diff_in_means, diff_in_means_prompts, extract_trait, paired_pc1, prompt_set_sha256,
     refusal_candidates, Method, TraitExtraction, TraitOptions,
 };
-pub use geometry::{cosine, GeometryReport};
+pub use geometry::GeometryReport;
 pub use gguf::{export_control_vector, import_control_vector, ExportOptions, ExportSummary};
+pub use plan::{
+    compile_for, load_compiled_plan, load_plan, load_plan_with, PlanBuilder, PlanSource,
+};
 pub use random::{random_directions, RandomOptions};
 pub use set::{Direction, DirectionMeta, DirectionSet};
-pub use spec::{DirectionSpec, PlanBuilder};
+pub use spec::DirectionSpec;
 pub use traits::{InstructionPair, TraitSpec, BUILTIN_TRAITS};
-pub use util::model_sha256;
+pub use util::{cosine, model_sha256};

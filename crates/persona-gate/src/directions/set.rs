@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::util::{dot, norm, now_utc};
+use super::util::{cosine, dot, norm, now_utc};
 use crate::{Error, Result};
 
 /// Tag written under `pgate.format` so readers know the layout below.
@@ -390,7 +390,7 @@ impl DirectionSet {
         Ok(self
             .rows()
             .zip(other.rows())
-            .map(|(a, b)| super::geometry::cosine(a, b))
+            .map(|(a, b)| cosine(a, b))
             .collect())
     }
 

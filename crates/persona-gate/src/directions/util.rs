@@ -1,4 +1,4 @@
-//! Small helpers shared by the direction modules: vector arithmetic in f64, UTC timestamps, and the
+//! Small helpers shared by the direction modules: vector arithmetic in f64 (dot, norm, cosine), UTC timestamps, and the
 //! model's file hash for provenance.
 
 use std::path::Path;
@@ -13,6 +13,13 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
 
 pub(crate) fn norm(a: &[f32]) -> f64 {
     dot(a, a).sqrt()
+}
+
+/// Cosine similarity, `None` when either vector is zero. Lives with the other vector helpers (not
+/// in `geometry`) so that `set` can compare sets without depending on the report built on top of it.
+pub fn cosine(a: &[f32], b: &[f32]) -> Option<f64> {
+    let d = norm(a) * norm(b);
+    (d > 0.0).then(|| (dot(a, b) / d).clamp(-1.0, 1.0))
 }
 
 /// `RFC 3339` UTC time of now, second precision (no date crate needed for one timestamp).
