@@ -754,7 +754,32 @@ impl StudyFile {
 
     /// Every condition: the `[[condition]]` tables, then each sweep's expansion, checked.
     pub fn conditions(&self) -> Result<Vec<ConditionDraft>> {
-        let mut out: Vec<ConditionDraft> = Vec::new();
+        let mut out = self.plain_conditions()?;
+        let n_plain = out.len();
+        for (si, s) in self.sweeps.iter().enumerate() {
+            let expanded = self.expand_sweep(si, s, &out[..n_plain], out.len())?;
+            out.extend(expanded);
+        }
+        if out.is_empty() {
+            return Err(invalid(
+                "no conditions: add [[condition]] name = \"baseline\"".into(),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for c in &out {
+            if !seen.insert(c.name.as_str()) {
+                return Err(invalid(format!(
+                    "two conditions are named '{}' (sweep names must differ from each other and from [[condition]] names)",
+                    c.name
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `[[condition]]` tables, each checked.
+    fn plain_conditions(&self) -> Result<Vec<ConditionDraft>> {
+        let mut out = Vec::new();
         for c in &self.conditions {
             check_name("condition", &c.name)?;
             let what = format!("condition '{}'", c.name);
@@ -778,160 +803,186 @@ impl StudyFile {
                 vars: BTreeMap::new(),
             });
         }
-        let n_plain = out.len();
-        for (si, s) in self.sweeps.iter().enumerate() {
-            let label = s
-                .name
-                .clone()
-                .or_else(|| s.base.clone())
-                .unwrap_or_else(|| format!("sweep{}", si + 1));
-            let what = format!("sweep '{label}'");
-            let base = match &s.base {
-                None => None,
-                Some(b) => Some(
-                    out[..n_plain]
-                        .iter()
-                        .find(|c| &c.name == b)
-                        .cloned()
-                        .ok_or_else(|| {
-                            invalid(format!(
-                                "{what}: base '{b}' is not a [[condition]] ({})",
-                                self.conditions
-                                    .iter()
-                                    .map(|c| c.name.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ))
-                        })?,
-                ),
-            };
-            let vars = sweep_vars(&what, &s.vars)?;
-            if vars.is_empty() {
-                return Err(invalid(format!(
-                    "{what}: no variables (add e.g. coeff = [4, 8] and use {{coeff}} in a spec)"
-                )));
-            }
-            // Every variable must appear somewhere.
-            let templates: Vec<&str> = s
-                .name
-                .iter()
-                .chain(s.persona.iter())
-                .chain(s.system.iter())
-                .map(String::as_str)
-                .collect();
-            let spec_texts: Vec<String> = [&s.add, &s.add_raw, &s.ablate, &s.cap]
-                .iter()
-                .flat_map(|f| f.items())
-                .collect();
-            // Unknown placeholders first: a misspelled {var} also leaves its variable unused.
-            let probe: BTreeMap<String, String> = vars
-                .iter()
-                .map(|(k, v)| (k.clone(), v[0].clone()))
-                .collect();
-            for t in templates
-                .iter()
-                .copied()
-                .chain(spec_texts.iter().map(String::as_str))
-            {
-                substitute(t, &probe).map_err(|e| invalid(format!("{what}: {e}")))?;
-            }
-            for (v, _) in &vars {
-                let needle = format!("{{{v}}}");
-                if !templates.iter().any(|t| t.contains(&needle))
-                    && !spec_texts.iter().any(|t| t.contains(&needle))
-                {
-                    return Err(invalid(format!(
-                        "{what}: variable '{v}' is used nowhere (write {{{v}}} in a spec or the name; or is '{v}' a misspelled field? fields: name, base, persona, system, add, add_raw, ablate, cap, prompts)"
-                    )));
-                }
-            }
-            let max = crate::model::limits::MAX_CONDITIONS;
-            match product_len(&vars) {
-                Some(n) if n <= max.saturating_sub(out.len()) => {}
-                n => {
-                    return Err(invalid(format!(
-                        "{what}: {} combinations would make more than {max} conditions",
-                        n.map_or("too many".to_string(), |n| n.to_string())
-                    )))
-                }
-            }
-            let names_templated = s.name.as_deref().is_some_and(has_placeholder);
-            for combo in product(&vars) {
-                let map: BTreeMap<String, String> = combo.iter().cloned().collect();
-                let sub = |t: &str, field: &str| -> Result<String> {
-                    substitute(t, &map).map_err(|e| invalid(format!("{what}: {field}: {e}")))
-                };
-                let suffix = combo
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let name = if names_templated {
-                    sub(s.name.as_deref().unwrap_or_default(), "name")?
-                } else {
-                    format!("{label}[{suffix}]")
-                };
-                let cwhat = format!("{what} ({suffix})");
-                let persona = s
-                    .persona
-                    .as_deref()
-                    .map(|p| sub(p, "persona"))
-                    .transpose()?;
-                let system = s.system.as_deref().map(|p| sub(p, "system")).transpose()?;
-                let (persona, system) = if persona.is_some() || system.is_some() {
-                    let sys = self.system_of(&cwhat, &persona, &system)?;
-                    (persona, sys)
-                } else {
-                    match &base {
-                        Some(b) => (b.persona.clone(), b.system.clone()),
-                        None => (None, None),
-                    }
-                };
-                let subs = |f: &OneOrMany, key: &str| -> Result<Vec<String>> {
-                    f.items().iter().map(|t| sub(t, key)).collect()
-                };
-                let mut ops = base.as_ref().map(|b| b.ops.clone()).unwrap_or_default();
-                ops.extend(self.op_drafts(
-                    &cwhat,
-                    [
-                        (OpField::Add, subs(&s.add, "add")?),
-                        (OpField::AddRaw, subs(&s.add_raw, "add_raw")?),
-                        (OpField::Ablate, subs(&s.ablate, "ablate")?),
-                        (OpField::Cap, subs(&s.cap, "cap")?),
-                    ],
-                )?);
-                let prompts = match (&s.prompts, &base) {
-                    (Some(_), _) | (None, None) => self.check_prompts(&cwhat, &s.prompts)?,
-                    (None, Some(b)) => b.prompts.clone(),
-                };
-                let mut all_vars = base.as_ref().map(|b| b.vars.clone()).unwrap_or_default();
-                all_vars.extend(map.clone());
-                out.push(ConditionDraft {
-                    name,
-                    persona,
-                    system,
-                    ops,
-                    prompts,
-                    vars: all_vars,
-                });
-            }
-        }
-        if out.is_empty() {
-            return Err(invalid(
-                "no conditions: add [[condition]] name = \"baseline\"".into(),
-            ));
-        }
-        let mut seen = BTreeSet::new();
-        for c in &out {
-            if !seen.insert(c.name.as_str()) {
-                return Err(invalid(format!(
-                    "two conditions are named '{}' (sweep names must differ from each other and from [[condition]] names)",
-                    c.name
-                )));
-            }
-        }
         Ok(out)
     }
+
+    /// The conditions of sweep number `si` (0-based): one per combination of its variables, on
+    /// top of its base among `plain`; `before` conditions exist already (for the limit).
+    fn expand_sweep(
+        &self,
+        si: usize,
+        s: &SweepSection,
+        plain: &[ConditionDraft],
+        before: usize,
+    ) -> Result<Vec<ConditionDraft>> {
+        let label = s
+            .name
+            .clone()
+            .or_else(|| s.base.clone())
+            .unwrap_or_else(|| format!("sweep{}", si + 1));
+        let what = format!("sweep '{label}'");
+        let base = self.sweep_base(&what, s, plain)?;
+        let vars = sweep_vars(&what, &s.vars)?;
+        if vars.is_empty() {
+            return Err(invalid(format!(
+                "{what}: no variables (add e.g. coeff = [4, 8] and use {{coeff}} in a spec)"
+            )));
+        }
+        check_sweep_placeholders(&what, s, &vars)?;
+        let max = crate::model::limits::MAX_CONDITIONS;
+        match product_len(&vars) {
+            Some(n) if n <= max.saturating_sub(before) => {}
+            n => {
+                return Err(invalid(format!(
+                    "{what}: {} combinations would make more than {max} conditions",
+                    n.map_or("too many".to_string(), |n| n.to_string())
+                )))
+            }
+        }
+        product(&vars)
+            .iter()
+            .map(|combo| self.sweep_condition(&what, &label, s, base.as_ref(), combo))
+            .collect()
+    }
+
+    /// The `[[condition]]` a sweep builds on (`base = "..."`), if it names one.
+    fn sweep_base(
+        &self,
+        what: &str,
+        s: &SweepSection,
+        plain: &[ConditionDraft],
+    ) -> Result<Option<ConditionDraft>> {
+        let Some(b) = &s.base else {
+            return Ok(None);
+        };
+        plain
+            .iter()
+            .find(|c| &c.name == b)
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{what}: base '{b}' is not a [[condition]] ({})",
+                    self.conditions
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
+    /// One combination of a sweep's variables as a condition: its templates filled in, on top of
+    /// the base condition's persona, ops, prompts and variables.
+    fn sweep_condition(
+        &self,
+        what: &str,
+        label: &str,
+        s: &SweepSection,
+        base: Option<&ConditionDraft>,
+        combo: &[(String, String)],
+    ) -> Result<ConditionDraft> {
+        let map: BTreeMap<String, String> = combo.iter().cloned().collect();
+        let sub = |t: &str, field: &str| -> Result<String> {
+            substitute(t, &map).map_err(|e| invalid(format!("{what}: {field}: {e}")))
+        };
+        let suffix = combo
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let name = if s.name.as_deref().is_some_and(has_placeholder) {
+            sub(s.name.as_deref().unwrap_or_default(), "name")?
+        } else {
+            format!("{label}[{suffix}]")
+        };
+        let cwhat = format!("{what} ({suffix})");
+        let persona = s
+            .persona
+            .as_deref()
+            .map(|p| sub(p, "persona"))
+            .transpose()?;
+        let system = s.system.as_deref().map(|p| sub(p, "system")).transpose()?;
+        let (persona, system) = if persona.is_some() || system.is_some() {
+            let sys = self.system_of(&cwhat, &persona, &system)?;
+            (persona, sys)
+        } else {
+            match base {
+                Some(b) => (b.persona.clone(), b.system.clone()),
+                None => (None, None),
+            }
+        };
+        let subs = |f: &OneOrMany, key: &str| -> Result<Vec<String>> {
+            f.items().iter().map(|t| sub(t, key)).collect()
+        };
+        let mut ops = base.map(|b| b.ops.clone()).unwrap_or_default();
+        ops.extend(self.op_drafts(
+            &cwhat,
+            [
+                (OpField::Add, subs(&s.add, "add")?),
+                (OpField::AddRaw, subs(&s.add_raw, "add_raw")?),
+                (OpField::Ablate, subs(&s.ablate, "ablate")?),
+                (OpField::Cap, subs(&s.cap, "cap")?),
+            ],
+        )?);
+        let prompts = match (&s.prompts, base) {
+            (Some(_), _) | (None, None) => self.check_prompts(&cwhat, &s.prompts)?,
+            (None, Some(b)) => b.prompts.clone(),
+        };
+        let mut vars = base.map(|b| b.vars.clone()).unwrap_or_default();
+        vars.extend(map);
+        Ok(ConditionDraft {
+            name,
+            persona,
+            system,
+            ops,
+            prompts,
+            vars,
+        })
+    }
+}
+
+/// Every placeholder of a sweep's templates names one of its variables, and every variable
+/// appears somewhere (a misspelled field would otherwise leave its variable silently unused).
+fn check_sweep_placeholders(
+    what: &str,
+    s: &SweepSection,
+    vars: &[(String, Vec<String>)],
+) -> Result<()> {
+    let templates: Vec<&str> = s
+        .name
+        .iter()
+        .chain(s.persona.iter())
+        .chain(s.system.iter())
+        .map(String::as_str)
+        .collect();
+    let spec_texts: Vec<String> = [&s.add, &s.add_raw, &s.ablate, &s.cap]
+        .iter()
+        .flat_map(|f| f.items())
+        .collect();
+    // Unknown placeholders first: a misspelled {var} also leaves its variable unused.
+    let probe: BTreeMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v[0].clone()))
+        .collect();
+    for t in templates
+        .iter()
+        .copied()
+        .chain(spec_texts.iter().map(String::as_str))
+    {
+        substitute(t, &probe).map_err(|e| invalid(format!("{what}: {e}")))?;
+    }
+    for (v, _) in vars {
+        let needle = format!("{{{v}}}");
+        if !templates.iter().any(|t| t.contains(&needle))
+            && !spec_texts.iter().any(|t| t.contains(&needle))
+        {
+            return Err(invalid(format!(
+                "{what}: variable '{v}' is used nowhere (write {{{v}}} in a spec or the name; or is '{v}' a misspelled field? fields: name, base, persona, system, add, add_raw, ablate, cap, prompts)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The documented upper limits of [`crate::model::limits`] on what a study may ask for, checked

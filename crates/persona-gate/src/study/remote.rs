@@ -26,6 +26,7 @@ use super::store::{
 };
 use crate::endpoint::{Client, Completion, EndpointConfig, Failure};
 use crate::eval::judge::rule_leakage;
+use crate::eval::Label;
 use crate::{Error, Result};
 
 /// White-box fields of a local study's record that an endpoint study cannot have.
@@ -74,9 +75,13 @@ pub fn request_body(study: &Study, it: &WorkItem) -> Value {
     })
 }
 
+/// What a worker thread reports to the thread that owns the store.
 enum Msg {
+    /// A try of item `i` failed (retried or not).
     Failure(usize, Failure),
+    /// Item `i` was answered: the completion, tries, latency in ms, start time in ms.
     Done(usize, Completion, u32, u64, i64),
+    /// An item's tries all failed (or the run was stopped while it waited).
     GaveUp,
 }
 
@@ -102,27 +107,54 @@ pub fn run_endpoint_study(
     let server_models = client.list_models().ok();
     store.set_target(&study.hash, &target, &[], server_models.as_deref())?;
     let concurrency = opts.concurrency.unwrap_or(ep.concurrency).max(1);
-    let mut stats = EndpointRunStats {
+    let stats = EndpointRunStats {
         base_url: ep.normalized_base(),
         model: ep.model.clone(),
         concurrency,
-        server_models: server_models.clone(),
+        server_models,
         ..Default::default()
     };
 
-    let (pending, mut summary) = plan_pending(study, store, opts)?;
+    let (pending, summary) = plan_pending(study, store, opts)?;
     on_event(RunEvent::Planned {
         planned: pending.len(),
         summary: &summary,
     });
-    if pending.is_empty() {
-        summary.secs = t0.elapsed().as_secs_f64();
-        summary.endpoint = Some(stats);
-        return Ok(summary);
+    let mut rec = Recorder {
+        study,
+        store,
+        pending: &pending,
+        stop,
+        stats,
+        summary,
+        reported: BTreeSet::new(),
+    };
+    if !pending.is_empty() {
+        let bodies = request_bodies(study, &pending);
+        let res = send_all(&client, &bodies, concurrency, stop, &mut |msg| {
+            rec.handle(msg, on_event)
+        });
+        // Record the names the server reported even when the run failed half-way.
+        let reported: Vec<String> = rec.reported.iter().cloned().collect();
+        rec.store
+            .set_target(&study.hash, &target, &reported, None)?;
+        res?;
+        rec.stats.reported_models = reported;
+        rec.stats.cost = ep.cost(rec.stats.prompt_tokens, rec.stats.completion_tokens);
+        rec.summary.interrupted = stop.load(Ordering::SeqCst)
+            && rec.summary.written + rec.stats.gave_up < rec.summary.planned;
     }
+    let mut summary = rec.summary;
+    summary.secs = t0.elapsed().as_secs_f64();
+    summary.endpoint = Some(rec.stats);
+    Ok(summary)
+}
 
+/// The request body of every pending item, with its token estimate for the rate limiter (about
+/// four characters a token for the prompt, plus the answer's budget).
+fn request_bodies(study: &Study, pending: &[WorkItem]) -> Vec<(Value, u64)> {
     let g = &study.file.generation;
-    let bodies: Vec<(Value, u64)> = pending
+    pending
         .iter()
         .map(|it| {
             let c = &study.conditions[it.condition];
@@ -133,16 +165,26 @@ pub fn run_endpoint_study(
                 (chars / 4 + 8 + g.max_new_tokens) as u64,
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Send every body from `concurrency` worker threads; `handle` sees each outcome on this thread
+/// (the one that owns the store). An error from `handle` stops the workers and is returned.
+fn send_all(
+    client: &Client,
+    bodies: &[(Value, u64)],
+    concurrency: usize,
+    stop: &AtomicBool,
+    handle: &mut dyn FnMut(Msg) -> Result<()>,
+) -> Result<()> {
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
-    let workers = concurrency.min(pending.len());
-    let mut reported: BTreeSet<String> = BTreeSet::new();
-    let res = std::thread::scope(|s| -> Result<()> {
+    let workers = concurrency.min(bodies.len());
+    std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = mpsc::channel::<Msg>();
         for _ in 0..workers {
             let tx = tx.clone();
-            let (next, abort, client, bodies) = (&next, &abort, &client, &bodies);
+            let (next, abort) = (&next, &abort);
             s.spawn(move || loop {
                 if stop.load(Ordering::SeqCst) || abort.load(Ordering::SeqCst) {
                     break;
@@ -166,98 +208,6 @@ pub fn run_endpoint_study(
             });
         }
         drop(tx);
-        let mut handle = |msg: Msg| -> Result<()> {
-            match msg {
-                Msg::Failure(i, f) => {
-                    stats.requests += 1;
-                    stats.failed_tries += 1;
-                    let it = &pending[i];
-                    let set = &study.prompt_sets[it.set];
-                    store.insert_endpoint_failure(&EndpointFailureRow {
-                        study_hash: study.hash.clone(),
-                        condition_hash: study.conditions[it.condition].hash.clone(),
-                        prompt_set: set.hash.clone(),
-                        prompt_id: set.items[it.prompt].id.clone(),
-                        sample: it.sample as i64,
-                        attempt: f.attempt,
-                        kind: f.kind.name().to_string(),
-                        status: f.status,
-                        error: f.message.clone(),
-                        will_retry: f.will_retry,
-                        elapsed_ms: f.elapsed_ms,
-                        at: now_ms(),
-                    })?;
-                }
-                Msg::GaveUp => {
-                    if !stop.load(Ordering::SeqCst) {
-                        stats.gave_up += 1;
-                    }
-                }
-                Msg::Done(i, c, attempts, latency_ms, started) => {
-                    stats.requests += 1;
-                    let it = &pending[i];
-                    let cond = &study.conditions[it.condition];
-                    let set = &study.prompt_sets[it.set];
-                    let p = &set.items[it.prompt];
-                    let text = c.content.as_str();
-                    let rule = crate::label::rules::generation_label(text, study.file.english);
-                    let leak = rule_leakage(&p.text, text, rule.label);
-                    let usage = c.prompt_tokens.is_some() && c.completion_tokens.is_some();
-                    let (pt, ct) = (
-                        c.prompt_tokens.unwrap_or(0),
-                        c.completion_tokens.unwrap_or(0),
-                    );
-                    if let Some(m) = &c.model {
-                        reported.insert(m.clone());
-                    }
-                    let inserted = store.insert_endpoint_result(
-                        &NewResult {
-                            condition_hash: &cond.hash,
-                            prompt_set: &set.hash,
-                            prompt_id: &p.id,
-                            sample: it.sample,
-                            item_hash: &it.item_hash,
-                            seed: it.seed,
-                            output: text,
-                            n_tokens: ct as usize,
-                            prompt_tokens: pt as usize,
-                            finish: c.finish_reason.as_deref().unwrap_or("unknown"),
-                            label: rule.label.name(),
-                            labeler: GENERATION_LABELER,
-                            rule_json: serde_json::to_string(&rule).map_err(Error::from)?,
-                            leakage: leak.score,
-                            leakage_json: serde_json::to_string(&leak).map_err(Error::from)?,
-                            started_at: started,
-                            finished_at: now_ms(),
-                        },
-                        &EndpointCall {
-                            base_url: &stats.base_url,
-                            model_requested: &stats.model,
-                            model_reported: c.model.as_deref(),
-                            response_id: c.id.as_deref(),
-                            attempts,
-                            latency_ms,
-                            usage_reported: usage,
-                        },
-                    )?;
-                    if inserted {
-                        summary.written += 1;
-                        stats.prompt_tokens += pt;
-                        stats.completion_tokens += ct;
-                        summary.decode_tokens += ct as usize;
-                        summary.prefill_tokens += pt as usize;
-                        if !usage {
-                            stats.without_usage += 1;
-                        }
-                    }
-                    on_event(RunEvent::Written {
-                        condition: &cond.name,
-                        label: rule.label,
-                    });
-                }
-            }
-            Ok(())
-        };
         for msg in rx {
             if let Err(e) = handle(msg) {
                 abort.store(true, Ordering::SeqCst);
@@ -265,16 +215,131 @@ pub fn run_endpoint_study(
             }
         }
         Ok(())
-    });
-    // Record the names the server reported even when the run failed half-way.
-    let reported: Vec<String> = reported.into_iter().collect();
-    store.set_target(&study.hash, &target, &reported, None)?;
-    res?;
-    stats.reported_models = reported;
-    stats.cost = ep.cost(stats.prompt_tokens, stats.completion_tokens);
-    summary.interrupted =
-        stop.load(Ordering::SeqCst) && summary.written + stats.gave_up < summary.planned;
-    summary.secs = t0.elapsed().as_secs_f64();
-    summary.endpoint = Some(stats);
-    Ok(summary)
+    })
+}
+
+/// Commits what the workers report: failed tries to `endpoint_failures`, answers (labelled like a
+/// local run's) to the results with their call record, and keeps the run's counts.
+struct Recorder<'a> {
+    study: &'a Study,
+    store: &'a mut Store,
+    pending: &'a [WorkItem],
+    stop: &'a AtomicBool,
+    stats: EndpointRunStats,
+    summary: RunSummary,
+    /// Distinct `model` names in the answers.
+    reported: BTreeSet<String>,
+}
+
+impl Recorder<'_> {
+    fn handle(&mut self, msg: Msg, on_event: &mut dyn FnMut(RunEvent<'_>)) -> Result<()> {
+        match msg {
+            Msg::Failure(i, f) => self.failure(i, &f),
+            Msg::GaveUp => {
+                if !self.stop.load(Ordering::SeqCst) {
+                    self.stats.gave_up += 1;
+                }
+                Ok(())
+            }
+            Msg::Done(i, c, attempts, latency_ms, started) => {
+                let label = self.answer(i, &c, attempts, latency_ms, started)?;
+                let it = &self.pending[i];
+                on_event(RunEvent::Written {
+                    condition: &self.study.conditions[it.condition].name,
+                    label,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn failure(&mut self, i: usize, f: &Failure) -> Result<()> {
+        self.stats.requests += 1;
+        self.stats.failed_tries += 1;
+        let it = &self.pending[i];
+        let set = &self.study.prompt_sets[it.set];
+        self.store.insert_endpoint_failure(&EndpointFailureRow {
+            study_hash: self.study.hash.clone(),
+            condition_hash: self.study.conditions[it.condition].hash.clone(),
+            prompt_set: set.hash.clone(),
+            prompt_id: set.items[it.prompt].id.clone(),
+            sample: it.sample as i64,
+            attempt: f.attempt,
+            kind: f.kind.name().to_string(),
+            status: f.status,
+            error: f.message.clone(),
+            will_retry: f.will_retry,
+            elapsed_ms: f.elapsed_ms,
+            at: now_ms(),
+        })
+    }
+
+    /// Label and store one answer; returns its label.
+    fn answer(
+        &mut self,
+        i: usize,
+        c: &Completion,
+        attempts: u32,
+        latency_ms: u64,
+        started: i64,
+    ) -> Result<Label> {
+        self.stats.requests += 1;
+        let study = self.study;
+        let it = &self.pending[i];
+        let cond = &study.conditions[it.condition];
+        let set = &study.prompt_sets[it.set];
+        let p = &set.items[it.prompt];
+        let text = c.content.as_str();
+        let rule = crate::label::rules::generation_label(text, study.file.english);
+        let leak = rule_leakage(&p.text, text, rule.label);
+        let usage = c.prompt_tokens.is_some() && c.completion_tokens.is_some();
+        let (pt, ct) = (
+            c.prompt_tokens.unwrap_or(0),
+            c.completion_tokens.unwrap_or(0),
+        );
+        if let Some(m) = &c.model {
+            self.reported.insert(m.clone());
+        }
+        let inserted = self.store.insert_endpoint_result(
+            &NewResult {
+                condition_hash: &cond.hash,
+                prompt_set: &set.hash,
+                prompt_id: &p.id,
+                sample: it.sample,
+                item_hash: &it.item_hash,
+                seed: it.seed,
+                output: text,
+                n_tokens: ct as usize,
+                prompt_tokens: pt as usize,
+                finish: c.finish_reason.as_deref().unwrap_or("unknown"),
+                label: rule.label.name(),
+                labeler: GENERATION_LABELER,
+                rule_json: serde_json::to_string(&rule).map_err(Error::from)?,
+                leakage: leak.score,
+                leakage_json: serde_json::to_string(&leak).map_err(Error::from)?,
+                started_at: started,
+                finished_at: now_ms(),
+            },
+            &EndpointCall {
+                base_url: &self.stats.base_url,
+                model_requested: &self.stats.model,
+                model_reported: c.model.as_deref(),
+                response_id: c.id.as_deref(),
+                attempts,
+                latency_ms,
+                usage_reported: usage,
+            },
+        )?;
+        if inserted {
+            self.summary.written += 1;
+            self.stats.prompt_tokens += pt;
+            self.stats.completion_tokens += ct;
+            self.summary.decode_tokens += ct as usize;
+            self.summary.prefill_tokens += pt as usize;
+            if !usage {
+                self.stats.without_usage += 1;
+            }
+        }
+        Ok(rule.label)
+    }
 }
