@@ -19,6 +19,12 @@
 //! for this tokenizer ("I", "As", "Sorry", "Unfortunately", ...; see [`refusal_tokens`]) and `p` the
 //! next-token distribution after the generation prompt, `score = log(p(R)) - log(1 - p(R))`: the
 //! log-odds that the answer opens like a refusal.
+//!
+//! [`extract_refusal`] is the whole operation behind `pgate extract refusal` (prompt sets by file or
+//! name, extraction, selection); [`rates`] measures label rates of a prompt set under a plan
+//! (`pgate eval`).
+
+pub mod rates;
 
 use std::sync::Arc;
 
@@ -26,6 +32,8 @@ use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::directions::{refusal_candidates, CaptureOptions, DirectionSet, Position};
+use crate::eval::PromptSet;
+use crate::events::{Event, EventSink};
 use crate::generate::{encode_chat, ChatPrompt};
 use crate::intervene::{CompiledPlan, InterventionPlan, LayerSet, OpKind, PlanHook, Sites};
 use crate::model::{KvCache, LogitsAt, Model};
@@ -287,4 +295,81 @@ pub fn select_refusal_direction(
         baseline_harmless,
         scores,
     })
+}
+
+/// One refusal-direction extraction: the prompt sets (files or names, see [`PromptSet::load`]),
+/// how many prompts of each, and the selection options.
+#[derive(Debug, Clone)]
+pub struct RefusalJob {
+    /// Harmful instructions for the means.
+    pub harmful: String,
+    /// Harmless instructions for the means.
+    pub harmless: String,
+    /// Harmful validation prompts for selection.
+    pub harmful_val: String,
+    /// Harmless validation prompts for selection.
+    pub harmless_val: String,
+    pub n_train: usize,
+    pub n_val: usize,
+    pub select: SelectOptions,
+}
+
+impl Default for RefusalJob {
+    fn default() -> Self {
+        RefusalJob {
+            harmful: "harmful_train".into(),
+            harmless: "harmless_train".into(),
+            harmful_val: "harmful_val".into(),
+            harmless_val: "harmless_val".into(),
+            n_train: 128,
+            n_val: 32,
+            select: SelectOptions::default(),
+        }
+    }
+}
+
+/// Load the job's prompt sets and select the refusal direction; what is being scored goes to
+/// `sink` as notes.
+pub fn extract_refusal(
+    model: &Model,
+    job: &RefusalJob,
+    sink: &mut dyn EventSink,
+) -> Result<Selection> {
+    let load =
+        |s: &str, n: usize| -> Result<Vec<String>> { Ok(PromptSet::load(s)?.take(n).texts()) };
+    select_refusal_direction(
+        model,
+        &load(&job.harmful, job.n_train)?,
+        &load(&job.harmless, job.n_train)?,
+        &load(&job.harmful_val, job.n_val)?,
+        &load(&job.harmless_val, job.n_val)?,
+        &job.select,
+        |msg| sink.event(Event::Note(msg.to_string())),
+    )
+}
+
+impl Selection {
+    /// The baseline scores and every candidate's scores with the chosen one marked, as a text table.
+    pub fn to_table(&self) -> String {
+        let mut out = format!(
+            "baseline refusal score: harmful {:.2}, harmless {:.2}\n",
+            self.baseline_harmful, self.baseline_harmless
+        );
+        out += &format!(
+            "{:>5} {:>6} {:>8} {:>8} {:>8} {:>8}  note\n",
+            "layer", "pos", "norm", "bypass", "induce", "KL"
+        );
+        for s in &self.scores {
+            let mark = if s.layer == self.layer && s.position == self.position {
+                "<- selected".to_string()
+            } else {
+                s.filtered.clone().unwrap_or_default()
+            };
+            out += &format!(
+                "{:>5} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.3}  {mark}\n",
+                s.layer, s.position, s.norm, s.bypass, s.induce, s.kl
+            );
+        }
+        out
+    }
 }

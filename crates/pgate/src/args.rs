@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use persona_gate::device::Device;
 use persona_gate::directions::{load_compiled_plan, PlanSource};
 use persona_gate::intervene::CompiledPlan;
@@ -153,6 +153,13 @@ impl PlanArgs {
 pub fn load_plan(path: Option<&Path>, model: &Model) -> Result<Option<Arc<CompiledPlan>>> {
     let Some(p) = path else { return Ok(None) };
     Ok(load_compiled_plan(&PlanSource::file(p), model)?)
+}
+
+/// Write `value` as pretty JSON to `path` (the `--json FILE`, `--scores FILE`, `--report FILE`
+/// outputs).
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Threads the CPU kernels run on (what the bench header reports).

@@ -1,18 +1,20 @@
 //! `pgate`: the persona-gate command line. Parses arguments, calls the library, prints results.
 //! Errors print as one line (`error: ...`) with a non-zero exit code.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use persona_gate::eval::prompts::read_chat_prompts;
 use persona_gate::generate::{generate_chat, ChatPrompt, GenSettings, Sampling};
-use persona_gate::model::{LoadOptions, Model, ModelSource};
+use progress::Progress;
 
 mod args;
 mod directions_cli;
 mod export_cli;
 mod label_cli;
+mod progress;
 mod refusal_cli;
 mod report_cli;
 mod serve_cli;
@@ -30,9 +32,6 @@ pub(crate) use args::{load_plan, rayon_threads, ModelArgs};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-    /// CPU threads for every command (default: PGATE_THREADS, else RAYON_NUM_THREADS, else the cores).
-    #[arg(long, global = true, value_name = "N")]
-    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -53,35 +52,7 @@ enum Cmd {
     /// Chat-generate for one or more prompts, in batches.
     ///
     /// Example: pgate generate q15 --prompt "How do I bake cookies?" --max-tokens 64
-    Generate {
-        #[command(flatten)]
-        m: ModelArgs,
-        /// A user message (repeatable).
-        #[arg(long)]
-        prompt: Vec<String>,
-        /// System prompt for every conversation (the template's default applies when absent).
-        #[arg(long)]
-        system: Option<String>,
-        /// JSONL file of prompts: {"prompt"|"user"|"instruction"|"forbidden_prompt": ..., "system"?: ..., "id"?: ...}.
-        #[arg(long)]
-        prompts: Option<PathBuf>,
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// Sampling temperature (0 = greedy).
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[command(flatten)]
-        plan: args::PlanArgs,
-        /// Write one JSON line per completion here (as each finishes).
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Generate(GenerateArgs),
     /// Prefill and decode throughput at several batch sizes.
     ///
     /// Example: pgate bench q15 --dtype q --batches 1,16
@@ -209,13 +180,40 @@ enum Cmd {
     },
 }
 
+/// `pgate generate`.
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// A user message (repeatable).
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// System prompt for every conversation (the template's default applies when absent).
+    #[arg(long)]
+    system: Option<String>,
+    /// JSONL file of prompts: {"prompt"|"user"|"instruction"|"forbidden_prompt": ..., "system"?: ..., "id"?: ...}.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    plan: args::PlanArgs,
+    /// Write one JSON line per completion here (as each finishes).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn main() {
     let cli = Cli::parse();
-    // SAFETY: at startup, before any thread exists (it sets the thread-count environment variables).
-    if let Err(e) = unsafe { persona_gate::kernels::init_threads(cli.threads) } {
-        eprintln!("error: {e}");
-        std::process::exit(2);
-    }
     if writes_only_to_stdout(&cli.cmd) {
         restore_sigpipe();
     }
@@ -255,95 +253,16 @@ fn run(cli: Cli) -> Result<()> {
             model,
             json,
             no_hash,
-        } => inspect(&model, json, no_hash),
-        Cmd::Generate {
-            m,
-            prompt,
-            system,
-            prompts,
-            max_tokens,
-            batch_size,
-            temperature,
-            top_p,
-            seed,
-            plan,
-            out,
         } => {
-            let mut list: Vec<ChatPrompt> = prompt
-                .into_iter()
-                .map(|p| ChatPrompt::new(p).with_system(system.clone()))
-                .collect();
-            if let Some(f) = &prompts {
-                list.extend(read_prompts(f, system.as_deref())?);
+            let found = persona_gate::model::inspect::inspect(&model, !no_hash)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found.to_json()?)?);
+            } else {
+                print!("{}", found.to_text());
             }
-            if list.is_empty() {
-                bail!("no prompts: give --prompt TEXT or --prompts FILE.jsonl");
-            }
-            plan.check()?;
-            let model = m.load()?;
-            let plan = plan.load(&model)?;
-            let settings = GenSettings {
-                max_new_tokens: max_tokens,
-                sampling: Sampling {
-                    temperature,
-                    top_p,
-                    seed,
-                },
-                batch_size,
-            };
-            let mut out_file = match &out {
-                Some(p) => Some(std::io::BufWriter::new(
-                    std::fs::File::create(p)
-                        .with_context(|| format!("creating {}", p.display()))?,
-                )),
-                None => None,
-            };
-            let bar = (prompts.is_some() || list.len() > 4).then(|| {
-                let b = indicatif::ProgressBar::new(list.len() as u64);
-                b.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:40} {pos}/{len} prompts  {elapsed_precise} eta {eta}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                b
-            });
-            let print_each = out.is_none();
-            let (_, stats) = generate_chat(&model, &list, &settings, plan, |_, c| {
-                if let Some(f) = out_file.as_mut() {
-                    serde_json::to_writer(&mut *f, c).map_err(persona_gate::Error::from)?;
-                    writeln!(f)
-                        .and_then(|_| f.flush())
-                        .map_err(|e| persona_gate::Error::io("--out", e))?;
-                }
-                if let Some(b) = &bar {
-                    b.inc(1);
-                }
-                if print_each {
-                    let line = |s: &str| {
-                        if let Some(b) = &bar {
-                            b.println(s)
-                        } else {
-                            println!("{s}")
-                        }
-                    };
-                    line(&format!("### {}", c.user));
-                    line(&format!("{}\n", c.text.trim()));
-                }
-                Ok(())
-            })?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            eprintln!(
-                "[pgate] {} prompts, {} new tokens, prefill {:.1} tok/s, decode {:.1} tok/s",
-                list.len(),
-                stats.decode_tokens + list.len(),
-                stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
-                stats.decode_tokens as f64 / stats.decode_secs.max(1e-9)
-            );
             Ok(())
         }
+        Cmd::Generate(a) => run_generate(a),
         Cmd::Bench {
             m,
             batches,
@@ -417,106 +336,66 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn read_prompts(path: &std::path::Path, system: Option<&str>) -> Result<Vec<ChatPrompt>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut out = Vec::new();
-    for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not valid JSON", path.display(), n + 1))?;
-        let user = match &v {
-            serde_json::Value::String(s) => s.clone(),
-            _ => ["prompt", "user", "instruction", "forbidden_prompt"]
-                .iter()
-                .find_map(|k| v.get(k).and_then(|x| x.as_str()))
-                .map(str::to_string)
-                .with_context(|| {
-                    format!(
-                        "{}:{}: no prompt/user/instruction field",
-                        path.display(),
-                        n + 1
-                    )
-                })?,
-        };
-        let sys = v
-            .get("system")
-            .and_then(|x| x.as_str())
-            .map(str::to_string)
-            .or(system.map(str::to_string));
-        let id = v.get("id").map(|x| {
-            x.as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| x.to_string())
-        });
-        out.push(ChatPrompt {
-            id: id.or(Some(format!("{}", n + 1))),
-            system: sys,
-            user,
-        });
-    }
-    if out.is_empty() {
-        bail!("{}: no prompts in file", path.display());
-    }
-    Ok(out)
-}
-
-fn inspect(spec: &str, json: bool, no_hash: bool) -> Result<()> {
-    let src = ModelSource::resolve(spec)?;
-    // Loading in q mode keeps memory low and checks every tensor is readable.
-    let model = Model::load_source(&src, &LoadOptions::default())?;
-    let mut info = serde_json::to_value(&model.info)?;
-    if !no_hash {
-        let mut hashes = serde_json::Map::new();
-        for f in &model.info.files {
-            hashes.insert(
-                f.display().to_string(),
-                persona_gate::hash::sha256_file(f)?.into(),
-            );
-        }
-        info["sha256"] = hashes.into();
-    }
-    info["chat_template_sha256"] = model.tokenizer.chat_template_sha256().into();
-    info["stop_tokens"] = model.tokenizer.stop_token_ids().into();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
-        return Ok(());
-    }
-    let i = &model.info;
-    println!("name           {}", i.name);
-    println!("source         {}", i.source);
-    println!("format         {}", i.format);
-    println!("architecture   {}", i.architecture);
-    println!("layers         {}", i.n_layers);
-    println!("width          {} (d_model)", i.d_model);
-    println!(
-        "heads          {} query, {} kv, head_dim {}",
-        i.n_heads, i.n_kv_heads, i.head_dim
-    );
-    println!("mlp            {}", i.d_ff);
-    println!("vocab          {}", i.vocab_size);
-    println!("context        {}", i.context_length);
-    println!("parameters     {:.1} M", i.n_params as f64 / 1e6);
-    let types: Vec<String> = i
-        .tensor_types
-        .iter()
-        .map(|(k, v)| format!("{k} x{v}"))
+/// Generate for every prompt, writing each completion to `--out` (JSONL) or stdout as it finishes.
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let mut list: Vec<ChatPrompt> = a
+        .prompt
+        .into_iter()
+        .map(|p| ChatPrompt::new(p).with_system(a.system.clone()))
         .collect();
-    println!("tensor types   {}", types.join(", "));
-    println!(
-        "chat template  {}",
-        if i.chat_template {
-            "present"
-        } else {
-            "absent (base model)"
-        }
-    );
-    if let Some(h) = info.get("sha256").and_then(|h| h.as_object()) {
-        for (f, s) in h {
-            println!("sha256         {} {}", s.as_str().unwrap_or(""), f);
-        }
+    if let Some(f) = &a.prompts {
+        list.extend(read_chat_prompts(f, a.system.as_deref())?);
     }
+    if list.is_empty() {
+        bail!("no prompts: give --prompt TEXT or --prompts FILE.jsonl");
+    }
+    a.plan.check()?;
+    let model = a.m.load()?;
+    let plan = a.plan.load(&model)?;
+    let settings = GenSettings {
+        max_new_tokens: a.max_tokens,
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        batch_size: a.batch_size,
+    };
+    let mut out = match &a.out {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let bar = (a.prompts.is_some() || list.len() > 4).then(|| Progress::bar(list.len(), "prompts"));
+    let (_, stats) = generate_chat(&model, &list, &settings, plan, |_, c| {
+        match out.as_mut() {
+            Some(f) => {
+                serde_json::to_writer(&mut *f, c).map_err(persona_gate::Error::from)?;
+                writeln!(f)
+                    .and_then(|_| f.flush())
+                    .map_err(|e| persona_gate::Error::io("--out", e))?;
+            }
+            None => {
+                let text = format!("### {}\n{}\n", c.user, c.text.trim());
+                match &bar {
+                    Some(b) => b.print(&text),
+                    None => println!("{text}"),
+                }
+            }
+        }
+        if let Some(b) = &bar {
+            b.inc();
+        }
+        Ok(())
+    })?;
+    drop(bar);
+    eprintln!(
+        "[pgate] {} prompts, {} new tokens, prefill {:.1} tok/s, decode {:.1} tok/s",
+        list.len(),
+        stats.decode_tokens + list.len(),
+        stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
+        stats.decode_tokens as f64 / stats.decode_secs.max(1e-9)
+    );
     Ok(())
 }

@@ -356,6 +356,58 @@ fn download(url: &str, dest: &Path, sha256: &str) -> Result<()> {
     std::fs::write(dest, &body).map_err(|e| Error::io(dest, e))
 }
 
+/// The prompts of a JSONL file for `pgate generate --prompts`: each line a string or an object
+/// with `prompt` / `user` / `instruction` / `forbidden_prompt`, optional `system` (else `system`
+/// given here) and `id` (else the line number). Unlike [`PromptSet`], each prompt may carry its own
+/// system prompt.
+pub fn read_chat_prompts(
+    path: &Path,
+    system: Option<&str>,
+) -> Result<Vec<crate::generate::ChatPrompt>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), n + 1);
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::InvalidValue(format!("{at}: not valid JSON: {e}")))?;
+        let user = match &v {
+            serde_json::Value::String(s) => s.clone(),
+            _ => ["prompt", "user", "instruction", "forbidden_prompt"]
+                .iter()
+                .find_map(|k| v.get(k).and_then(|x| x.as_str()))
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    Error::InvalidValue(format!("{at}: no prompt/user/instruction field"))
+                })?,
+        };
+        let sys = v
+            .get("system")
+            .and_then(|x| x.as_str())
+            .or(system)
+            .map(str::to_string);
+        let id = v.get("id").map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| x.to_string())
+        });
+        out.push(crate::generate::ChatPrompt {
+            id: id.or(Some(format!("{}", n + 1))),
+            system: sys,
+            user,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::Empty(format!(
+            "{}: no prompts in file",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ pub mod decoder;
 pub mod export;
 pub mod gemma3;
 pub mod gguf_check;
+pub mod inspect;
 pub mod kv_cache;
 pub mod limits;
 pub mod llama;
