@@ -1,19 +1,21 @@
-//! `pgate extract`, `pgate geometry`, `pgate directions` and the steering flags of `pgate generate`:
+//! `pgate extract`, `pgate geometry` and `pgate directions`:
 //! argument parsing and printing over `persona_gate::directions`.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use persona_gate::directions::capture::CaptureOptions;
 use persona_gate::directions::{
-    export_control_vector, extract_trait, import_control_vector, random_directions, DirectionSet,
-    ExportOptions, GeometryReport, Method, Position, RandomOptions, TraitOptions, TraitSpec,
+    export_gguf_file, extract_trait_files, import_control_vector, random_file, random_references,
+    DirectionSet, ExportOptions, GeometryReport, Method, Position, RandomJob, TraitOptions,
+    TraitOutputs, TraitSpec,
 };
 use persona_gate::generate::Sampling;
 use persona_gate::intervene::LayerSet;
 
+use crate::args::write_json;
+use crate::progress::Progress;
 use crate::ModelArgs;
 
 #[derive(Subcommand)]
@@ -153,58 +155,19 @@ pub enum DirectionsCmd {
     Info { file: PathBuf },
 }
 
-fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(total);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{{bar:40}} {{pos}}/{{len}} {what}  {{elapsed_precise}} eta {{eta}}"
-        ))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    b
-}
-
 pub fn run_extract(cmd: ExtractCmd) -> Result<()> {
     match cmd {
         ExtractCmd::Trait(a) => extract_trait_cmd(a),
         ExtractCmd::Refusal(a) => crate::refusal_cli::run_refusal(a),
         ExtractCmd::Random(a) => {
-            let load = |p: &Option<PathBuf>| -> Result<Option<DirectionSet>> {
-                p.as_ref()
-                    .map(|p| DirectionSet::load(p).map_err(anyhow::Error::from))
-                    .transpose()
+            let job = RandomJob {
+                seed: a.seed,
+                like: a.like,
+                orthogonal_to: a.orthogonal_to,
             };
-            let like = load(&a.like)?;
-            let orth = load(&a.orthogonal_to)?;
+            let refs = random_references(&job)?;
             let model = a.m.load()?;
-            let cfg = model.config();
-            let mut set = random_directions(
-                cfg.n_layers,
-                cfg.d_model,
-                &RandomOptions {
-                    seed: a.seed,
-                    orthogonal_to: orth.as_ref(),
-                    like: like.as_ref(),
-                },
-            )?;
-            set.meta = set.meta.clone().with_model(&model, false);
-            set.save(&a.out)?;
-            let norms = set.norms();
-            println!(
-                "wrote {}: random-gaussian seed {}, {} layers x {}{}{}; norms {:.3}..{:.3}",
-                a.out.display(),
-                a.seed,
-                cfg.n_layers,
-                cfg.d_model,
-                orth.as_ref()
-                    .map(|o| format!(", orthogonal to {}", o.name()))
-                    .unwrap_or_default(),
-                like.as_ref()
-                    .map(|o| format!(", norm-matched to {}", o.name()))
-                    .unwrap_or_default(),
-                norms.iter().cloned().fold(f64::INFINITY, f64::min),
-                norms.iter().cloned().fold(0.0, f64::max),
-            );
+            println!("{}", random_file(&model, &job, &refs, &a.out)?.summary());
             Ok(())
         }
     }
@@ -212,11 +175,9 @@ pub fn run_extract(cmd: ExtractCmd) -> Result<()> {
 
 fn extract_trait_cmd(a: TraitArgs) -> Result<()> {
     let spec = TraitSpec::load(&a.trait_name)?;
-    let position = Position::parse(&a.position)?;
-    let method = Method::parse(&a.method)?;
     let opts = TraitOptions {
-        position,
-        method,
+        position: Position::parse(&a.position)?,
+        method: Method::parse(&a.method)?,
         max_questions: a.max_questions,
         max_pairs: a.max_pairs,
         capture: CaptureOptions {
@@ -232,84 +193,13 @@ fn extract_trait_cmd(a: TraitArgs) -> Result<()> {
     };
     opts.capture.sampling.validate()?;
     let model = a.m.load()?;
-    let n_pairs = a
-        .max_pairs
-        .unwrap_or(usize::MAX)
-        .min(spec.instruction.len());
-    let n_q = a
-        .max_questions
-        .unwrap_or(usize::MAX)
-        .min(spec.questions.len());
-    let total = 2 * n_pairs * n_q;
-    eprintln!(
-        "[pgate] trait {} ({}): {n_pairs} instruction pairs x {n_q} questions x 2 sides = {total} prompts, position {position}",
-        spec.name, spec.source
-    );
-    let t0 = std::time::Instant::now();
-    let bar = progress_bar(
-        total as u64,
-        if position == Position::Response {
-            "answers"
-        } else {
-            "prompts"
-        },
-    );
-    let ex = extract_trait(&model, &spec, &opts, |_, done, _| {
-        bar.set_position(done as u64)
-    })?;
-    bar.finish_and_clear();
-    ex.set.save(&a.out)?;
-    if let Some(prefix) = &a.save_activations {
-        let with = |suffix: &str| {
-            let mut s = prefix.clone().into_os_string();
-            s.push(suffix);
-            PathBuf::from(s)
-        };
-        ex.pos.save(&with(".pos.safetensors"))?;
-        ex.neg.save(&with(".neg.safetensors"))?;
-    }
-    if let Some(path) = &a.responses {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        for (side, acts, prompts) in [
-            ("pos", &ex.pos, &ex.pos_prompts),
-            ("neg", &ex.neg, &ex.neg_prompts),
-        ] {
-            let Some(answers) = &acts.responses else {
-                continue;
-            };
-            for ((p, ans), n) in prompts.iter().zip(answers).zip(&acts.counts) {
-                let line = serde_json::json!({
-                    "side": side, "id": p.id, "system": p.system, "question": p.user,
-                    "answer": ans, "tokens_averaged": n,
-                });
-                writeln!(f, "{line}")?;
-            }
-        }
-        f.flush()?;
-    }
-    let sep = ex.separation();
-    let norms = ex.set.norms();
-    println!(
-        "wrote {}: trait {}, {} on {}, position {}, {} + {} prompts, {:.1}s",
-        a.out.display(),
-        spec.name,
-        ex.set.meta.method,
-        model.info.name,
-        position,
-        ex.set.meta.n_pos,
-        ex.set.meta.n_neg,
-        t0.elapsed().as_secs_f64()
-    );
-    println!(
-        "{:>5} {:>10} {:>12} {:>12}",
-        "layer", "|v|", "proj(pos)", "proj(neg)"
-    );
-    let f = |x: Option<f64>| x.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
-    for (l, (n, (p, q))) in norms.iter().zip(sep).enumerate() {
-        println!("{l:>5} {n:>10.3} {:>12} {:>12}", f(p), f(q));
-    }
+    let outputs = TraitOutputs {
+        direction: a.out,
+        activations: a.save_activations,
+        responses: a.responses,
+    };
+    let run = extract_trait_files(&model, &spec, &opts, &outputs, &mut Progress::new())?;
+    print!("{}", run.summary());
     Ok(())
 }
 
@@ -317,17 +207,15 @@ pub fn run_geometry(a: GeometryArgs) -> Result<()> {
     let sets = a
         .files
         .iter()
-        .map(|p| DirectionSet::load(p).map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
-    let refs: Vec<&DirectionSet> = sets.iter().collect();
-    let report = GeometryReport::new(&refs, a.all_layers)?;
+        .map(|p| DirectionSet::load(p))
+        .collect::<persona_gate::Result<Vec<_>>>()?;
+    let report = GeometryReport::new(&sets.iter().collect::<Vec<_>>(), a.all_layers)?;
     print!("{}", report.to_table());
     if let Some(p) = &a.csv {
         std::fs::write(p, report.to_csv()).with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", p.display()))?;
+        write_json(p, &report)?;
     }
     Ok(())
 }
@@ -341,38 +229,17 @@ pub fn run_directions(cmd: DirectionsCmd) -> Result<()> {
             unit,
             layers,
         } => {
-            let set = DirectionSet::load(&input)?;
             let layers = layers.map(|l| LayerSet::parse(&l)).transpose()?;
-            let s = export_control_vector(
-                &set,
-                &out,
-                &ExportOptions {
-                    coeff,
-                    unit,
-                    layers,
-                },
-            )?;
-            if s.skipped_layer0 {
-                eprintln!("[pgate] note: layer 0 left out (llama.cpp control vectors start at the output of block 1)");
+            let opts = ExportOptions {
+                coeff,
+                unit,
+                layers,
+            };
+            let e = export_gguf_file(&input, &out, &opts)?;
+            for n in e.notes() {
+                eprintln!("[pgate] {n}");
             }
-            if !s.skipped_zero.is_empty() {
-                eprintln!("[pgate] note: zero layers left out: {:?}", s.skipped_zero);
-            }
-            println!(
-                "wrote {}: control vector '{}' for {} ({} layers: {}..={}), coeff {coeff}{}",
-                out.display(),
-                set.name(),
-                if set.meta.architecture.is_empty() {
-                    "unknown"
-                } else {
-                    &set.meta.architecture
-                },
-                s.layers.len(),
-                s.layers.first().copied().unwrap_or(0),
-                s.layers.last().copied().unwrap_or(0),
-                if unit { ", unit vectors" } else { "" }
-            );
-            Ok(())
+            println!("{}", e.describe(&out, &opts));
         }
         DirectionsCmd::ImportGguf {
             input,
@@ -381,61 +248,17 @@ pub fn run_directions(cmd: DirectionsCmd) -> Result<()> {
         } => {
             let set = import_control_vector(&input, n_layers)?;
             set.save(&out)?;
+            let present = set.meta.extra.get("layers_present");
             println!(
                 "wrote {}: '{}', {} layers x {} (layers present: {})",
                 out.display(),
                 set.name(),
                 set.n_layers(),
                 set.d_model(),
-                set.meta
-                    .extra
-                    .get("layers_present")
-                    .map(String::as_str)
-                    .unwrap_or("?")
+                present.map(String::as_str).unwrap_or("?")
             );
-            Ok(())
         }
-        DirectionsCmd::Info { file } => {
-            let set = DirectionSet::load(&file)?;
-            let m = &set.meta;
-            println!("name           {}", m.name);
-            println!("shape          {} layers x {}", m.n_layers, m.d_model);
-            println!("model          {} ({})", m.model, m.architecture);
-            if let Some(h) = &m.model_sha256 {
-                println!("model sha256   {h}");
-            }
-            println!("method         {}", m.method);
-            println!("position       {}", m.position);
-            println!("prompts        {} pos, {} neg", m.n_pos, m.n_neg);
-            if let Some(h) = &m.prompt_set_sha256 {
-                println!("prompt sha256  {h}");
-            }
-            if let Some(s) = m.seed {
-                println!("seed           {s}");
-            }
-            println!("created        {} by pgate {}", m.created, m.tool_version);
-            for (k, v) in &m.extra {
-                println!("extra          {k} = {v}");
-            }
-            let pp = set.pos_mean.as_ref().map(|x| set.projections(x));
-            let pn = set.neg_mean.as_ref().map(|x| set.projections(x));
-            println!(
-                "{:>5} {:>10} {:>12} {:>12}",
-                "layer", "|v|", "proj(pos)", "proj(neg)"
-            );
-            let f = |x: Option<&Vec<Option<f64>>>, l: usize| {
-                x.and_then(|v| v[l])
-                    .map(|x| format!("{x:.3}"))
-                    .unwrap_or_else(|| "-".into())
-            };
-            for (l, n) in set.norms().iter().enumerate() {
-                println!(
-                    "{l:>5} {n:>10.3} {:>12} {:>12}",
-                    f(pp.as_ref(), l),
-                    f(pn.as_ref(), l)
-                );
-            }
-            Ok(())
-        }
+        DirectionsCmd::Info { file } => print!("{}", DirectionSet::load(&file)?.describe()),
     }
+    Ok(())
 }

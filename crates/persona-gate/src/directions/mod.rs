@@ -17,6 +17,8 @@
 //! - [`set`]: [`DirectionSet`], the value type: vectors, metadata, arithmetic, safetensors files.
 //! - [`gguf`]: llama.cpp control-vector GGUF export and import.
 //! - [`geometry`]: norms and cosines between directions and across layers.
+//! - [`ops`]: whole operations, files in and out (trait extraction with its side files, random
+//!   controls, control-vector export) with results that print themselves.
 //! - [`spec`]: command-line steering specs (`--add FILE:COEFF@LAYERS`) and the operations they make.
 //! - [`plan`]: whole plans from plan files (JSON, TOML) and specs: [`PlanSource`], [`load_plan`].
 
@@ -24,6 +26,7 @@ pub mod capture;
 pub mod extract;
 pub mod geometry;
 pub mod gguf;
+pub mod ops;
 pub mod plan;
 pub mod random;
 pub mod set;
@@ -38,6 +41,9 @@ pub use extract::{
 };
 pub use geometry::GeometryReport;
 pub use gguf::{export_control_vector, import_control_vector, ExportOptions, ExportSummary};
+pub use ops::{
+    export_gguf_file, extract_trait_files, random_file, random_references, RandomJob, TraitOutputs,
+};
 pub use plan::{
     compile_for, load_compiled_plan, load_plan, load_plan_with, PlanBuilder, PlanSource,
 };
