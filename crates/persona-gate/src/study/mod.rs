@@ -31,12 +31,17 @@
 //! only: system prompts and sampling settings), into the same store with the same keys, so it
 //! resumes, shards and merges exactly like a local run. What the two runners share (options,
 //! pending items, summary, progress events) lives in [`work`], so neither depends on the other.
+//!
+//! [`ops`] assembles these pieces into whole operations (run, judge, status, table, compare,
+//! relabel, check, export, merge) with typed results and [`crate::events`] for progress; [`text`]
+//! has the plain-text forms of those results. `pgate study` is a thin layer over the two.
 
 pub mod canon;
 pub mod export;
 pub mod file;
 pub mod flat;
 pub mod judging;
+pub mod ops;
 mod parquet_out;
 pub mod personas;
 pub mod plan;
@@ -45,6 +50,7 @@ pub mod remote;
 pub mod report;
 pub mod runner;
 pub mod store;
+pub mod text;
 pub mod work;
 
 pub use file::StudyFile;

@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use super::file::StudyFile;
 use super::plan::Study;
 use crate::eval::judge::JudgeOutcome;
 use crate::{Error, Result};
@@ -246,6 +247,21 @@ pub struct StudyRecord {
     pub baseline: String,
     pub created_at: i64,
     pub last_run_at: i64,
+}
+
+impl StudyRecord {
+    /// The study file this study was run from, as stored, checked again. Relative paths (prompt
+    /// files, directions) resolve from the folder of the file it was run from, or the current
+    /// folder when that is not recorded.
+    pub fn study_file(&self) -> Result<StudyFile> {
+        let base = self
+            .source_path
+            .as_deref()
+            .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        StudyFile::parse(&self.toml, &base)
+    }
 }
 
 /// Progress of one condition on one prompt set.

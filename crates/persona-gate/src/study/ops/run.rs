@@ -1,0 +1,285 @@
+//! Running a study: generate every missing result, from local weights or through an endpoint as
+//! the study file says, then grade with the study's model judges.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::judge::judge_phase;
+use super::status::{status_of, StudyStatus};
+use super::{refused, OpResult};
+use crate::device::Device;
+use crate::eval::judge::JudgeKind;
+use crate::events::{Event, EventSink};
+use crate::model::{DTypeMode, LoadOptions, Model};
+use crate::study::judging::{JudgeOptions, JudgeSummary};
+use crate::study::runner::run_study;
+use crate::study::work::{RunEvent, RunOptions, RunSummary};
+use crate::study::{run_endpoint_study, Store, Study};
+use crate::Result;
+
+/// What to run, where.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The study file (TOML).
+    pub study: PathBuf,
+    /// Results database (created if missing).
+    pub db: PathBuf,
+    /// Generate at most this many items in this run.
+    pub limit: Option<usize>,
+    /// `(index, count)`: only items of this shard.
+    pub shard: Option<(u64, u64)>,
+    /// Items generated between stop checks (local studies; default: 4 batches).
+    pub wave: Option<usize>,
+    /// Grade with the study's model judges after generating.
+    pub judge: bool,
+    /// Where the study's model and local judges run.
+    pub device: Device,
+    /// Endpoint studies: requests in flight (default: the endpoint's `concurrency`). Refused for
+    /// local studies, which batch with `[generation] batch_size`.
+    pub concurrency: Option<usize>,
+}
+
+/// Where a run stopped early because the stop flag was set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stopped {
+    /// While generating: the finished waves are stored, running again continues.
+    Generating,
+    /// While judging: every result is stored, judging again grades what is left.
+    Judging,
+}
+
+/// What a study run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StudyRun {
+    pub generation: RunSummary,
+    /// The judges that ran after generating.
+    pub judges: Vec<JudgeSummary>,
+    pub stopped: Option<Stopped>,
+    /// The study's progress after the run.
+    pub status: StudyStatus,
+}
+
+impl StudyRun {
+    /// Items of an endpoint study whose tries all failed in this run (left for the next run).
+    pub fn gave_up(&self) -> usize {
+        self.generation.endpoint.as_ref().map_or(0, |e| e.gave_up)
+    }
+}
+
+/// Run the study of `spec`: generate its missing results (from the local model it names, or
+/// through its endpoint), then grade them with its model judges. Events: the phases `generate`
+/// (local) or `request` (endpoint) in `items`, then `judge` per judge; notes with the timings.
+pub fn run(spec: &RunSpec, stop: &AtomicBool, sink: &mut dyn EventSink) -> OpResult<StudyRun> {
+    let study = Study::load(&spec.study)?;
+    let mut store = Store::open(&spec.db)?;
+    let opts = RunOptions {
+        limit: spec.limit,
+        shard: spec.shard,
+        wave: spec.wave,
+        source_path: Some(spec.study.clone()),
+        concurrency: spec.concurrency,
+    };
+    let generation = if study.endpoint().is_some() {
+        generate_endpoint(&study, &mut store, &opts, stop, sink)?
+    } else {
+        if spec.concurrency.is_some() {
+            return refused("--concurrency is for endpoint studies ([model] endpoint); local studies batch with [generation] batch_size".into());
+        }
+        generate_local(&study, &mut store, &opts, &spec.device, stop, sink)?
+    };
+    let mut judges = Vec::new();
+    let mut stopped = None;
+    if generation.interrupted {
+        stopped = Some(Stopped::Generating);
+    } else if spec.judge {
+        for cfg in &study.file.judges {
+            if cfg.kind == JudgeKind::Rules {
+                continue;
+            }
+            let opts = JudgeOptions::default();
+            judges.extend(judge_phase(
+                &store,
+                &study.hash,
+                cfg,
+                &spec.device,
+                &opts,
+                stop,
+                sink,
+            )?);
+            if stop.load(Ordering::SeqCst) {
+                stopped = Some(Stopped::Judging);
+                break;
+            }
+        }
+    }
+    let status = status_of(&store, &store.find_study(Some(&study.hash))?)?;
+    Ok(StudyRun {
+        generation,
+        judges,
+        stopped,
+        status,
+    })
+}
+
+/// Load the study's model (its spec, dtype and batch invariance) and generate.
+fn generate_local(
+    study: &Study,
+    store: &mut Store,
+    opts: &RunOptions,
+    device: &Device,
+    stop: &AtomicBool,
+    sink: &mut dyn EventSink,
+) -> Result<RunSummary> {
+    let m = &study.file.model;
+    let t_load = Instant::now();
+    let mut model = Model::load(
+        &study.model_spec(),
+        &LoadOptions {
+            dtype: DTypeMode::parse(&m.dtype)?,
+            device: device.clone(),
+        },
+    )?;
+    model.decoder.set_batch_invariant(m.batch_invariant)?;
+    sink.event(Event::Note(format!(
+        "study {} ({}): {} conditions, {} prompt sets, model {} loaded in {:.1} s",
+        study.name,
+        &study.hash[..12],
+        study.conditions.len(),
+        study.prompt_sets.len(),
+        model.info.name,
+        t_load.elapsed().as_secs_f64()
+    )));
+    let mut progress = Progress::new("generate", sink);
+    let summary = run_study(study, store, &model, opts, stop, &mut |ev| progress.on(ev))?;
+    progress.end();
+    sink.event(Event::Note(format!(
+        "wrote {} results in {:.1} s ({} decode tokens)",
+        summary.written, summary.secs, summary.decode_tokens
+    )));
+    if summary.decode_secs > 0.0 {
+        sink.event(Event::Note(format!(
+            "engine: prefill {:.1} tok/s, decode {:.1} tok/s; {:.1}% of wall time outside the engine (labels, scores, storage); {:.1} generated tok/s end to end",
+            summary.prefill_tokens as f64 / summary.prefill_secs.max(1e-9),
+            summary.decode_tokens as f64 / summary.decode_secs,
+            100.0 * summary.overhead_fraction(),
+            summary.decode_tokens as f64 / summary.secs.max(1e-9),
+        )));
+    }
+    Ok(summary)
+}
+
+/// Send the study's requests to its endpoint; no model is loaded.
+fn generate_endpoint(
+    study: &Study,
+    store: &mut Store,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    sink: &mut dyn EventSink,
+) -> Result<RunSummary> {
+    if let Some(ep) = study.endpoint() {
+        sink.event(Event::Note(format!(
+            "study {} ({}): {} conditions, {} prompt sets, endpoint {} model {} (black box: persona / system prompts and sampling only), {} requests in flight",
+            study.name,
+            &study.hash[..12],
+            study.conditions.len(),
+            study.prompt_sets.len(),
+            ep.normalized_base(),
+            ep.model,
+            opts.concurrency.unwrap_or(ep.concurrency)
+        )));
+    }
+    let mut progress = Progress::new("request", sink);
+    let summary = run_endpoint_study(study, store, opts, stop, &mut |ev| progress.on(ev))?;
+    progress.end();
+    let e = summary.endpoint.clone().unwrap_or_default();
+    sink.event(Event::Note(format!(
+        "wrote {} results in {:.1} s: {:.2} items/s, {:.1} completion tok/s at {} in flight; {} tries, {} failed (recorded), {} items gave up{}",
+        summary.written,
+        summary.secs,
+        summary.written as f64 / summary.secs.max(1e-9),
+        e.completion_tokens as f64 / summary.secs.max(1e-9),
+        e.concurrency,
+        e.requests,
+        e.failed_tries,
+        e.gave_up,
+        if e.gave_up > 0 { " (run again to retry them)" } else { "" }
+    )));
+    sink.event(Event::Note(format!(
+        "usage: {} prompt + {} completion tokens{}; server reported model {}",
+        e.prompt_tokens,
+        e.completion_tokens,
+        e.cost
+            .map(|c| format!(", estimated cost {c:.4}"))
+            .unwrap_or_default(),
+        if e.reported_models.is_empty() {
+            "-".to_string()
+        } else {
+            e.reported_models.join(", ")
+        }
+    )));
+    Ok(summary)
+}
+
+/// The runners' events as a phase of generic events: the plan as a note, one row (condition and
+/// label) and one progress step per stored result.
+struct Progress<'s> {
+    sink: &'s mut dyn EventSink,
+    /// `generate` or `request`: what happens to the pending items.
+    phase: &'static str,
+    done: usize,
+    total: usize,
+}
+
+impl<'s> Progress<'s> {
+    fn new(phase: &'static str, sink: &'s mut dyn EventSink) -> Self {
+        Self {
+            sink,
+            phase,
+            done: 0,
+            total: 0,
+        }
+    }
+
+    fn on(&mut self, ev: RunEvent<'_>) {
+        match ev {
+            RunEvent::Planned { planned, summary } => {
+                self.total = planned;
+                self.sink.event(Event::Phase {
+                    name: self.phase.into(),
+                    unit: "items".into(),
+                    total: planned,
+                });
+                let others = if summary.other_shards > 0 {
+                    format!(", {} in other shards", summary.other_shards)
+                } else {
+                    String::new()
+                };
+                self.sink.event(Event::Note(format!(
+                    "{} items: {} stored, {} to {}{others}",
+                    summary.total, summary.already, planned, self.phase
+                )));
+            }
+            RunEvent::Written { condition, label } => {
+                self.done += 1;
+                self.sink.event(Event::Row {
+                    key: condition.to_string(),
+                    outcome: label.name().to_string(),
+                });
+                self.sink.event(Event::Progress {
+                    done: self.done,
+                    total: self.total,
+                });
+            }
+        }
+    }
+
+    fn end(self) {
+        self.sink.event(Event::PhaseEnd {
+            name: self.phase.into(),
+        });
+    }
+}
