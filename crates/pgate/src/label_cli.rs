@@ -3,16 +3,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use persona_gate::directions::DirectionSet;
-use persona_gate::label::devset;
-use persona_gate::label::features::ReadOptions;
-use persona_gate::label::jsonl;
-use persona_gate::label::ops::{self, LabelerChoice};
-use persona_gate::label::probe::{self, ProbeTrainOptions};
-use persona_gate::label::{LabelInput, LabelVerdict, LabelerId};
-use persona_gate::model::Model;
+use anyhow::{bail, Context, Result};
+use persona_gate::label::files::{
+    cut_file, evaluate_devset_file, length_study_file, length_table, LabelJob, TrainJob,
+};
+use persona_gate::label::ops::LabelerChoice;
 
+use crate::args::write_json;
+use crate::progress::Progress;
 use crate::ModelArgs;
 
 /// Label outputs (rows with `prompt` and `output`) as refusal / bypass / degenerate.
@@ -174,282 +172,97 @@ pub fn run(cmd: LabelCmd) -> Result<()> {
         (Some(LabelSub::Cut(a)), _) => cut(a),
         (None, Some(a)) => label(a),
         (None, None) => {
-            anyhow::bail!("pgate label needs --in and -o (or a subcommand: train, eval, lengths)")
-        }
-    }
-}
-
-fn bar(what: &'static str) -> impl FnMut(usize, usize) {
-    move |d, n| {
-        eprint!("\r[pgate] {what}: {d}/{n}");
-        if d == n {
-            eprintln!();
+            bail!("pgate label needs --in and -o (or a subcommand: train, eval, lengths)")
         }
     }
 }
 
 fn label(a: LabelArgs) -> Result<()> {
     let choice = if a.labeler == "judge" {
-        LabelerChoice::Judge(Box::new(judge_config(&a)?))
+        let (Some(url), Some(model)) = (&a.judge_url, &a.judge_model) else {
+            bail!("--labeler judge needs --judge-url and --judge-model");
+        };
+        LabelerChoice::http_judge(url, model, &a.judge_mode, a.judge_attempts)?
     } else {
         LabelerChoice::parse(&a.labeler, a.probe.clone())?
     };
-    let rows = jsonl::read(&a.input)?;
-    let model = load_reader(&a, choice.needs_model() || a.all)?;
-    let t = std::time::Instant::now();
-    let mut chosen = ops::make_labeler(&choice, model.as_ref(), a.batch_size, true)?;
-    let id = chosen.id();
-    let verdicts = chosen.label_batch(&rows.inputs, &mut bar("labeling"))?;
-    let others = if a.all {
-        other_verdicts(&a, model.as_ref(), &rows.inputs)?
-    } else {
-        Vec::new()
-    };
-    let objects: Vec<_> = rows
-        .objects
-        .into_iter()
-        .enumerate()
-        .map(|(i, o)| {
-            let extra: Vec<(LabelerId, LabelVerdict)> = others
-                .iter()
-                .map(|(lid, vs)| (lid.clone(), vs[i].clone()))
-                .collect();
-            jsonl::labeled(o, (&id, &verdicts[i]), &extra)
-        })
-        .collect();
-    jsonl::write(&a.out, &objects)?;
-    let count = |l| verdicts.iter().filter(|v| v.label == l).count();
-    use persona_gate::label::Label;
-    println!(
-        "{} rows labeled by {id} in {:.1} s: {} refusal, {} bypass, {} degenerate -> {}",
-        verdicts.len(),
-        t.elapsed().as_secs_f64(),
-        count(Label::Refusal),
-        count(Label::Bypass),
-        count(Label::Degenerate),
-        a.out.display()
-    );
-    Ok(())
-}
-
-fn other_verdicts(
-    a: &LabelArgs,
-    model: Option<&Model>,
-    inputs: &[LabelInput],
-) -> Result<Vec<(LabelerId, Vec<LabelVerdict>)>> {
-    let mut out = Vec::new();
-    for name in ["rules-v1", "rules", "probe"] {
-        let c = LabelerChoice::parse(name, a.probe.clone())?;
-        let mut l = ops::make_labeler(&c, model, a.batch_size, true)?;
-        let v = l.label_batch(inputs, &mut |_, _| {})?;
-        out.push((l.id(), v));
-    }
-    Ok(out)
-}
-
-fn load_reader(a: &LabelArgs, needed: bool) -> Result<Option<Model>> {
-    match (&a.model, needed) {
-        (Some(m), true) => Ok(Some(
+    let job = LabelJob::prepare(&a.input, choice, a.all, a.probe.clone(), a.batch_size)?;
+    let model = match (&a.model, job.needs_model()) {
+        (Some(m), true) => Some(
             ModelArgs {
                 dtype: a.dtype.clone(),
                 ..ModelArgs::named(m.clone())
             }
             .load()?,
-        )),
-        (None, true) => anyhow::bail!(
+        ),
+        (None, true) => bail!(
             "--labeler {} reads with a model: give MODEL (e.g. pgate label q15 --in ...)",
             a.labeler
         ),
-        (_, false) => Ok(None),
-    }
-}
-
-fn judge_config(a: &LabelArgs) -> Result<persona_gate::eval::judge::JudgeConfig> {
-    use persona_gate::eval::judge::{JudgeConfig, JudgeKind, JudgeMode};
-    let (Some(url), Some(model)) = (&a.judge_url, &a.judge_model) else {
-        anyhow::bail!("--labeler judge needs --judge-url and --judge-model");
+        (_, false) => None,
     };
-    let mode = match a.judge_mode.as_str() {
-        "strongreject" => JudgeMode::StrongReject,
-        "guard" => JudgeMode::Guard,
-        m => anyhow::bail!("unknown --judge-mode '{m}' (strongreject or guard)"),
-    };
-    let cfg = JudgeConfig {
-        name: Some(format!("judge-{}", mode.name())),
-        kind: JudgeKind::Http,
-        mode: Some(mode),
-        base_url: Some(url.clone()),
-        model: Some(model.clone()),
-        max_attempts: a.judge_attempts,
-        ..Default::default()
-    };
-    cfg.check()?;
-    Ok(cfg)
+    let run = job.run(model.as_ref(), &a.out, &mut Progress::new())?;
+    println!("{}", run.summary());
+    Ok(())
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let rows = devset::load(&a.devset)?;
     let model = a.m.load()?;
-    let refusal_direction = match &a.refusal {
-        None => None,
-        Some(p) => {
-            let set = DirectionSet::load(p)
-                .with_context(|| format!("refusal direction {}", p.display()))?;
-            Some(
-                (0..set.n_layers())
-                    .map(|l| set.layer(l).map(<[f32]>::to_vec))
-                    .collect::<Result<Vec<_>, _>>()?,
-            )
-        }
+    let job = TrainJob {
+        devset: a.devset,
+        refusal: a.refusal,
+        max_output_tokens: a.max_output_tokens,
+        batch_size: a.batch_size,
+        eval_split: a.eval_split,
+        lengths: a.lengths,
+        fast: a.fast,
     };
-    let n_layers = model.config().n_layers;
-    let layer_sets = if a.fast {
-        probe::fast_layer_sets(n_layers)
-    } else {
-        Vec::new()
-    };
-    let max_layer = layer_sets.iter().flatten().copied().max();
-    let opts = ProbeTrainOptions {
-        layer_sets,
-        refusal_direction,
-        read: ReadOptions {
-            max_output_tokens: a.max_output_tokens,
-            batch_size: a.batch_size,
-            losses: !a.fast,
-            max_layer: if a.fast { max_layer } else { None },
-        },
-        folds: 5,
-        train: Default::default(),
-        text_only_degenerate: a.fast,
-    };
-    let mut last = String::new();
-    let (p, r) = ops::train_and_measure(
-        &model,
-        &rows,
-        &opts,
-        &a.eval_split,
-        &a.lengths,
-        &mut |what, d, n| {
-            if what != last {
-                last = what.to_string();
-            }
-            eprint!("\r[pgate] {what}: {d}/{n}   ");
-            if d == n {
-                eprintln!();
-            }
-        },
-    )?;
-    p.save(&a.out)?;
-    println!(
-        "probe trained on {} tune rows ({} refusal, {} bypass, {} degenerate): refusal head layers {:?} (cv accuracy {:.3}), degenerate head cv F1 {:.3} -> {}",
-        p.trained_on.n_rows,
-        p.trained_on.n_refusal,
-        p.trained_on.n_bypass,
-        p.trained_on.n_degenerate,
-        p.refusal.layers,
-        p.refusal.cv_accuracy,
-        p.degenerate.cv_f1,
-        a.out.display()
-    );
-    println!(
-        "read {} rows ({} tokens) in {:.1} s: {:.1} tok/s\n",
-        r.rows_read,
-        r.tokens_read,
-        r.read_seconds,
-        r.tokens_read as f64 / r.read_seconds.max(1e-9)
-    );
-    for e in &r.evaluation.evaluations {
-        println!("{}", e.to_markdown());
-    }
-    if !r.lengths.is_empty() {
-        println!("| tokens | ensemble labels differing from the careful label of the full answer | differing from the full-length ensemble label |\n|---:|---:|---:|");
-        for l in &r.lengths {
-            println!(
-                "| {} | {} / {} | {} / {} |",
-                l.tokens, l.differ_from_full_careful, l.n, l.differ_from_longest, l.n
-            );
-        }
-    }
+    let run = job.run(&model, &mut Progress::new())?;
+    run.probe.save(&a.out)?;
+    print!("{}", run.summary(&a.out));
     if let Some(f) = &a.report {
-        std::fs::write(f, serde_json::to_string_pretty(&r)?)
-            .with_context(|| f.display().to_string())?;
+        write_json(f, &run.report)?;
     }
     if let Some(f) = &a.accuracy {
-        let devset_sha256 = persona_gate::hash::sha256_file(&a.devset)?;
-        let list = ops::accuracy_entries(&r.evaluation, &devset_sha256);
-        std::fs::write(f, serde_json::to_string_pretty(&list)? + "\n")
-            .with_context(|| f.display().to_string())?;
+        let text = serde_json::to_string_pretty(&run.accuracy_entries())? + "\n";
+        std::fs::write(f, text).with_context(|| f.display().to_string())?;
     }
     Ok(())
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let rows = devset::load(&a.devset)?;
     let model = a.m.load()?;
-    let p = ops::resolve_probe(&model, a.probe.as_deref())?;
-    let r = ops::evaluate_devset(
-        &model,
-        &rows,
-        &p,
-        &a.split,
-        a.batch_size,
-        &mut bar("reading"),
-    )?;
-    for e in &r.evaluations {
-        println!("{}", e.to_markdown());
-    }
-    println!(
-        "probe read {} rows in {:.1} s (probe sha256 {})",
-        r.evaluations[0].n, r.read_seconds, r.probe_sha256
-    );
+    let (probe, split, batch) = (a.probe.as_deref(), &a.split, a.batch_size);
+    let r = evaluate_devset_file(&model, &a.devset, probe, split, batch, &mut Progress::new())?;
+    println!("{}", r.summary());
     if let Some(j) = &a.json {
-        std::fs::write(j, serde_json::to_string_pretty(&r)?)
-            .with_context(|| j.display().to_string())?;
+        write_json(j, &r)?;
     }
     Ok(())
 }
 
 fn lengths(a: LengthsArgs) -> Result<()> {
-    let rows = devset::load(&a.devset)?;
     let model = a.m.load()?;
-    let p = ops::resolve_probe(&model, a.probe.as_deref())?;
-    let out = ops::length_study(
+    let (probe, batch) = (a.probe.as_deref(), a.batch_size);
+    let rows = length_study_file(
         &model,
-        &rows,
-        &p,
+        &a.devset,
+        probe,
         &a.lengths,
-        a.batch_size,
-        &mut bar("reading"),
+        batch,
+        &mut Progress::new(),
     )?;
-    println!("| tokens | labels differing from the careful label of the full answer | differing from the longest cut |\n|---:|---:|---:|");
-    for r in out {
-        println!(
-            "| {} | {} / {} | {} / {} |",
-            r.tokens, r.differ_from_full_careful, r.n, r.differ_from_longest, r.n
-        );
-    }
+    let careful = "labels differing from the careful label of the full answer";
+    print!(
+        "{}",
+        length_table(&rows, careful, "differing from the longest cut")
+    );
     Ok(())
 }
 
 fn cut(a: CutArgs) -> Result<()> {
-    let rows = jsonl::read(&a.input)?;
     let model = a.m.load()?;
-    let mut out = Vec::with_capacity(rows.objects.len());
-    for (mut o, r) in rows.objects.into_iter().zip(&rows.inputs) {
-        let text = ops::cut_tokens(&model, &r.output, a.tokens)?;
-        o.insert("output".into(), serde_json::Value::String(text));
-        o.insert("max_tokens".into(), a.tokens.into());
-        if let Some(id) = &r.id {
-            o.insert("id".into(), format!("{id}@{}", a.tokens).into());
-        }
-        out.push(o);
-    }
-    jsonl::write(&a.out, &out)?;
-    println!(
-        "{} rows cut to {} tokens -> {}",
-        out.len(),
-        a.tokens,
-        a.out.display()
-    );
+    let n = cut_file(&model, &a.input, a.tokens, &a.out)?;
+    println!("{n} rows cut to {} tokens -> {}", a.tokens, a.out.display());
     Ok(())
 }

@@ -12,12 +12,14 @@
 //! - [`probe`]: logistic probes on those features (refusal vs bypass, and a degenerate detector),
 //!   stored as a versioned file with the hashes of their training data and reader model;
 //! - [`ensemble`]: the documented rule that combines them (the default labeler);
-//! - [`jsonl`]: `pgate label`'s rows in and out.
+//! - [`jsonl`]: `pgate label`'s rows in and out;
+//! - [`ops`]: whole operations on rows in memory; [`files`]: the same over files, with reports.
 
 pub mod accuracy;
 pub mod devset;
 pub mod ensemble;
 pub mod features;
+pub mod files;
 pub mod jsonl;
 pub mod linear;
 pub mod ops;
