@@ -1,20 +1,16 @@
 //! `pgate receipt`, `pgate receipt verify`, `pgate report` and `pgate check`: refusal receipts,
 //! the offline HTML report with its Markdown summary, and the deployment gate.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use persona_gate::fsutil::write_atomic;
-use persona_gate::report::gate::{format_verdict, parse_rate};
-use persona_gate::report::receipt::{load_receipts, resolve_stored, write_receipts_noting};
-use persona_gate::report::untrusted::{Located, ReadPolicy};
-use persona_gate::report::verify::format_check;
-use persona_gate::report::{
-    build_receipts, check, check_paths, cosine_map, dsse, render_html, render_markdown, verify,
-    Bound, GateOptions, GateSources, Receipt, ReceiptOptions, ReportInput, VerifyOptions,
+use anyhow::{bail, Result};
+use persona_gate::report::gate::parse_rate;
+use persona_gate::report::ops::{
+    sign_checked, verify_path, write_report, write_study_receipts, SignOutcome,
 };
-use persona_gate::study::store::RowView;
-use persona_gate::study::Store;
+use persona_gate::report::{
+    check_paths, dsse, Bound, GateOptions, GateSources, ReceiptOptions, VerifyOptions,
+};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -194,161 +190,54 @@ pub fn run_receipt(a: ReceiptArgs) -> Result<()> {
     let (Some(db), Some(out)) = (a.db, a.out) else {
         bail!("usage: pgate receipt STUDY_DB -o DIR (or pgate receipt verify RECEIPT)");
     };
-    let sr = build_receipts(&db, &a.common.options())?;
-    let (files, removed_sig) = write_receipts_noting(&sr, &out)?;
-    println!(
-        "study {} ({}): {} receipts -> {}",
-        sr.bundle.study.name,
-        &sr.bundle.study.hash[..12],
-        sr.receipts.len(),
-        out.display()
-    );
-    for r in &sr.receipts {
-        let rates: Vec<String> = r
-            .results
-            .iter()
-            .map(|s| {
-                format!(
-                    "{} refusal {:.1}% [{:.1}, {:.1}] n={}",
-                    s.prompt_set,
-                    100.0 * s.refusal.p,
-                    100.0 * s.refusal.lo,
-                    100.0 * s.refusal.hi,
-                    s.n
-                )
-            })
-            .collect();
-        println!(
-            "  {:<32} {}  {}{}",
-            r.condition.name,
-            &r.condition.hash[..12],
-            rates.join("; "),
-            if r.complete { "" } else { "  (incomplete)" }
-        );
+    let written = write_study_receipts(&db, &out, &a.common.options())?;
+    print!("{}", written.summary());
+    for n in written.notes() {
+        eprintln!("[pgate] {n}");
     }
-    label_warnings(&sr.receipts);
-    if sr.bundle.policy_version == "unspecified" {
-        eprintln!("[pgate] no --policy given: receipts record policy_version \"unspecified\"");
-    }
-    if removed_sig {
-        eprintln!(
-            "[pgate] removed {}: it signed the previous receipts (sign again with `pgate receipt sign`)",
-            out.join(dsse::SIGNATURE_FILE).display()
-        );
-    }
-    eprintln!("[pgate] wrote {} files", files.len());
     Ok(())
 }
 
-/// Say when labels were changed after generation, and loudly when some are backed by nothing.
-fn label_warnings(receipts: &[Receipt]) {
-    for r in receipts {
-        let Some(p) = r.labels.as_ref().and_then(|l| l.provenance.as_ref()) else {
-            continue;
-        };
-        if p.unbacked > 0 {
-            eprintln!(
-                "[pgate] WARNING: {}: {} labels are backed by no labeler (edited by hand?): {}; `pgate receipt verify` and `pgate check` fail this receipt",
-                r.condition.name,
-                p.unbacked,
-                p.unbacked_rows.join("; ")
-            );
-        }
-        if let Some(n) = p.describe_relabel() {
-            eprintln!("[pgate] {}: {n}", r.condition.name);
-        }
-    }
-}
-
 fn run_verify(a: VerifyArgs) -> Result<()> {
-    let (bundle, receipts) = load_receipts(&a.receipt)?;
-    let rep = verify(
-        &receipts,
-        bundle.as_ref(),
-        &VerifyOptions {
-            db: a.db,
-            study_file: a.study_file,
-            model: a.model,
-            roots: a.root,
-            pubkey: a.pubkey,
-            skip_files: false,
-        },
-    )?;
+    let opts = VerifyOptions {
+        db: a.db,
+        study_file: a.study_file,
+        model: a.model,
+        roots: a.root,
+        pubkey: a.pubkey,
+        skip_files: false,
+    };
+    let v = verify_path(&a.receipt, &opts)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
+        println!("{}", serde_json::to_string_pretty(&v.report)?);
     } else {
-        for c in &rep.checks {
-            if a.verbose || !c.ok {
-                println!("{}", format_check(c));
-            }
-        }
-        for n in &rep.notes {
-            println!("note     {n}");
-        }
-        let bad = rep.failures().len();
-        let skipped = rep.skipped().len();
-        println!(
-            "{} receipts, {} checks: {}{}",
-            receipts.len(),
-            rep.checks.len() - skipped,
-            if bad == 0 {
-                "all match".to_string()
-            } else {
-                format!("{bad} differ")
-            },
-            if skipped == 0 {
-                String::new()
-            } else {
-                format!(
-                    "; {skipped} not checked (files outside the bundle folder: pass --root DIR, --model, --study-file or --db; -v lists them)"
-                )
-            }
-        );
+        print!("{}", v.to_text(a.verbose));
     }
-    if !rep.ok() {
+    if !v.report.ok() {
         std::process::exit(1);
     }
     Ok(())
 }
 
 fn run_sign(a: SignArgs) -> Result<()> {
-    let key = dsse::load_signing_key(&a.key)?;
-    let (bundle, receipts) = load_receipts(&a.dir)?;
-    let bundle = bundle.context("sign a bundle folder (with bundle.json), not a receipt file")?;
-    if bundle.rows.is_none() {
-        bail!(
-            "{}: the bundle has no rows (written by an older pgate): write it again with `pgate receipt DB -o DIR` so the signature covers the rows",
-            a.dir.display()
-        );
-    }
-    // Sign only what checks out: seals, the numbers against the bundled rows, the labels.
-    let rep = verify(
-        &receipts,
-        Some(&bundle),
-        &VerifyOptions {
-            skip_files: true,
-            ..Default::default()
-        },
-    )?;
-    let bad = rep.failures();
-    if !bad.is_empty() {
-        for c in &bad {
-            eprintln!("{}", format_check(c));
-        }
-        bail!(
-            "{}: {} checks fail; not signing (see `pgate receipt verify`)",
+    match sign_checked(&a.dir, &a.key)? {
+        SignOutcome::Signed { path, keyid, files } => println!(
+            "signed {files} files of {} with key {} -> {}",
             a.dir.display(),
-            bad.len()
-        );
+            &keyid[..16],
+            path.display()
+        ),
+        SignOutcome::Refused { failures } => {
+            for f in &failures {
+                eprintln!("{f}");
+            }
+            bail!(
+                "{}: {} checks fail; not signing (see `pgate receipt verify`)",
+                a.dir.display(),
+                failures.len()
+            );
+        }
     }
-    let (path, keyid) = dsse::sign_bundle(&a.dir, &key)?;
-    println!(
-        "signed {} files of {} with key {} -> {}",
-        persona_gate::report::dsse::bundle_files(&bundle)?.len(),
-        a.dir.display(),
-        &keyid[..16],
-        path.display()
-    );
     Ok(())
 }
 
@@ -363,177 +252,32 @@ pub fn run_keygen(a: KeygenArgs) -> Result<()> {
     Ok(())
 }
 
-/// The rows of a receipts folder: bundled when the bundle has them, else from the database
-/// (`--db`, or the one the bundle names when it lies in the bundle folder).
-fn receipts_rows(
-    input: &Path,
-    bundle: &persona_gate::report::Bundle,
-    db: Option<&Path>,
-) -> Result<(Vec<RowView>, Option<Store>)> {
-    let dir = if input.is_dir() {
-        input.to_path_buf()
-    } else {
-        input.parent().map(Path::to_path_buf).unwrap_or_default()
-    };
-    let recorded = PathBuf::from(&bundle.study.results_db);
-    let located = match db {
-        Some(p) => ReadPolicy::explicit(p),
-        None => {
-            let pol = ReadPolicy::new(&dir, &[]);
-            match pol.locate(&recorded) {
-                Located::File(p) => Located::File(p),
-                other => recorded
-                    .file_name()
-                    .map(|n| pol.locate(&dir.join(n)))
-                    .filter(|l| matches!(l, Located::File(_)))
-                    .unwrap_or(other),
-            }
-        }
-    };
-    let store = match located {
-        Located::File(p) => Some(Store::open_read(&p)?),
-        _ => None,
-    };
-    if let (Some(r), Some(l)) = (&bundle.rows, &bundle.labels) {
-        let b = persona_gate::report::rows::read_rows(&dir, r, l)?;
-        return Ok((b.rows, store));
-    }
-    let Some(st) = store else {
-        bail!(
-            "{}: the bundle holds no rows and its database {} is not in the bundle folder: pass --db",
-            input.display(),
-            bundle.study.results_db
-        );
-    };
-    let rec = st.find_study(Some(&bundle.study.hash))?;
-    let rows = st.rows(&rec.hash)?;
-    Ok((rows, Some(st)))
-}
-
-fn is_receipts_path(p: &Path) -> bool {
-    (p.is_dir() && p.join("bundle.json").exists()) || p.extension().is_some_and(|e| e == "json")
-}
-
 pub fn run_report(a: ReportArgs) -> Result<()> {
     let opts = a.common.options();
-    // Receipts, rows and the re-read study.
-    let (bundle, receipts, rows, study) = if is_receipts_path(&a.input) {
-        let (bundle, rs) = load_receipts(&a.input)?;
-        let bundle = bundle.context("a report needs the bundle.json of a study's receipts")?;
-        let (rows, store) = receipts_rows(&a.input, &bundle, a.db.as_deref())?;
-        let study = store
-            .as_ref()
-            .and_then(|st| st.find_study(Some(&bundle.study.hash)).ok())
-            .and_then(|rec| resolve_stored(&rec, opts.study_file.as_deref()).ok());
-        let receipts: Vec<Receipt> = rs.into_iter().map(|(_, r)| r).collect();
-        (bundle, receipts, rows, study)
-    } else {
-        let sr = build_receipts(&a.input, &opts)?;
-        (sr.bundle, sr.receipts, sr.rows, Some(sr.study))
-    };
-    let (cosines, note) = match (&study, receipts.first()) {
-        (Some(s), Some(r)) => match cosine_map(
-            s,
-            r.model.n_layers,
-            r.model.d_model,
-            opts.refusal_direction.as_deref(),
-        ) {
-            Ok(m) => (Some(m), None),
-            Err(e) => (None, Some(format!("No cosine map: {e}."))),
-        },
-        _ => (
-            None,
-            Some("No cosine map: the study's direction files could not be read.".into()),
-        ),
-    };
-    let input = ReportInput {
-        bundle: &bundle,
-        receipts: &receipts,
-        rows: &rows,
-        cosines,
-        cosine_note: note,
-    };
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let html = render_html(&input);
-    let hp = a.out.join("report.html");
-    write_atomic(&hp, html.as_bytes())?;
-    let gate = match a.max_refusal_drop {
-        Some(pp) => Some(check(
-            &receipts,
-            &GateOptions {
-                max_refusal_drop: pp,
-                ..Default::default()
-            },
-        )?),
-        None => None,
-    };
-    let md = render_markdown(&bundle, &receipts, gate.as_ref());
-    let mp = a.out.join("summary.md");
-    write_atomic(&mp, md.as_bytes())?;
-    let figs = persona_gate::report::html::figures(&input);
-    let drawn = figs.iter().filter(|f| f.svg.is_some()).count();
-    println!(
-        "{} ({} KiB, {} plots drawn{}), {}",
-        hp.display(),
-        html.len() / 1024,
-        drawn,
-        if drawn < figs.len() {
-            format!(
-                ", not applicable: {}",
-                figs.iter()
-                    .filter(|f| f.svg.is_none())
-                    .map(|f| f.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        } else {
-            String::new()
-        },
-        mp.display()
-    );
+    let written = write_report(&a.input, &a.out, a.db.as_deref(), &opts, a.max_refusal_drop)?;
+    println!("{}", written.summary());
     Ok(())
 }
 
 pub fn run_check(a: CheckArgs) -> Result<()> {
+    let rate = |s: &Option<String>| s.as_deref().map(parse_rate).transpose();
     let opts = GateOptions {
         max_refusal_drop: a.max_refusal_drop,
-        max_unsafe_rate: a.max_unsafe_rate.as_deref().map(parse_rate).transpose()?,
-        max_benign_refusal: a
-            .max_benign_refusal
-            .as_deref()
-            .map(parse_rate)
-            .transpose()?,
+        max_unsafe_rate: rate(&a.max_unsafe_rate)?,
+        max_benign_refusal: rate(&a.max_benign_refusal)?,
         bound: Bound::parse(&a.bound)?,
         only: a.only.clone(),
-        min_labeler_accuracy: a
-            .min_labeler_accuracy
-            .as_deref()
-            .map(parse_rate)
-            .transpose()?,
+        min_labeler_accuracy: rate(&a.min_labeler_accuracy)?,
     };
-    let rep = check_paths(
-        &a.receipts,
-        &opts,
-        &GateSources {
-            pubkey: a.pubkey.clone(),
-            db: a.db.clone(),
-        },
-    )?;
+    let sources = GateSources {
+        pubkey: a.pubkey.clone(),
+        db: a.db.clone(),
+    };
+    let rep = check_paths(&a.receipts, &opts, &sources)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
-        for v in &rep.verdicts {
-            println!("{}", format_verdict(v));
-        }
-        let failed = rep.verdicts.iter().filter(|v| !v.pass).count();
-        println!(
-            "{}: {} of {} conditions fail (max refusal drop {} points, {} bound of the 95% interval)",
-            if failed == 0 { "PASS" } else { "FAIL" },
-            failed,
-            rep.verdicts.len(),
-            a.max_refusal_drop,
-            a.bound
-        );
+        print!("{}", rep.to_text(a.max_refusal_drop, &a.bound));
     }
     if !rep.pass() {
         std::process::exit(1);

@@ -12,11 +12,14 @@
 //! - [`dsse`]: Ed25519 keys and signed bundles (DSSE envelope around an in-toto Statement).
 //! - [`html`] with [`svg`]: the self-contained offline HTML report; [`markdown`]: the PR summary.
 //! - [`gate`]: `pgate check`, the interval-based refusal-drop gate.
+//! - [`ops`]: whole operations (write receipts, verify a path, sign a checked bundle, write the
+//!   report) with the text each command prints.
 
 pub mod dsse;
 pub mod gate;
 pub mod html;
 pub mod markdown;
+pub mod ops;
 pub mod provenance;
 pub mod receipt;
 pub mod recompute;
