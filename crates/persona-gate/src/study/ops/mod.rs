@@ -28,7 +28,7 @@ pub use check::{check, ConditionInfo, JudgeInfo, PromptSetInfo, StudyOverview, T
 pub use compare::{compare, CompareOptions, Comparison, ConditionPair, Disagreement};
 pub use judge::{judge, JudgeRun, JudgeSpec};
 pub use relabel::{relabel, RelabelSpec};
-pub use run::{run, RunSpec, Stopped, StudyRun};
+pub use run::{parse_shard, run, RunSpec, Stopped, StudyRun};
 pub use status::{status, ConditionUsage, EndpointStatus, StudyStatus};
 pub use table::{table, StudyTable, TableOptions};
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::judge::judge_phase;
 use super::status::{status_of, StudyStatus};
-use super::{refused, OpResult};
+use super::{refused, OpError, OpResult};
 use crate::device::Device;
 use crate::eval::judge::JudgeKind;
 use crate::events::{Event, EventSink};
@@ -123,6 +123,23 @@ pub fn run(spec: &RunSpec, stop: &AtomicBool, sink: &mut dyn EventSink) -> OpRes
         stopped,
         status,
     })
+}
+
+/// A shard given as `I/K` (`0/4`: the first of four): `(I, K)` with `0 <= I < K`.
+pub fn parse_shard(s: &str) -> OpResult<(u64, u64)> {
+    let Some((i, k)) = s.split_once('/') else {
+        return refused(format!("--shard '{s}' must be I/K, e.g. 0/4"));
+    };
+    let num = |x: &str, what: &str| {
+        x.trim()
+            .parse::<u64>()
+            .map_err(|e| OpError::Refused(format!("--shard '{s}': {what} is not a number: {e}")))
+    };
+    let (i, k) = (num(i, "I")?, num(k, "K")?);
+    if k == 0 || i >= k {
+        return refused(format!("--shard '{s}': need 0 <= I < K"));
+    }
+    Ok((i, k))
 }
 
 /// Load the study's model (its spec, dtype and batch invariance) and generate.
