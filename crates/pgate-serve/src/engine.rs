@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -189,6 +189,10 @@ pub struct EngineConfig {
     /// Padded prompt tokens one prefill group may hold: bounds the group's KV cache and how long
     /// a request that arrives behind it waits.
     pub max_prefill_tokens: usize,
+    /// Prompts longer than this decode in their own lane (own batch and KV cache): a running
+    /// batch shares one time axis, so one 4k-token prompt merged among short ones would make every
+    /// row's cache 4k slots long.
+    pub long_prompt_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -200,6 +204,7 @@ impl Default for EngineConfig {
             projector: Projector::default(),
             prefill_chunk_tokens: 512,
             max_prefill_tokens: 8192,
+            long_prompt_tokens: 1024,
         }
     }
 }
@@ -213,6 +218,8 @@ struct Seq {
 
 /// Requests being prefilled together, one chunk per engine iteration.
 struct Pending {
+    /// The lane its sequences join.
+    lane: usize,
     jobs: Vec<Job>,
     /// Row of each job's default-persona shadow (guard), if any.
     shadow_row: Vec<Option<usize>>,
@@ -231,6 +238,7 @@ struct Waiting {
 
 /// Run the loop until every sender of `rx` is gone and no sequence is left.
 pub fn run(model: Arc<Model>, cfg: EngineConfig, rx: Receiver<Job>, metrics: Arc<Metrics>) {
+    limit_malloc_arenas();
     let n_layers = model.decoder.n_layers();
     let mut capture_layers: Vec<usize> = cfg.projector.layers();
     if let Some(g) = &cfg.guard {
@@ -244,9 +252,9 @@ pub fn run(model: Arc<Model>, cfg: EngineConfig, rx: Receiver<Job>, metrics: Arc
         metrics: &metrics,
         capture_layers,
         n_layers,
-        running: Vec::new(),
-        cache: KvCache::new(n_layers),
-        pending: None,
+        lanes: [Lane::new(n_layers), Lane::new(n_layers)],
+        pending: [None, None],
+        prefill_rate: None,
         waiting: Waiting::default(),
     };
     let mut open = true;
@@ -255,38 +263,47 @@ pub fn run(model: Arc<Model>, cfg: EngineConfig, rx: Receiver<Job>, metrics: Arc
             // Idle: hand freed pages back to the system before blocking (the cache of a long
             // prompt would otherwise stay resident), then wait for work.
             release_free_memory();
-            match rx.recv() {
+            // Wake now and then while idle: request threads free their buffers after the engine
+            // went idle, and those pages should go back too.
+            match rx.recv_timeout(std::time::Duration::from_secs(2)) {
                 Ok(j) => st.take(j),
-                Err(_) => break,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        while open && st.waiting.queue.len() + st.running.len() < 2 * cfg.batch_size {
+        while open && st.waiting.queue.len() + st.n_running() < 2 * cfg.batch_size {
             match rx.try_recv() {
                 Ok(j) => st.take(j),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
-        if st.pending.is_none() {
-            st.start_group();
+        // One prefill group per lane, a chunk of each per iteration: a short prompt prefills in
+        // one chunk even while a long one is still being fed.
+        for lane in 0..st.lanes.len() {
+            if st.pending[lane].is_none() {
+                st.start_group(lane);
+            }
+            if st.pending[lane].is_some() {
+                let r = guarded(|| st.prefill_chunk(lane));
+                if let Err(e) = r {
+                    st.fail_group(lane, e);
+                }
+            }
         }
-        if st.pending.is_some() {
-            let r = guarded(|| st.prefill_chunk());
+        for lane in 0..st.lanes.len() {
+            let r = guarded(|| {
+                st.drop_gone(lane)?;
+                if !st.lanes[lane].running.is_empty() {
+                    st.decode_step(lane)?;
+                }
+                Ok(())
+            });
             if let Err(e) = r {
-                st.fail_group(e);
+                st.isolate_decode_failure(lane, e);
             }
         }
-        let r = guarded(|| {
-            st.drop_gone()?;
-            if !st.running.is_empty() {
-                st.decode_step()?;
-            }
-            Ok(())
-        });
-        if let Err(e) = r {
-            st.isolate_decode_failure(e);
-        }
-        metrics.running.store(st.running.len(), Ordering::Relaxed);
+        metrics.running.store(st.n_running(), Ordering::Relaxed);
     }
 }
 
@@ -316,16 +333,44 @@ fn release_free_memory() {
     }
 }
 
+/// Caps glibc's malloc arenas: every thread that parses a large request body gets its own arena
+/// by default (8 per core), and freed memory in them stays resident.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; M_ARENA_MAX (-8) takes a count.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
 struct State<'a> {
     model: &'a Model,
     cfg: &'a EngineConfig,
     metrics: &'a Metrics,
     capture_layers: Vec<usize>,
     n_layers: usize,
+    /// Running sequences: short prompts in lane 0, long ones in lane 1.
+    lanes: [Lane; 2],
+    /// The group being prefilled in each lane.
+    pending: [Option<Pending>; 2],
+    /// Measured prefill speed (tokens/s, moving average), to size chunks by time.
+    prefill_rate: Option<f64>,
+    waiting: Waiting,
+}
+
+/// Sequences that decode together, sharing one KV cache (one time axis).
+struct Lane {
     running: Vec<Seq>,
     cache: KvCache,
-    pending: Option<Pending>,
-    waiting: Waiting,
+}
+
+impl Lane {
+    fn new(n_layers: usize) -> Self {
+        Self {
+            running: Vec::new(),
+            cache: KvCache::new(n_layers),
+        }
+    }
 }
 
 /// Whether a job's client is still there and within its deadline; tells it otherwise.
@@ -353,9 +398,17 @@ impl State<'_> {
         self.waiting.queue.push_back(j);
     }
 
+    fn n_running(&self) -> usize {
+        self.lanes.iter().map(|l| l.running.len()).sum()
+    }
+
+    fn lane_of(&self, j: &Job) -> usize {
+        usize::from(j.prompt.len() > self.cfg.long_prompt_tokens)
+    }
+
     fn busy(&self) -> bool {
-        !self.running.is_empty()
-            || self.pending.is_some()
+        self.n_running() > 0
+            || self.pending.iter().any(Option::is_some)
             || !self.waiting.queue.is_empty()
             || !self.waiting.solo.is_empty()
     }
@@ -385,25 +438,40 @@ impl State<'_> {
 
     /// Forms the next prefill group from waiting jobs: a retried job alone, else as many jobs as
     /// there are free slots within the group's token budget (at least one).
-    fn start_group(&mut self) {
+    fn start_group(&mut self, lane: usize) {
         let now = Instant::now();
-        let free = self.cfg.batch_size.saturating_sub(self.running.len());
+        let prefilling: usize = self.pending.iter().flatten().map(|p| p.jobs.len()).sum();
+        let free = self
+            .cfg
+            .batch_size
+            .saturating_sub(self.n_running() + prefilling);
         if free == 0 {
             return;
         }
         let mut jobs = Vec::new();
-        while let Some(j) = self.waiting.solo.pop_front() {
+        if let Some(i) = self
+            .waiting
+            .solo
+            .iter()
+            .position(|j| self.lane_of(j) == lane)
+        {
+            let j = self.waiting.solo.remove(i).expect("index from position");
             if still_wanted(&j, now, 0) {
                 jobs.push(j);
-                break;
             }
         }
         let (mut rows, mut width) = (0usize, 0usize);
+        // A group is of one lane; jobs of the other lane keep their place in the queue.
+        let mut other = VecDeque::new();
         while jobs.is_empty() || (jobs.len() < free && !self.waiting.queue.is_empty()) {
             let Some(j) = self.waiting.queue.pop_front() else {
                 break;
             };
             if !still_wanted(&j, now, 0) {
+                continue;
+            }
+            if self.lane_of(&j) != lane {
+                other.push_back(j);
                 continue;
             }
             let r = rows + 1 + usize::from(self.wants_shadow(&j));
@@ -415,17 +483,42 @@ impl State<'_> {
             (rows, width) = (r, w);
             jobs.push(j);
         }
+        while let Some(j) = other.pop_back() {
+            self.waiting.queue.push_front(j);
+        }
         if jobs.is_empty() {
             return;
         }
         match self.group(jobs) {
-            Ok(p) => self.pending = Some(p),
+            Ok(p) => self.pending[lane] = Some(p),
             Err((jobs, e)) => {
                 for j in jobs {
                     let _ = j.events.send(Event::Error(e.to_string()));
                 }
             }
         }
+    }
+
+    /// Tokens the next prefill chunk may take: the configured cap, lowered so that a chunk takes
+    /// about [`CHUNK_TARGET`] at the measured prefill speed. On a fast GPU that is the cap; on a
+    /// slow CPU a 512-token chunk of a 0.5B model took ~5 s, during which no running sequence
+    /// decoded a token.
+    fn chunk_budget(&self) -> usize {
+        let cap = self.cfg.prefill_chunk_tokens.max(1);
+        match self.prefill_rate {
+            Some(rate) => {
+                ((rate * CHUNK_TARGET.as_secs_f64()) as usize).clamp(MIN_CHUNK.min(cap), cap)
+            }
+            None => MIN_CHUNK.min(cap),
+        }
+    }
+
+    fn observe_prefill(&mut self, tokens: usize, took: std::time::Duration) {
+        let rate = tokens as f64 / took.as_secs_f64().max(1e-6);
+        self.prefill_rate = Some(match self.prefill_rate {
+            Some(r) => 0.7 * r + 0.3 * rate,
+            None => rate,
+        });
     }
 
     fn wants_shadow(&self, j: &Job) -> bool {
@@ -445,8 +538,10 @@ impl State<'_> {
                 plans.push(None);
             }
         }
+        let lane = self.lane_of(&jobs[0]);
         match ChunkedPrefill::new(prompts, self.n_layers) {
             Ok(group) => Ok(Pending {
+                lane,
                 jobs,
                 shadow_row,
                 plans,
@@ -457,8 +552,8 @@ impl State<'_> {
     }
 
     /// Drops rows of the pending group whose client left or timed out (with their shadows).
-    fn prune_pending(&mut self) -> Result<()> {
-        let Some(p) = self.pending.as_mut() else {
+    fn prune_pending(&mut self, lane: usize) -> Result<()> {
+        let Some(p) = self.pending[lane].as_mut() else {
             return Ok(());
         };
         let now = Instant::now();
@@ -482,7 +577,7 @@ impl State<'_> {
             .filter_map(|(j, &a)| a.then_some(j))
             .collect();
         if jobs.is_empty() {
-            self.pending = None;
+            self.pending[lane] = None;
             return Ok(());
         }
         p.plans = keep_rows.iter().map(|&r| p.plans[r].clone()).collect();
@@ -493,14 +588,15 @@ impl State<'_> {
     }
 
     /// Runs the pending group's next chunk; after the last one, starts its sequences.
-    fn prefill_chunk(&mut self) -> Result<()> {
-        self.prune_pending()?;
-        let Some(mut p) = self.pending.take() else {
+    fn prefill_chunk(&mut self, lane: usize) -> Result<()> {
+        self.prune_pending(lane)?;
+        let Some(mut p) = self.pending[lane].take() else {
             return Ok(());
         };
         let dev = self.model.decoder.device().clone();
-        let cols = p.group.chunk_columns(self.cfg.prefill_chunk_tokens);
+        let cols = p.group.chunk_columns(self.chunk_budget());
         let chunk = p.group.next_chunk(cols, &dev)?;
+        let started = Instant::now();
         let n_rows = p.group.rows();
         let mut cap = (chunk.last && !self.capture_layers.is_empty())
             .then(|| LastTokenCapture::new(self.n_layers, self.capture_layers.iter().copied()));
@@ -520,13 +616,14 @@ impl State<'_> {
         let out = match out {
             Ok(o) => o,
             Err(e) => {
-                self.pending = Some(p);
+                self.pending[lane] = Some(p);
                 return Err(e);
             }
         };
         p.group.advance(cols);
+        self.observe_prefill(cols * n_rows, started.elapsed());
         if !chunk.last {
-            self.pending = Some(p);
+            self.pending[lane] = Some(p);
             return Ok(());
         }
         let logits = out.ok_or_else(|| Error::InvalidValue("model returned no logits".into()))?;
@@ -539,8 +636,8 @@ impl State<'_> {
 
     /// The pending group failed: its jobs are retried one by one (a job that fails alone gets the
     /// error); running sequences are untouched.
-    fn fail_group(&mut self, e: String) {
-        let Some(p) = self.pending.take() else {
+    fn fail_group(&mut self, lane: usize, e: String) {
+        let Some(p) = self.pending[lane].take() else {
             return;
         };
         if p.jobs.len() == 1 {
@@ -628,7 +725,7 @@ impl State<'_> {
                 continue;
             }
             keep.push(i);
-            self.running.push(Seq {
+            self.lanes[p.lane].running.push(Seq {
                 job,
                 produced: 1,
                 sampler,
@@ -640,80 +737,85 @@ impl State<'_> {
             return Ok(());
         }
         new_cache.select(&keep)?;
-        let cache = std::mem::replace(&mut self.cache, KvCache::new(self.n_layers));
-        let mut merged = cache;
+        let lane = &mut self.lanes[p.lane];
+        let mut merged = std::mem::replace(&mut lane.cache, KvCache::new(self.n_layers));
         merged.merge(new_cache)?;
-        self.cache = merged;
+        lane.cache = merged;
         Ok(())
     }
 
     /// Remove sequences whose client left or whose deadline passed.
-    fn drop_gone(&mut self) -> Result<()> {
+    fn drop_gone(&mut self, lane: usize) -> Result<()> {
         let now = Instant::now();
-        let keep: Vec<bool> = self
+        let keep: Vec<bool> = self.lanes[lane]
             .running
             .iter()
             .map(|s| still_wanted(&s.job, now, s.produced))
             .collect();
-        self.retain(&keep)
+        self.retain(lane, &keep)
     }
 
     /// Keeps the running sequences flagged in `keep`, with their cache rows.
-    fn retain(&mut self, keep: &[bool]) -> Result<()> {
+    fn retain(&mut self, lane: usize, keep: &[bool]) -> Result<()> {
         if keep.iter().all(|&k| k) {
             return Ok(());
         }
+        let lane = &mut self.lanes[lane];
         let idx: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
         let mut still = Vec::with_capacity(idx.len());
-        for (s, &k) in self.running.drain(..).zip(keep) {
+        for (s, &k) in lane.running.drain(..).zip(keep) {
             if k {
                 still.push(s);
             }
         }
-        self.running = still;
-        self.cache.select(&idx)
+        lane.running = still;
+        lane.cache.select(&idx)
     }
 
-    fn decode_inputs(&self) -> Result<(Tensor, Vec<RowCtx>, Vec<Option<Arc<CompiledPlan>>>)> {
-        let ids: Vec<u32> = self.running.iter().map(|s| s.next).collect();
-        let rows: Vec<RowCtx> = self
+    fn decode_inputs(
+        &self,
+        lane: usize,
+    ) -> Result<(Tensor, Vec<RowCtx>, Vec<Option<Arc<CompiledPlan>>>)> {
+        let lane = &self.lanes[lane];
+        let ids: Vec<u32> = lane.running.iter().map(|s| s.next).collect();
+        let rows: Vec<RowCtx> = lane
             .running
             .iter()
             .enumerate()
             .map(|(bi, s)| RowCtx {
                 seq: bi,
                 chunk_pad: 0,
-                start_pos: self.cache.next_position(bi),
+                start_pos: lane.cache.next_position(bi),
                 prompt_len: s.job.prompt.len(),
             })
             .collect();
-        let plans = self.running.iter().map(|s| s.job.plan.clone()).collect();
+        let plans = lane.running.iter().map(|s| s.job.plan.clone()).collect();
         let dev = self.model.decoder.device().clone();
         Ok((
-            Tensor::from_vec(ids, (self.running.len(), 1), &dev)?,
+            Tensor::from_vec(ids, (lane.running.len(), 1), &dev)?,
             rows,
             plans,
         ))
     }
 
-    fn decode_step(&mut self) -> Result<()> {
-        let b = self.running.len();
-        let (tokens, rows, plans) = self.decode_inputs()?;
-        let mut cache = std::mem::replace(&mut self.cache, KvCache::new(self.n_layers));
+    fn decode_step(&mut self, lane: usize) -> Result<()> {
+        let b = self.lanes[lane].running.len();
+        let (tokens, rows, plans) = self.decode_inputs(lane)?;
+        let mut cache = std::mem::replace(&mut self.lanes[lane].cache, KvCache::new(self.n_layers));
         let logits = self.forward(&tokens, &rows, &mut cache, &plans, None, LogitsAt::Last);
-        self.cache = cache;
+        self.lanes[lane].cache = cache;
         let logits =
             logits?.ok_or_else(|| Error::InvalidValue("model returned no logits".into()))?;
         let finite = finite_rows(&logits)?;
-        let sampling: Vec<Sampling> = self.running.iter().map(|s| s.job.sampling).collect();
+        let running = &mut self.lanes[lane].running;
+        let sampling: Vec<Sampling> = running.iter().map(|s| s.job.sampling).collect();
         // Samplers live in the sequences; move them out for the pick and back.
-        let mut samplers: Vec<Sampler> = self
-            .running
+        let mut samplers: Vec<Sampler> = running
             .iter_mut()
             .map(|s| std::mem::replace(&mut s.sampler, Sampler::new(Sampling::greedy())))
             .collect();
         let picks = pick(&logits, &sampling, &mut samplers)?;
-        for (s, sm) in self.running.iter_mut().zip(samplers) {
+        for (s, sm) in running.iter_mut().zip(samplers) {
             s.sampler = sm;
         }
         self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
@@ -721,44 +823,48 @@ impl State<'_> {
             .decode_tokens
             .fetch_add(b as u64, Ordering::Relaxed);
         let mut keep = vec![true; b];
-        for (bi, (s, tok)) in self.running.iter_mut().zip(picks).enumerate() {
+        for (bi, (s, tok)) in running.iter_mut().zip(picks).enumerate() {
             keep[bi] = advance_seq(&self.cfg.stop, s, tok, finite[bi]);
         }
-        self.retain(&keep)
+        self.retain(lane, &keep)
     }
 
-    /// A decode step failed for the whole batch: run each sequence alone on a copy of its cache
+    /// A decode step failed for the whole lane: run each sequence alone on a copy of its cache
     /// row to find the ones that fail, fail only those, and let the rest go on (their step is
     /// redone next iteration; a failed forward never commits cache slots).
-    fn isolate_decode_failure(&mut self, e: String) {
-        let b = self.running.len();
+    fn isolate_decode_failure(&mut self, lane: usize, e: String) {
+        let b = self.lanes[lane].running.len();
         if b == 0 {
             return;
         }
         let mut keep = vec![true; b];
         for (i, k) in keep.iter_mut().enumerate() {
-            if b > 1 && self.step_alone(i).is_ok() {
+            if b > 1 && self.step_alone(lane, i).is_ok() {
                 continue;
             }
             *k = false;
-            let _ = self.running[i].job.events.send(Event::Error(e.clone()));
+            let _ = self.lanes[lane].running[i]
+                .job
+                .events
+                .send(Event::Error(e.clone()));
         }
         eprintln!(
             "[pgate serve] decode step failed ({e}); failed {} of {b} sequences",
             keep.iter().filter(|k| !**k).count()
         );
-        if self.retain(&keep).is_err() {
-            // The cache itself is unusable: nothing can go on.
-            for s in self.running.drain(..) {
+        if self.retain(lane, &keep).is_err() {
+            // The cache itself is unusable: nothing in this lane can go on.
+            let l = &mut self.lanes[lane];
+            for s in l.running.drain(..) {
                 let _ = s.job.events.send(Event::Error(e.clone()));
             }
-            self.cache = KvCache::new(self.n_layers);
+            l.cache = KvCache::new(self.n_layers);
         }
     }
 
-    fn step_alone(&self, i: usize) -> Result<()> {
-        let s = &self.running[i];
-        let mut cache = self.cache.clone();
+    fn step_alone(&self, lane: usize, i: usize) -> Result<()> {
+        let s = &self.lanes[lane].running[i];
+        let mut cache = self.lanes[lane].cache.clone();
         cache.select(&[i])?;
         let dev = self.model.decoder.device().clone();
         let tokens = Tensor::from_vec(vec![s.next], (1, 1), &dev)?;
@@ -799,6 +905,11 @@ fn advance_seq(stop_ids: &[u32], s: &mut Seq, tok: u32, finite: bool) -> bool {
     }
     true
 }
+
+/// Wall time one prefill chunk should take, so running sequences keep decoding during long prefills.
+const CHUNK_TARGET: std::time::Duration = std::time::Duration::from_millis(250);
+/// Smallest chunk (tokens), also the first one before any speed is measured.
+const MIN_CHUNK: usize = 32;
 
 const NON_FINITE: &str =
     "the model produced non-finite logits for this request (is a steering coefficient too large?)";

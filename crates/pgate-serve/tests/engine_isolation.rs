@@ -176,3 +176,50 @@ fn a_prefill_is_cancelled_between_chunks() {
         "{short_events:?}"
     );
 }
+
+/// Tokens of one request, to its end.
+fn tokens(events: &[Event]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token(t) => Some(*t),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn long_prompts_decode_in_their_own_lane() {
+    // Batch-invariant numerics: a sequence's tokens do not depend on its batch, so the short
+    // request must give the same answer beside a long one (other lane) as alone.
+    let mut m = Arc::try_unwrap(model()).ok().unwrap();
+    m.decoder.set_batch_invariant(true).unwrap();
+    let m = Arc::new(m);
+    let short = encode_chat(&m, &ChatPrompt::new("What is the capital of France?")).unwrap();
+    let long_text = "Tell me about the history of the sea and its ships. ".repeat(60);
+    let long = encode_chat(&m, &ChatPrompt::new(long_text)).unwrap();
+    let cfg = || EngineConfig {
+        long_prompt_tokens: 256,
+        ..config(&m)
+    };
+    assert!(long.len() > 256 && short.len() < 256);
+
+    let (tx, h) = start(m.clone(), cfg());
+    let (j, mut rx) = job(short.clone(), None, Duration::from_secs(120));
+    tx.send(j).unwrap();
+    let alone = tokens(&drain(&mut rx));
+    drop(tx);
+    h.join().unwrap();
+
+    let (tx, h) = start(m.clone(), cfg());
+    let (jl, mut rl) = job(long, None, Duration::from_secs(120));
+    let (js, mut rs) = job(short, None, Duration::from_secs(120));
+    tx.send(jl).unwrap();
+    tx.send(js).unwrap();
+    let long_events = drain(&mut rl);
+    let beside = tokens(&drain(&mut rs));
+    drop(tx);
+    h.join().unwrap();
+    assert!(matches!(long_events.last(), Some(Event::Done { .. })), "{long_events:?}");
+    assert_eq!(alone, beside, "the short request changed beside a long one");
+}
