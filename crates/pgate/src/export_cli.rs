@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use persona_gate::directions::DirectionSet;
+use anyhow::{Context, Result};
+use persona_gate::directions::spec::layer_vector;
 use persona_gate::model::export::{export_hf_dir, ExportOptions};
 use persona_gate::model::ModelSource;
 
@@ -25,63 +25,18 @@ pub struct ExportArgs {
     pub bf16: bool,
 }
 
-/// `FILE[L]` -> (file, L).
-fn parse_pick(s: &str) -> Result<(PathBuf, usize)> {
-    let Some(open) = s.rfind('[') else {
-        bail!("--orthogonalize '{s}': expected FILE[L] (which layer's vector to project out)")
-    };
-    let Some(inner) = s[open + 1..].strip_suffix(']') else {
-        bail!("--orthogonalize '{s}': expected FILE[L], missing ']'")
-    };
-    let layer: usize = inner
-        .trim()
-        .parse()
-        .with_context(|| format!("--orthogonalize '{s}': layer '{inner}' is not a number"))?;
-    Ok((PathBuf::from(&s[..open]), layer))
-}
-
 pub fn run(a: ExportArgs) -> Result<()> {
     let src = ModelSource::resolve(&a.model)?;
     let orthogonalize = match &a.orthogonalize {
+        Some(spec) => Some(layer_vector(spec).context("--orthogonalize")?),
         None => None,
-        Some(spec) => {
-            let (file, layer) = parse_pick(spec)?;
-            let set = DirectionSet::load(&file)
-                .with_context(|| format!("reading direction file {}", file.display()))?;
-            let v = set.layer(layer)?.to_vec();
-            if v.iter().any(|x| !x.is_finite()) {
-                bail!(
-                    "{}: layer {layer}'s vector has NaN or infinite entries",
-                    file.display()
-                );
-            }
-            Some(v)
-        }
     };
     let t0 = std::time::Instant::now();
-    let rep = export_hf_dir(
-        &src,
-        &a.out,
-        &ExportOptions {
-            bf16: a.bf16,
-            orthogonalize,
-        },
-    )?;
-    eprintln!(
-        "wrote {} tensors to {} in {:.1}s{}{}",
-        rep.tensors,
-        a.out.display(),
-        t0.elapsed().as_secs_f64(),
-        if rep.orthogonalized.is_empty() {
-            String::new()
-        } else {
-            format!("; orthogonalized {} matrices", rep.orthogonalized.len())
-        },
-        if rep.untied_lm_head {
-            "; LM head untied from the embeddings"
-        } else {
-            ""
-        },
-    );
+    let opts = ExportOptions {
+        bf16: a.bf16,
+        orthogonalize,
+    };
+    let rep = export_hf_dir(&src, &a.out, &opts)?;
+    eprintln!("{}", rep.summary(&a.out, t0.elapsed().as_secs_f64()));
     Ok(())
 }

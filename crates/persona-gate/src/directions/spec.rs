@@ -191,6 +191,27 @@ pub(super) fn parse_file_ref(s: &str) -> std::result::Result<(PathBuf, Option<us
     Ok((PathBuf::from(s), None))
 }
 
+/// The vector of one layer of a direction file, named `FILE[L]` (what `pgate export
+/// --orthogonalize` projects out of the weights): finite, of the file's width.
+pub fn layer_vector(spec: &str) -> Result<Vec<f32>> {
+    let bad = |reason: String| Error::InvalidSpec {
+        spec: quote(spec, 200),
+        reason,
+    };
+    let (file, pick) = parse_file_ref(spec).map_err(bad)?;
+    let layer = pick.ok_or_else(|| bad("expected FILE[L] (which layer's vector)".into()))?;
+    crate::model::source::require_regular_file(&file)?;
+    let set = DirectionSet::load(&file)?;
+    let v = set.layer(layer)?.to_vec();
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::InvalidValue(format!(
+            "{}: layer {layer}'s vector has NaN or infinite entries",
+            file.display()
+        )));
+    }
+    Ok(v)
+}
+
 /// Operations applying `set` with `kind` at `layers`: one per layer with that layer's vector, or
 /// one for all layers with layer `pick`'s vector. A single-vector set (one row) applies its vector
 /// everywhere. Errors name the direction and layer at fault.

@@ -34,6 +34,28 @@ pub struct ExportReport {
     pub untied_lm_head: bool,
 }
 
+impl ExportReport {
+    /// What was written, in one line (`pgate export`).
+    pub fn summary(&self, out: &Path, seconds: f64) -> String {
+        format!(
+            "wrote {} tensors to {} in {:.1}s{}{}",
+            self.tensors,
+            out.display(),
+            seconds,
+            if self.orthogonalized.is_empty() {
+                String::new()
+            } else {
+                format!("; orthogonalized {} matrices", self.orthogonalized.len())
+            },
+            if self.untied_lm_head {
+                "; LM head untied from the embeddings"
+            } else {
+                ""
+            },
+        )
+    }
+}
+
 /// Every tensor name (GGUF style) a model of `cfg` may have.
 fn tensor_names(cfg: &ModelConfig) -> Vec<String> {
     let mut names = vec![
