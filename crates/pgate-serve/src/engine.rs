@@ -499,12 +499,17 @@ impl State<'_> {
         }
     }
 
-    /// Tokens the next prefill chunk may take: the configured cap, lowered so that a chunk takes
-    /// about [`CHUNK_TARGET`] at the measured prefill speed. On a fast GPU that is the cap; on a
+    /// Tokens the next prefill chunk may take: the configured cap, lowered while other sequences
+    /// wait so that a chunk takes about [`CHUNK_TARGET`] at the measured prefill speed. On a fast GPU that is the cap; on a
     /// slow CPU a 512-token chunk of a 0.5B model took ~5 s, during which no running sequence
     /// decoded a token.
     fn chunk_budget(&self) -> usize {
         let cap = self.cfg.prefill_chunk_tokens.max(1);
+        let others_wait = self.n_running() > 0 || self.pending.iter().flatten().count() > 1;
+        if !others_wait {
+            // Nobody is waiting on this chunk: the largest one prefills fastest.
+            return cap;
+        }
         match self.prefill_rate {
             Some(rate) => {
                 ((rate * CHUNK_TARGET.as_secs_f64()) as usize).clamp(MIN_CHUNK.min(cap), cap)
