@@ -4,6 +4,21 @@ pub use candle_core::Device;
 
 use crate::{Error, Result};
 
+/// A device named `cpu`, `cuda` (or `gpu`: CUDA device 0) or `cuda:N`: one spelling for every
+/// command, server preset and binding that picks a device.
+pub fn parse(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => cuda(0),
+        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda(i),
+            _ => Err(Error::InvalidValue(format!(
+                "unknown device '{d}' (expected cpu, cuda or cuda:N)"
+            ))),
+        },
+    }
+}
+
 /// CUDA device `ordinal`.
 pub fn cuda(ordinal: usize) -> Result<Device> {
     if !cfg!(feature = "cuda") {

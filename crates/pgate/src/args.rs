@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use persona_gate::device::Device;
 use persona_gate::directions::{load_compiled_plan, PlanSource};
 use persona_gate::intervene::CompiledPlan;
@@ -84,18 +84,10 @@ impl ModelArgs {
 
 /// A device from `--device` (cpu, cuda, gpu, cuda:N) or, when that is absent, `--cuda N`.
 pub fn parse_device(device: Option<&str>, cuda: Option<usize>) -> Result<Device> {
-    let ordinal = match device {
-        None => cuda,
-        Some("cpu") => None,
-        Some("cuda") | Some("gpu") => Some(0),
-        Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Some(i),
-            _ => bail!("unknown device '{d}' (expected cpu, cuda or cuda:N)"),
-        },
-    };
-    Ok(match ordinal {
-        None => Device::Cpu,
-        Some(i) => persona_gate::device::cuda(i)?,
+    Ok(match (device, cuda) {
+        (Some(d), _) => persona_gate::device::parse(d)?,
+        (None, Some(i)) => persona_gate::device::cuda(i)?,
+        (None, None) => Device::Cpu,
     })
 }
 
