@@ -189,17 +189,17 @@ impl CustomOp3 for InvariantAttention {
                 );
             }
         };
-        let pool = candle_core::utils::barrier_pool();
-        let threads = pool.n_workers() + 1;
+        // Each unit is one query row computed by one `row` call, so the split does not change any
+        // result; the kernels' pool sleeps instead of spinning while it waits (see `pool`).
+        let pool = super::pool::global();
+        let threads = pool.threads();
         if threads == 1 || units < 2 * threads {
             run(0..units);
         } else {
             let chunks = (threads * 4).min(units);
             let per = units.div_ceil(chunks);
-            pool.execute_chunked(units.div_ceil(per), |cs| {
-                for c in cs {
-                    run(c * per..((c + 1) * per).min(units));
-                }
+            pool.run(units.div_ceil(per), |c| {
+                run(c * per..((c + 1) * per).min(units))
             });
         }
         Ok((CpuStorage::F32(out), Shape::from((b, g, r, hd))))

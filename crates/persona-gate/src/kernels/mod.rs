@@ -16,6 +16,7 @@
 
 mod act;
 pub mod attention;
+mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -30,6 +31,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
 use act::{ActLayout, QuantActs};
+use pool::Pool;
+pub use pool::{init_threads, set_threads, threads};
 
 /// Activation rows handled per pass over the weights: the kernels keep one accumulator per row in
 /// registers, and 8 rows still fit the AVX512 register file next to the unpacked weights.
@@ -259,6 +262,11 @@ impl CompactQMatrix {
 
     /// [`Self::matmul`] with a chosen instruction set (falls back to scalar when unsupported).
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matmul_on(pool::global(), isa, x, m, out)
+    }
+
+    /// [`Self::matmul_with`] on a given thread pool (tests compare thread counts with it).
+    fn matmul_on(&self, pool: &Pool, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.k, "x must be m x k");
         assert_eq!(out.len(), m * self.n, "out must be m x n");
         if m == 0 || self.n == 0 {
@@ -291,7 +299,12 @@ impl CompactQMatrix {
                 }
             }
         };
-        par_rows(n, self.size_in_bytes() * m.div_ceil(MAX_ROWS_PER_PASS), run);
+        par_rows(
+            pool,
+            n,
+            self.size_in_bytes() * m.div_ceil(MAX_ROWS_PER_PASS),
+            run,
+        );
     }
 }
 
@@ -361,13 +374,14 @@ unsafe fn run_kernel(
     }
 }
 
-/// Split `n` weight rows over candle's persistent worker pool (the same threads candle's own ops
-/// use, so nothing else spins on the two cores) in a handful of contiguous chunks per thread:
-/// contiguous ranges keep each core's hardware prefetcher on one long stream, and a shared
-/// cursor lets a thread that got descheduled on a busy machine hand its remaining chunks over.
-fn par_rows<F: Fn(Range<usize>) + Sync>(n: usize, bytes: usize, f: F) {
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
+/// Split `n` weight rows over the kernels' thread pool ([`pool`]: workers that sleep rather than
+/// spin, and that stop being used while other processes hold the cores) in a handful of contiguous
+/// chunks per thread: contiguous ranges keep each core's hardware prefetcher on one long stream, and
+/// the pool's shared cursor lets the caller take over chunks a descheduled worker has not started.
+/// Each output row is computed by one kernel call whatever the split, so results do not depend on the
+/// thread count.
+fn par_rows<F: Fn(Range<usize>) + Sync>(pool: &Pool, n: usize, bytes: usize, f: F) {
+    let threads = pool.threads();
     if threads == 1 || bytes < PAR_MIN_BYTES || n < 2 * threads {
         f(0..n);
         return;
@@ -375,12 +389,7 @@ fn par_rows<F: Fn(Range<usize>) + Sync>(n: usize, bytes: usize, f: F) {
     // 4 chunks per thread: enough to rebalance, few enough that each is a long stream.
     let chunks = (threads * 4).min(n);
     let per = n.div_ceil(chunks);
-    let chunks = n.div_ceil(per);
-    pool.execute_chunked(chunks, |range| {
-        for c in range {
-            f(c * per..((c + 1) * per).min(n));
-        }
-    });
+    pool.run(n.div_ceil(per), |c| f(c * per..((c + 1) * per).min(n)));
 }
 
 impl CustomOp1 for CompactQMatrix {

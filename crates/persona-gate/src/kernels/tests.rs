@@ -207,3 +207,38 @@ fn zero_activations() {
         assert!(out.iter().all(|&v| v == 0.0), "{isa:?}: {out:?}");
     }
 }
+
+/// Results are bit-identical whatever the thread count and however chunks land on threads (the
+/// pool's governor may run any section inline): every output row is one kernel call.
+#[test]
+fn results_do_not_depend_on_threads() {
+    use super::pool::{GovernorMode, Pool};
+    for (dtype, n, k) in [
+        (GgmlDType::Q4K, 301, 1536),
+        (GgmlDType::Q6K, 257, 1536),
+        (GgmlDType::Q8_0, 263, 1536),
+    ] {
+        let c = case(dtype, n, k, 17);
+        let mat = CompactQMatrix::from_qtensor(c.q.clone()).unwrap();
+        for m in [1, 4, 8, 11] {
+            let x = acts(m, k, 5 + m as u64, true);
+            for isa in isas() {
+                let one = Pool::new(1, GovernorMode::AlwaysParallel);
+                let mut want = vec![f32::NAN; m * n];
+                mat.matmul_on(&one, isa, &x, m, &mut want);
+                for threads in [2, 3, 4] {
+                    let pool = Pool::new(threads, GovernorMode::AlwaysParallel);
+                    for _ in 0..3 {
+                        let mut got = vec![f32::NAN; m * n];
+                        mat.matmul_on(&pool, isa, &x, m, &mut got);
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{dtype:?} m={m} {isa:?} threads={threads}");
+                    }
+                }
+            }
+        }
+    }
+}
