@@ -71,6 +71,40 @@ pub struct BenchReport {
     pub rss_samples: Vec<(f64, u64)>,
 }
 
+impl BenchReport {
+    /// One line of results, then one line per sampled error (what `pgate serve-bench` prints).
+    pub fn summary(&self) -> String {
+        let mb = |b: Option<u64>| {
+            b.map(|b| format!("{:.0} MiB", b as f64 / 1048576.0))
+                .unwrap_or_else(|| "?".into())
+        };
+        let mut o = format!(
+            "{} clients x {:.0} s on {} (preset {}): {} ok, {} x 429, {} errors; {} completion tokens in {:.1} s = {:.1} tok/s, {:.2} req/s; latency p50 {:.2} s, p95 {:.2} s, max {:.2} s; server RSS start {}, max {}, end {}\n",
+            self.clients,
+            self.duration_s,
+            self.url,
+            self.preset,
+            self.requests_ok,
+            self.rejected_429,
+            self.errors,
+            self.completion_tokens,
+            self.wall_s,
+            self.completion_tokens_per_s,
+            self.requests_per_s,
+            self.latency_p50_s,
+            self.latency_p95_s,
+            self.latency_max_s,
+            mb(self.rss_start_bytes),
+            mb(self.rss_max_bytes),
+            mb(self.rss_end_bytes)
+        );
+        for s in &self.error_samples {
+            o += &format!("error: {s}\n");
+        }
+        o
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     ok: usize,

@@ -31,7 +31,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use persona_gate::directions::{DirectionSet, DirectionSpec, PlanBuilder};
+use persona_gate::directions::{
+    compile_for, load_plan_with, DirectionSet, DirectionSpec, PlanSource,
+};
 use persona_gate::intervene::CompiledPlan;
 use persona_gate::model::limits::{one_line, one_line_error, quote};
 use persona_gate::model::Model;
@@ -147,6 +149,24 @@ impl PresetSpec {
             (&self.add, DirectionSpec::parse_add),
             (&self.add_raw, DirectionSpec::parse_add_raw),
         ]
+    }
+
+    /// The preset's steering as a source for the one plan loader
+    /// ([`persona_gate::directions::load_plan_with`]), a relative plan file taken from `base`.
+    pub fn plan_source(&self, base: &Path) -> PlanSource {
+        PlanSource {
+            plan: self.plan.as_ref().map(|p| {
+                if p.is_absolute() {
+                    p.clone()
+                } else {
+                    base.join(p)
+                }
+            }),
+            ablate: self.ablate.clone(),
+            cap: self.cap.clone(),
+            add: self.add.clone(),
+            add_raw: self.add_raw.clone(),
+        }
     }
 
     /// Every steering spec parsed (no file is read).
@@ -312,36 +332,15 @@ pub fn build_presets(
     let cfg = model.config();
     let mut out = BTreeMap::new();
     for (name, spec) in specs {
-        let plan = if spec.has_steering() {
-            let mut b = PlanBuilder::new();
-            if let Some(p) = &spec.plan {
-                let p = if p.is_absolute() {
-                    p.clone()
-                } else {
-                    base.join(p)
-                };
-                b.plan_file(&p)?;
-            }
-            for (list, parse) in spec.spec_groups() {
-                for s in list {
-                    let mut d = parse(s)?;
-                    dirs.resolve(&mut d, &base)?;
-                    b.spec(&d)?;
-                }
-            }
-            let plan = b
-                .finish(cfg.n_layers, cfg.d_model)
-                .map_err(|e| Error::InvalidValue(format!("preset '{name}': {e}")))?;
-            let compiled = plan.compile(
-                cfg.n_layers,
-                cfg.d_model,
-                model.decoder.dtype(),
-                model.decoder.device(),
-            )?;
-            Some(Arc::new(compiled))
-        } else {
-            None
-        };
+        let plan = load_plan_with(&spec.plan_source(&base), cfg.n_layers, cfg.d_model, |d| {
+            dirs.resolve(d, &base)
+        })
+        .map_err(|e| match e {
+            e @ Error::InvalidSpec { .. } => e,
+            e => Error::InvalidValue(format!("preset '{name}': {e}")),
+        })?
+        .map(|p| compile_for(&p, model))
+        .transpose()?;
         let guard = spec.guard.unwrap_or(default_guard);
         let output_guard = spec.output_guard.unwrap_or(default_output_guard);
         out.insert(
