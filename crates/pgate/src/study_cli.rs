@@ -240,7 +240,12 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
         StudyCmd::Export(a) => {
             let format = Format::parse(&a.format)?;
             let e = ops::export(&a.db, a.study.as_deref(), format, &a.out)?;
-            println!("{} rows of study {} -> {}", e.rows, e.study, a.out.display());
+            println!(
+                "{} rows of study {} -> {}",
+                e.rows,
+                e.study,
+                a.out.display()
+            );
             Ok(())
         }
         StudyCmd::Judge(a) => judge(a),
@@ -370,7 +375,10 @@ fn relabel(a: RelabelArgs) -> Result<()> {
 /// JSON through `serde_json::Value`, whose maps are sorted: the key order these commands have
 /// always printed.
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(&serde_json::to_value(v)?)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::to_value(v)?)?
+    );
     Ok(())
 }
 

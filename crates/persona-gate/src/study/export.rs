@@ -12,8 +12,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-pub use super::flat::{csv_field, flat, Cell, Kind};
 use super::flat::first_with;
+pub use super::flat::{csv_field, flat, Cell, Kind};
 use super::report::ReportRow;
 use super::store::{iso_utc, RowView};
 use crate::{Error, Result};

@@ -175,4 +175,3 @@ pub fn flat(rows: &[RowView]) -> (Vec<(String, Kind)>, Vec<Vec<Cell>>) {
         .collect();
     (cols, out)
 }
-

@@ -57,5 +57,5 @@ pub use file::StudyFile;
 pub use plan::{Condition, Study, WorkItem};
 pub use remote::run_endpoint_study;
 pub use runner::run_study;
-pub use work::{RunOptions, RunSummary};
 pub use store::Store;
+pub use work::{RunOptions, RunSummary};

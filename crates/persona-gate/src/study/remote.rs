@@ -19,11 +19,11 @@ use std::sync::mpsc;
 use serde_json::{json, Value};
 
 use super::plan::{Study, WorkItem};
-pub use super::work::EndpointRunStats;
-use super::work::{plan_pending, RunEvent, RunOptions, RunSummary};
 use super::store::{
     now_ms, EndpointCall, EndpointFailureRow, NewResult, Store, GENERATION_LABELER,
 };
+pub use super::work::EndpointRunStats;
+use super::work::{plan_pending, RunEvent, RunOptions, RunSummary};
 use crate::endpoint::{Client, Completion, EndpointConfig, Failure};
 use crate::eval::judge::rule_leakage;
 use crate::eval::Label;

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use super::plan::Study;
 use super::store::{now_ms, NewResult, Store, GENERATION_LABELER};
-pub use super::work::{RunEvent, RunOptions, RunSummary};
 use super::work::plan_pending;
+pub use super::work::{RunEvent, RunOptions, RunSummary};
 use crate::eval::judge::rule_leakage;
 use crate::generate::{encode_chat, ChatPrompt, GenRequest, Generator, Sampling};
 use crate::model::Model;

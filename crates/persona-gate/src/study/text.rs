@@ -32,7 +32,11 @@ impl Display for StudyStatus {
         )?;
         let w = width(self.conditions.iter().map(|r| r.condition.as_str()), 9);
         let ws = width(self.conditions.iter().map(|r| r.prompt_set.as_str()), 3);
-        writeln!(f, "{:<w$}  {:<ws$}  {:>11}", "condition", "set", "done/total")?;
+        writeln!(
+            f,
+            "{:<w$}  {:<ws$}  {:>11}",
+            "condition", "set", "done/total"
+        )?;
         for r in &self.conditions {
             writeln!(
                 f,
@@ -70,7 +74,10 @@ impl Display for EndpointStatus {
                 format!("model {}", self.reported_models.join(", "))
             }
         )?;
-        let w = width(self.conditions.iter().map(|u| u.usage.condition.as_str()), 9);
+        let w = width(
+            self.conditions.iter().map(|u| u.usage.condition.as_str()),
+            9,
+        );
         writeln!(
             f,
             "{:<w$}  {:>6}  {:>6}  {:>13}  {:>17}  {:>13}  {:>10}",
@@ -290,7 +297,11 @@ impl Display for Comparison {
             }
         )?;
         for d in &self.disagreements {
-            writeln!(f, "{} / {} (sample {}):", d.condition, d.prompt_id, d.sample)?;
+            writeln!(
+                f,
+                "{} / {} (sample {}):",
+                d.condition, d.prompt_id, d.sample
+            )?;
             writeln!(f, "  A {:<10} {:?}", d.label_a, clip(&d.output_a))?;
             writeln!(f, "  B {:<10} {:?}", d.label_b, clip(&d.output_b))?;
         }

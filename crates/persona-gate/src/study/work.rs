@@ -138,4 +138,3 @@ pub struct EndpointRunStats {
     /// Estimated cost of this run's answers (when the study gives both prices).
     pub cost: Option<f64>,
 }
-

@@ -107,8 +107,14 @@ pub(crate) fn judge_phase(
     };
     let (name, mode) = (j.name().to_string(), j.mode().name());
     let (mut done, mut total) = (0, 0);
-    let s = judge_study(store, study_hash, j.as_ref(), cfg, opts, stop, &mut |ev| {
-        match ev {
+    let s = judge_study(
+        store,
+        study_hash,
+        j.as_ref(),
+        cfg,
+        opts,
+        stop,
+        &mut |ev| match ev {
             JudgeEvent::Planned { todo } => {
                 total = todo;
                 sink.event(Event::Phase {
@@ -128,8 +134,8 @@ pub(crate) fn judge_phase(
                 });
                 sink.event(Event::Progress { done, total });
             }
-        }
-    })?;
+        },
+    )?;
     sink.event(Event::PhaseEnd {
         name: "judge".into(),
     });
