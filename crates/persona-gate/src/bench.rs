@@ -270,3 +270,230 @@ pub fn run(model: &Model, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     }
     Ok(rows)
 }
+
+/// What `pgate bench` measures: every plan (a plan file, then built-in steering presets) at every
+/// batch size, with CUDA graphs on, off or both.
+///
+/// Why a whole operation: the CLI, the GPU scripts and the Python package all want the same table
+/// (and the same header with the device's copy bandwidth), not a loop of their own over [`run`].
+#[derive(Debug, Clone)]
+pub struct BenchSuite {
+    pub batches: Vec<usize>,
+    pub new_tokens: usize,
+    pub prompt_tokens: Option<usize>,
+    pub reps: usize,
+    pub warmup: usize,
+    /// A plan file (JSON or TOML) measured first, named by its file name.
+    pub plan: Option<std::path::PathBuf>,
+    /// Built-in steering presets ([`STEER_PRESETS`]); empty without `plan`: `none`.
+    pub steer: Vec<String>,
+    /// Seed of the presets' random directions.
+    pub seed: u64,
+    /// `on`, `off` or `both`.
+    pub cuda_graphs: String,
+    /// The numeric mode as named by the caller (reported, not applied: the model is loaded).
+    pub dtype: String,
+    /// CPU threads (reported in the header on CPU).
+    pub threads: usize,
+}
+
+/// What [`run_suite`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct SuiteReport {
+    /// One line: model, size, dtype, device, copy bandwidth or threads.
+    pub header: String,
+    /// The run's settings and rows as `pgate bench --out` writes them.
+    pub json: serde_json::Value,
+    pub rows: Vec<BenchRow>,
+}
+
+/// Run a [`BenchSuite`]; the header and each row (as JSON) go to `sink` as notes when measured.
+pub fn run_suite(
+    model: &Model,
+    suite: &BenchSuite,
+    sink: &mut dyn crate::events::EventSink,
+) -> Result<SuiteReport> {
+    use crate::events::Event;
+    let dev = model.decoder.device().clone();
+    let copy_gbs = copy_bandwidth(&dev)?;
+    let mut plans = Vec::new();
+    if let Some(p) = &suite.plan {
+        let name = p
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let source = crate::directions::PlanSource::file(p);
+        plans.push((name, crate::directions::load_compiled_plan(&source, model)?));
+    }
+    let steer: Vec<String> = if suite.steer.is_empty() && suite.plan.is_none() {
+        vec!["none".into()]
+    } else {
+        suite.steer.clone()
+    };
+    for s in &steer {
+        let plan = steer_preset(s, model, suite.seed)?
+            .map(|p| crate::directions::compile_for(&p, model))
+            .transpose()?;
+        plans.push((s.clone(), plan));
+    }
+    let header = format!(
+        "model {} ({}, {:.2} B params, dtype {}, device {}{})",
+        model.info.name,
+        model.info.architecture,
+        model.info.n_params as f64 / 1e9,
+        suite.dtype,
+        if dev.is_cpu() { "cpu" } else { "cuda" },
+        match copy_gbs {
+            Some(bw) => format!(", copy bandwidth {bw:.0} GB/s"),
+            None => format!(", {} threads", suite.threads),
+        }
+    );
+    sink.event(Event::Note(header.clone()));
+    let graph_modes: &[bool] = match suite.cuda_graphs.as_str() {
+        "off" => &[false],
+        "both" => &[true, false],
+        _ => &[true],
+    };
+    let mut rows: Vec<BenchRow> = Vec::new();
+    for (name, plan) in plans {
+        for &b in &suite.batches {
+            for &cuda_graphs in graph_modes {
+                let cfg = BenchConfig {
+                    batches: vec![b],
+                    new_tokens: suite.new_tokens,
+                    prompt_tokens: suite.prompt_tokens,
+                    reps: suite.reps,
+                    plan: plan.clone(),
+                    plan_name: name.clone(),
+                    warmup: suite.warmup,
+                    copy_gbs,
+                    cuda_graphs,
+                };
+                for row in run(model, &cfg)? {
+                    sink.event(Event::Note(serde_json::to_string(&row)?));
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    let json = serde_json::json!({
+        "model": model.info.name, "n_params": model.info.n_params, "dtype": suite.dtype,
+        "device": format!("{dev:?}"), "copy_GBs": copy_gbs,
+        "weight_bytes": weight_bytes(model), "kv_bytes_per_token": kv_bytes_per_token(model),
+        "rows": rows,
+    });
+    Ok(SuiteReport { header, json, rows })
+}
+
+impl SuiteReport {
+    /// The header, then one aligned row per measurement (what `pgate bench` prints).
+    pub fn table(&self) -> String {
+        let mut o = format!("{}\n", self.header);
+        o += &format!(
+            "{:>11} {:>6} {:>7} {:>5} {:>10} {:>9} {:>13} {:>12} {:>9} {:>9} {:>9} {:>7} {:>7}\n",
+            "plan",
+            "batch",
+            "prompt",
+            "new",
+            "tok/s",
+            "step ms",
+            "prefill tok/s",
+            "decode tok/s",
+            "dec ms",
+            "issue ms",
+            "floor ms",
+            "floor%",
+            "graphs"
+        );
+        for r in &self.rows {
+            o += &format!(
+                "{:>11} {:>6} {:>7} {:>5} {:>10.1} {:>9.2} {:>13.1} {:>12.1} {:>9.2} {:>9.2} {:>9} {:>7} {:>7}\n",
+                r.plan,
+                r.batch,
+                r.prompt_tokens,
+                r.new_tokens,
+                r.tok_s,
+                r.step_ms,
+                r.prefill_tok_s,
+                r.decode_tok_s,
+                r.decode_ms_per_step,
+                r.issue_ms_per_step,
+                r.floor_ms.map_or("-".into(), |f| format!("{f:.2}")),
+                r.floor_frac
+                    .map_or("-".into(), |f| format!("{:.0}%", 100.0 * f)),
+                r.graph_steps,
+            );
+        }
+        o
+    }
+}
+
+/// What `pgate logits` prints: last-token logits and greedy tokens of token-id prompts.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogitsReport {
+    /// The device, as `Debug` prints it.
+    pub device: String,
+    /// The numeric mode as named by the caller.
+    pub dtype: String,
+    /// `[prompts][new tokens]`; empty when none were asked for.
+    pub greedy: Vec<Vec<u32>>,
+    /// `[prompts][vocab]`, f32.
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// Parse prompts given as comma-separated token ids (`"1,2,3"`), none empty.
+pub fn parse_token_prompts(specs: &[String]) -> Result<Vec<Vec<u32>>> {
+    let prompts: Vec<Vec<u32>> = specs
+        .iter()
+        .map(|s| {
+            s.split(',')
+                .map(|t| {
+                    t.trim().parse::<u32>().map_err(|_| {
+                        Error::InvalidValue(format!("token ids are integers, not '{}'", t.trim()))
+                    })
+                })
+                .collect()
+        })
+        .collect::<Result<_>>()?;
+    if prompts.iter().any(|p| p.is_empty()) {
+        return Err(Error::InvalidValue("empty --tokens".into()));
+    }
+    Ok(prompts)
+}
+
+/// Last-token logits of `prompts` as one left-padded batch under `plan`, and `greedy` greedy
+/// tokens per prompt (batched, end-of-sequence ignored).
+pub fn logits_report(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    plan: Option<Arc<CompiledPlan>>,
+    greedy: usize,
+    dtype: &str,
+) -> Result<LogitsReport> {
+    let logits = last_token_logits(model, prompts, plan.clone())?;
+    let greedy = if greedy > 0 {
+        let reqs: Vec<GenRequest> = prompts
+            .iter()
+            .map(|p| GenRequest {
+                prompt: p.clone(),
+                max_new_tokens: greedy,
+                sampling: Sampling::greedy(),
+                stop: Vec::new(),
+                plan: plan.clone(),
+            })
+            .collect();
+        Generator::new(&model.decoder, prompts.len())
+            .run(&reqs, None, |_, _| Ok(()))?
+            .into_iter()
+            .map(|o| o.tokens)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(LogitsReport {
+        device: format!("{:?}", model.decoder.device()),
+        dtype: dtype.into(),
+        greedy,
+        logits,
+    })
+}

@@ -162,6 +162,24 @@ pub struct SynthReport {
     pub secs: f64,
 }
 
+impl SynthReport {
+    /// One line: where, what shape, how big, how long (what `pgate synth-model` prints).
+    pub fn summary(&self, out: &Path) -> String {
+        format!(
+            "{}: {} ({} layers, width {}, vocab {}), {} tensors, {:.2} B parameters, {:.2} GB in {:.1} s",
+            out.display(),
+            self.like,
+            self.config.n_layers,
+            self.config.d_model,
+            self.config.vocab_size,
+            self.tensors,
+            self.n_params as f64 / 1e9,
+            self.bytes as f64 / 1e9,
+            self.secs
+        )
+    }
+}
+
 /// How a tensor's values are drawn.
 #[derive(Debug, Clone, Copy)]
 enum Fill {
