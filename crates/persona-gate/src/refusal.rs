@@ -194,6 +194,79 @@ pub fn add_raw(model: &Model, v: &[f32], layer: usize, coeff: f32) -> Result<Arc
     )?))
 }
 
+/// The validation prompts, tokenized, with the unsteered model's scores on them: what every
+/// candidate is measured against.
+struct Validation {
+    harmful: Vec<Vec<u32>>,
+    harmless: Vec<Vec<u32>>,
+    refusal_tokens: Vec<u32>,
+    /// Unsteered next-token logits on the harmless prompts (the KL reference).
+    base_harmless: Tensor,
+    baseline_harmful: f64,
+    baseline_harmless: f64,
+}
+
+impl Validation {
+    fn new(model: &Model, harmful: &[String], harmless: &[String], batch: usize) -> Result<Self> {
+        let enc = |v: &[String]| -> Result<Vec<Vec<u32>>> {
+            v.iter()
+                .map(|p| encode_chat(model, &ChatPrompt::new(p.clone())))
+                .collect()
+        };
+        let (harmful, harmless) = (enc(harmful)?, enc(harmless)?);
+        let refusal_tokens = refusal_tokens(model)?;
+        let base_h = last_logits(model, &harmful, None, batch)?;
+        let base_harmless = last_logits(model, &harmless, None, batch)?;
+        Ok(Validation {
+            baseline_harmful: refusal_score(&base_h, &refusal_tokens)?,
+            baseline_harmless: refusal_score(&base_harmless, &refusal_tokens)?,
+            harmful,
+            harmless,
+            refusal_tokens,
+            base_harmless,
+        })
+    }
+
+    /// Bypass, induce and KL of the candidate `v` read at `layer` (`None` for a zero vector), and
+    /// why the filters drop it, if they do.
+    fn score(
+        &self,
+        model: &Model,
+        v: &[f32],
+        layer: usize,
+        position: &str,
+        opts: &SelectOptions,
+    ) -> Result<Option<CandidateScore>> {
+        let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        if norm == 0.0 || !norm.is_finite() {
+            return Ok(None);
+        }
+        let (b, rt) = (opts.batch_size, &self.refusal_tokens);
+        let abl = ablate_everywhere(model, v)?;
+        let bypass = refusal_score(&last_logits(model, &self.harmful, Some(&abl), b)?, rt)?;
+        let abl_s = last_logits(model, &self.harmless, Some(&abl), b)?;
+        let kl = mean_kl(&self.base_harmless, &abl_s)?;
+        let add = add_raw(model, v, layer, 1.0)?;
+        let induce = refusal_score(&last_logits(model, &self.harmless, Some(&add), b)?, rt)?;
+        let filtered = if induce <= 0.0 {
+            Some(format!("induce score {induce:.2} <= 0"))
+        } else if kl > opts.kl_max {
+            Some(format!("KL {kl:.3} > {}", opts.kl_max))
+        } else {
+            None
+        };
+        Ok(Some(CandidateScore {
+            layer,
+            position: position.to_string(),
+            norm,
+            bypass,
+            induce,
+            kl,
+            filtered,
+        }))
+    }
+}
+
 /// Extract candidates from `harmful_train` / `harmless_train` and select on the validation sets.
 pub fn select_refusal_direction(
     model: &Model,
@@ -221,18 +294,7 @@ pub fn select_refusal_direction(
             ..Default::default()
         },
     )?;
-    let enc = |v: &[String]| -> Result<Vec<Vec<u32>>> {
-        v.iter()
-            .map(|p| encode_chat(model, &ChatPrompt::new(p.clone())))
-            .collect()
-    };
-    let hv = enc(harmful_val)?;
-    let sv = enc(harmless_val)?;
-    let rt = refusal_tokens(model)?;
-    let base_h = last_logits(model, &hv, None, opts.batch_size)?;
-    let base_s = last_logits(model, &sv, None, opts.batch_size)?;
-    let baseline_harmful = refusal_score(&base_h, &rt)?;
-    let baseline_harmless = refusal_score(&base_s, &rt)?;
+    let val = Validation::new(model, harmful_val, harmless_val, opts.batch_size)?;
     let max_layer = ((1.0 - opts.discard_last_frac) * n_layers as f64).floor() as usize;
     let mut scores = Vec::new();
     let mut best: Option<(f64, usize, usize)> = None;
@@ -240,38 +302,13 @@ pub fn select_refusal_direction(
         let pos = opts.positions[ci].name();
         for layer in (0..max_layer.min(n_layers)).step_by(opts.layer_stride.max(1)) {
             progress(&format!("scoring layer {layer} position {pos}"));
-            let v = set.layer(layer)?.to_vec();
-            let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-            if norm == 0.0 || !norm.is_finite() {
+            let Some(s) = val.score(model, set.layer(layer)?, layer, &pos, opts)? else {
                 continue;
-            }
-            let abl = ablate_everywhere(model, &v)?;
-            let bypass =
-                refusal_score(&last_logits(model, &hv, Some(&abl), opts.batch_size)?, &rt)?;
-            let abl_s = last_logits(model, &sv, Some(&abl), opts.batch_size)?;
-            let kl = mean_kl(&base_s, &abl_s)?;
-            let add = add_raw(model, &v, layer, 1.0)?;
-            let induce =
-                refusal_score(&last_logits(model, &sv, Some(&add), opts.batch_size)?, &rt)?;
-            let filtered = if induce <= 0.0 {
-                Some(format!("induce score {induce:.2} <= 0"))
-            } else if kl > opts.kl_max {
-                Some(format!("KL {kl:.3} > {}", opts.kl_max))
-            } else {
-                None
             };
-            if filtered.is_none() && best.is_none_or(|(b, _, _)| bypass < b) {
-                best = Some((bypass, ci, layer));
+            if s.filtered.is_none() && best.is_none_or(|(b, _, _)| s.bypass < b) {
+                best = Some((s.bypass, ci, layer));
             }
-            scores.push(CandidateScore {
-                layer,
-                position: pos.clone(),
-                norm,
-                bypass,
-                induce,
-                kl,
-                filtered,
-            });
+            scores.push(s);
         }
     }
     let (_, ci, layer) = best.ok_or_else(|| {
@@ -291,8 +328,8 @@ pub fn select_refusal_direction(
         direction,
         layer,
         position: opts.positions[ci].name(),
-        baseline_harmful,
-        baseline_harmless,
+        baseline_harmful: val.baseline_harmful,
+        baseline_harmless: val.baseline_harmless,
         scores,
     })
 }
