@@ -154,9 +154,8 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Threads the CPU kernels run on (what the bench header reports).
+/// Threads the CPU kernels run on (what the bench header reports): `--threads`, else
+/// `PGATE_THREADS` / `RAYON_NUM_THREADS`, else the cores.
 pub fn rayon_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    persona_gate::kernels::threads()
 }

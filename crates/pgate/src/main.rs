@@ -32,6 +32,9 @@ pub(crate) use args::{load_plan, rayon_threads, ModelArgs};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// CPU threads for every command (default: PGATE_THREADS, else RAYON_NUM_THREADS, else the cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -214,6 +217,11 @@ struct GenerateArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // SAFETY: at startup, before any thread exists (it sets the thread-count environment variables).
+    if let Err(e) = unsafe { persona_gate::kernels::init_threads(cli.threads) } {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     if writes_only_to_stdout(&cli.cmd) {
         restore_sigpipe();
     }
