@@ -160,7 +160,10 @@ fn llama_cpp_python() -> PathBuf {
     }
     // The same build the test command starts in the background (trimmed to the library).
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/setup-llamacpp.sh");
-    let out = Command::new("bash").arg(&script).output().expect("run setup-llamacpp.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run setup-llamacpp.sh");
     let printed = String::from_utf8_lossy(&out.stdout);
     let py = PathBuf::from(printed.lines().last().unwrap_or("").trim());
     assert!(

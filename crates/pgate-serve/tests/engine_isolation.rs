@@ -220,6 +220,9 @@ fn long_prompts_decode_in_their_own_lane() {
     let beside = tokens(&drain(&mut rs));
     drop(tx);
     h.join().unwrap();
-    assert!(matches!(long_events.last(), Some(Event::Done { .. })), "{long_events:?}");
+    assert!(
+        matches!(long_events.last(), Some(Event::Done { .. })),
+        "{long_events:?}"
+    );
     assert_eq!(alone, beside, "the short request changed beside a long one");
 }

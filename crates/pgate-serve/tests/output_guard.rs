@@ -24,8 +24,8 @@ use persona_gate_serve::guard::{dot, unit, GuardCalibration, Logistic, Rates, FO
 use persona_gate_serve::output_eval::{self, EvalPreset, OutputEvalInput, Reference, Role};
 use persona_gate_serve::output_guard::{Reader, OUTPUT_BLOCK_MESSAGE, STREAM_FLAGGED_NOTE};
 use persona_gate_serve::{
-    build_presets, ConnLimits, DirectionRegistry, GuardMode, Limits, OutputCheck, OutputGuard, PresetFile,
-    Projector, ServerConfig,
+    build_presets, ConnLimits, DirectionRegistry, GuardMode, Limits, OutputCheck, OutputGuard,
+    PresetFile, Projector, ServerConfig,
 };
 use serde_json::{json, Value};
 

@@ -73,9 +73,7 @@ pub fn encode_chat(model: &Model, p: &ChatPrompt) -> Result<Vec<u32>> {
         )));
     }
     // Prompt sets are data from elsewhere: control-token text in them stays text.
-    model
-        .tokenizer
-        .encode_prompt(p.system.as_deref(), &p.user)
+    model.tokenizer.encode_prompt(p.system.as_deref(), &p.user)
 }
 
 /// Generate completions for `prompts`; `on_done` sees each completion as soon as it finishes.

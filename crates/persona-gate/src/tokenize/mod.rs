@@ -22,8 +22,8 @@ mod chat_template;
 mod gguf_vocab;
 mod hf_dir;
 mod special;
-mod untrusted;
 mod spm;
+mod untrusted;
 
 use std::collections::HashMap;
 use std::path::Path;
