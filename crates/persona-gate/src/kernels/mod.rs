@@ -389,7 +389,10 @@ fn par_rows<F: Fn(Range<usize>) + Sync>(pool: &Pool, n: usize, bytes: usize, f: 
     // 4 chunks per thread: enough to rebalance, few enough that each is a long stream.
     let chunks = (threads * 4).min(n);
     let per = n.div_ceil(chunks);
-    pool.run(n.div_ceil(per), |c| f(c * per..((c + 1) * per).min(n)));
+    // The bytes read name the matmul (shape and passes) for the pool's governor.
+    pool.run(n.div_ceil(per), bytes as u64, |c| {
+        f(c * per..((c + 1) * per).min(n))
+    });
 }
 
 impl CustomOp1 for CompactQMatrix {
