@@ -69,6 +69,11 @@ pub enum Error {
     /// files (`pgate receipt verify --pubkey`, `pgate check --pubkey`).
     #[error("signature: {0}")]
     Signature(String),
+
+    /// A sequence failed inside the stepping engine (the engine reports failures as text, per
+    /// sequence, so that one failure cannot take the others down).
+    #[error("generation failed: {0}")]
+    Generation(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

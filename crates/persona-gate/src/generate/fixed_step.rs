@@ -47,6 +47,9 @@ pub(crate) struct FixedStepper {
     generation: u64,
     /// `[b, 1]` u32: the tokens fed in; each step overwrites them with its argmax.
     ids: Tensor,
+    /// `[b]` f32: each row's logit sum of the last step (non-finite when a logit is), so a row
+    /// whose steering blew up is caught on the graph path too.
+    sums: Tensor,
     positions: Tensor,
     /// `[1]` u32: the slot written this step.
     slot: Tensor,
@@ -86,6 +89,7 @@ impl FixedStepper {
             b,
             generation: cache.generation(),
             ids,
+            sums: Tensor::zeros(b, DType::F32, dev)?,
             positions,
             slot,
             n_kv: model.cfg.n_kv_heads,
@@ -102,14 +106,15 @@ impl FixedStepper {
         cache.generation() == self.generation && cache.batch() == self.b
     }
 
-    /// Run one step: feed the current tokens, return each row's argmax, advance the cache.
+    /// Run one step: feed the current tokens, return each row's argmax and whether its logits
+    /// were finite, advance the cache.
     pub fn step(
         &mut self,
         model: &Decoder,
         cache: &mut KvCache,
         rows: &[RowCtx],
         plans: &[Option<Arc<CompiledPlan>>],
-    ) -> Result<Vec<u32>> {
+    ) -> Result<(Vec<u32>, Vec<bool>)> {
         if !self.matches(cache) {
             return Err(Error::InvalidValue(
                 "fixed-slot stepper used after the batch or cache storage changed".into(),
@@ -163,8 +168,14 @@ impl FixedStepper {
 
         self.run_recorded(model, cache, rows, plans, ri)?;
         let out = self.ids.flatten_all()?.to_vec1::<u32>()?;
+        let finite = self
+            .sums
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|s| s.is_finite())
+            .collect();
         cache.advance(1);
-        Ok(out)
+        Ok((out, finite))
     }
 
     /// The step's device work: forward on the buffers, argmax written back into `ids`.
@@ -188,7 +199,7 @@ impl FixedStepper {
             slot_idx: &slot_idx,
             view_len,
         };
-        let mut hook = PlanHook::new(plans, model.n_layers());
+        let mut hook = PlanHook::by_row(plans, model.n_layers());
         let hook: Option<&mut dyn ResidualHook> = if hook.is_active() {
             Some(&mut hook)
         } else {
@@ -197,6 +208,8 @@ impl FixedStepper {
         let logits = model.forward_fixed_slot(&self.ids, rows, cache, hook, &inp)?;
         let next = logits.argmax(D::Minus1)?.reshape((self.b, 1))?;
         self.ids.slice_set(&next, 0, 0)?;
+        let sums = logits.to_dtype(DType::F32)?.sum(D::Minus1)?;
+        self.sums.slice_set(&sums, 0, 0)?;
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::hook::{HookCtx, PositionKind, ResidualHook};
+use super::hook::{HookCtx, PositionKind, ResidualHook, RowCtx};
 use crate::{Error, Result};
 
 /// Layers an operation applies to. Written as `12`, `20,21,22`, `10-20` or a mix (`3,10-12`).
@@ -395,9 +395,12 @@ impl CompiledPlan {
 }
 
 /// Applies per-sequence plans during a forward. `plans[seq]` is the plan of sequence `seq`
-/// (the `RowCtx::seq` index), or `None`.
+/// (the `RowCtx::seq` index), or `None`; built with [`PlanHook::by_row`], `plans[i]` is the plan
+/// of the forward's row `i` instead, which leaves `RowCtx::seq` free to carry the caller's own
+/// sequence ids (the stepping engine's, which other hooks key their captures by).
 pub struct PlanHook<'a> {
     plans: &'a [Option<Arc<CompiledPlan>>],
+    by_row: bool,
     layers: Vec<bool>,
     mids: Vec<bool>,
     embedding: bool,
@@ -414,10 +417,24 @@ impl<'a> PlanHook<'a> {
         let embedding = plans.iter().flatten().any(|p| p.touches_embedding());
         Self {
             plans,
+            by_row: false,
             layers,
             mids,
             embedding,
         }
+    }
+
+    /// Plans indexed by the forward's row position rather than by `RowCtx::seq`.
+    pub fn by_row(plans: &'a [Option<Arc<CompiledPlan>>], n_layers: usize) -> Self {
+        Self {
+            by_row: true,
+            ..Self::new(plans, n_layers)
+        }
+    }
+
+    fn plan_of(&self, row: usize, r: &RowCtx) -> Option<&Arc<CompiledPlan>> {
+        let i = if self.by_row { row } else { r.seq };
+        self.plans.get(i).and_then(Option::as_ref)
     }
 
     /// Whether any plan does anything (so the caller can skip the hook entirely).
@@ -463,8 +480,8 @@ impl PlanHook<'_> {
         let (b, l, _) = h.dims3()?;
         // Distinct plans present in this batch (by identity), in first-seen order.
         let mut groups: Vec<&Arc<CompiledPlan>> = Vec::new();
-        for r in ctx.rows {
-            if let Some(Some(p)) = self.plans.get(r.seq) {
+        for (ri, r) in ctx.rows.iter().enumerate() {
+            if let Some(p) = self.plan_of(ri, r) {
                 if !groups.iter().any(|g| Arc::ptr_eq(g, p)) {
                     groups.push(p);
                 }
@@ -478,8 +495,7 @@ impl PlanHook<'_> {
                 let mut mask = vec![0f32; b * l];
                 let mut all = true;
                 for (ri, r) in ctx.rows.iter().enumerate() {
-                    let mine =
-                        matches!(self.plans.get(r.seq), Some(Some(p)) if Arc::ptr_eq(p, plan));
+                    let mine = self.plan_of(ri, r).is_some_and(|p| Arc::ptr_eq(p, plan));
                     for i in 0..l {
                         let on = mine && op.positions.matches(ctx.kind(ri, i));
                         mask[ri * l + i] = on as u8 as f32;
