@@ -1,34 +1,34 @@
-//! The model thread: one decode loop serving every request (continuous batching).
+//! The model thread: the library's stepping engine ([`persona_gate::generate::Engine`]) serving
+//! every request, and what only a server adds around it.
 //!
-//! HTTP handlers hand [`Job`]s to a bounded channel (full: 429). The loop takes as many waiting jobs
-//! as there are free batch slots, prefills them together (left-padded, each row under its own
-//! preset's plan, guard rows alongside), merges their KV-cache rows into the running batch, then
-//! runs one shared decode step for every running sequence and streams each new token to its
-//! request. Sequences leave the batch as soon as they finish, their client goes away or their
-//! deadline passes, and their slots refill on the next iteration. Each sequence keeps its own plan:
-//! the plan hook masks every operation to the rows that carry it.
+//! HTTP handlers hand [`Job`]s to a bounded channel (full: 429). This thread submits them to the
+//! engine (each row under its own preset's plan, with its deadline), steps it, and turns the
+//! engine's events into each request's stream: the engine batches, chunks prefills, keeps long
+//! prompts in their own lane, replays CUDA graphs and isolates failures; this thread adds the
+//! guard, the residual projections, cancellation when a client goes away, metrics, and handing
+//! memory back while idle.
 //!
 //! The guard reads the prompt's last-token residual from the same prefill: the served row (under
 //! the preset) and, when the preset is not the default persona, a shadow row with the same messages
-//! under the default persona (no system prompt, no steering) that is dropped after the prefill.
+//! under the default persona (no system prompt, no steering) that the engine drops after the
+//! prefill. A blocked request is cancelled before its first token is sent.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use candle_core::{Tensor, D};
-use persona_gate::generate::{ChunkedPrefill, Sampler, Sampling};
-use persona_gate::intervene::{
-    CompiledPlan, HookChain, LastTokenCapture, PlanHook, ResidualHook, RowCtx,
+use persona_gate::generate::{
+    Engine, EngineConfig as StepConfig, EngineEvent, Finish, LastToken, Sampling, SeqId, SeqSpec,
 };
-use persona_gate::model::{KvCache, LogitsAt, Model};
-use persona_gate::{Error, Result};
+use persona_gate::intervene::CompiledPlan;
+use persona_gate::model::Model;
+use persona_gate::Result;
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::guard::{dot, split_rows, unit, GuardCalibration, GuardReport};
+use crate::guard::{dot, unit, GuardCalibration, GuardReport};
 use crate::metrics::Metrics;
 use crate::presets::GuardMode;
 
@@ -197,129 +197,234 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
+        let s = StepConfig::serving(32);
         Self {
-            batch_size: 32,
+            batch_size: s.batch_size,
             stop: Vec::new(),
             guard: None,
             projector: Projector::default(),
-            prefill_chunk_tokens: 512,
-            max_prefill_tokens: 8192,
-            long_prompt_tokens: 1024,
+            prefill_chunk_tokens: s.prefill_chunk_tokens,
+            max_prefill_tokens: s.max_prefill_tokens,
+            long_prompt_tokens: s.long_prompt_tokens,
         }
     }
 }
 
-struct Seq {
-    job: Job,
-    produced: usize,
-    sampler: Sampler,
-    next: u32,
-}
+impl EngineConfig {
+    fn step_config(&self) -> StepConfig {
+        StepConfig {
+            prefill_chunk_tokens: self.prefill_chunk_tokens,
+            max_prefill_tokens: self.max_prefill_tokens,
+            long_prompt_tokens: self.long_prompt_tokens,
+            ..StepConfig::serving(self.batch_size)
+        }
+    }
 
-/// Requests being prefilled together, one chunk per engine iteration.
-struct Pending {
-    /// The lane its sequences join.
-    lane: usize,
-    jobs: Vec<Job>,
-    /// Row of each job's default-persona shadow (guard), if any.
-    shadow_row: Vec<Option<usize>>,
-    /// Plan of each row: jobs' rows first, then shadows (no plan).
-    plans: Vec<Option<Arc<CompiledPlan>>>,
-    group: ChunkedPrefill,
-}
-
-/// Jobs taken from the channel but not yet prefilled. `solo` holds jobs of a group whose prefill
-/// failed: each is retried alone, so one bad request cannot fail the others.
-#[derive(Default)]
-struct Waiting {
-    queue: VecDeque<Job>,
-    solo: VecDeque<Job>,
+    /// Layers the projections and the guard read (captured at each prompt's last token).
+    fn capture_layers(&self) -> Vec<usize> {
+        let mut layers = self.projector.layers();
+        if let Some(g) = &self.guard {
+            layers.extend(g.layers());
+        }
+        layers.sort_unstable();
+        layers.dedup();
+        layers
+    }
 }
 
 /// Run the loop until every sender of `rx` is gone and no sequence is left.
 pub fn run(model: Arc<Model>, cfg: EngineConfig, rx: Receiver<Job>, metrics: Arc<Metrics>) {
     limit_malloc_arenas();
-    let n_layers = model.decoder.n_layers();
-    let mut capture_layers: Vec<usize> = cfg.projector.layers();
-    if let Some(g) = &cfg.guard {
-        capture_layers.extend(g.layers());
-    }
-    capture_layers.sort_unstable();
-    capture_layers.dedup();
-    let mut st = State {
-        model: &model,
+    let mut srv = Serving {
+        engine: Engine::new(&model.decoder, cfg.step_config()),
+        capture_layers: cfg.capture_layers(),
         cfg: &cfg,
         metrics: &metrics,
-        capture_layers,
-        n_layers,
-        lanes: [Lane::new(n_layers), Lane::new(n_layers)],
-        pending: [None, None],
-        prefill_rate: None,
-        waiting: Waiting::default(),
+        live: HashMap::new(),
     };
     let mut open = true;
-    while open || st.busy() {
-        if !st.busy() {
+    while open || !srv.engine.is_idle() {
+        if srv.engine.is_idle() {
             // Idle: hand freed pages back to the system before blocking (the cache of a long
-            // prompt would otherwise stay resident), then wait for work.
+            // prompt would otherwise stay resident), then wait for work, waking now and then:
+            // request threads free their buffers after the engine went idle, and those pages
+            // should go back too.
             release_free_memory();
-            // Wake now and then while idle: request threads free their buffers after the engine
-            // went idle, and those pages should go back too.
-            match rx.recv_timeout(std::time::Duration::from_secs(2)) {
-                Ok(j) => st.take(j),
+            match rx.recv_timeout(Duration::from_secs(2)) {
+                Ok(j) => srv.admit(j),
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        while open && st.waiting.queue.len() + st.n_running() < 2 * cfg.batch_size {
+        while open && srv.engine.len() < 2 * cfg.batch_size {
             match rx.try_recv() {
-                Ok(j) => st.take(j),
+                Ok(j) => srv.admit(j),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
-        // One prefill group per lane, a chunk of each per iteration: a short prompt prefills in
-        // one chunk even while a long one is still being fed.
-        for lane in 0..st.lanes.len() {
-            if st.pending[lane].is_none() {
-                st.start_group(lane);
-            }
-            if st.pending[lane].is_some() {
-                let r = guarded(|| st.prefill_chunk(lane));
-                if let Err(e) = r {
-                    st.fail_group(lane, e);
-                }
-            }
+        srv.cancel_gone();
+        let (steps, tokens) = (
+            srv.engine.stats.decode_steps,
+            srv.engine.stats.decode_tokens,
+        );
+        for ev in srv.engine.step(None) {
+            srv.dispatch(ev);
         }
-        for lane in 0..st.lanes.len() {
-            let r = guarded(|| {
-                st.drop_gone(lane)?;
-                if !st.lanes[lane].running.is_empty() {
-                    st.decode_step(lane)?;
-                }
-                Ok(())
-            });
-            if let Err(e) = r {
-                st.isolate_decode_failure(lane, e);
-            }
-        }
-        metrics.running.store(st.n_running(), Ordering::Relaxed);
+        let st = &srv.engine.stats;
+        let m = &metrics;
+        m.decode_steps
+            .fetch_add((st.decode_steps - steps) as u64, Ordering::Relaxed);
+        m.decode_tokens
+            .fetch_add((st.decode_tokens - tokens) as u64, Ordering::Relaxed);
+        m.running.store(srv.engine.running(), Ordering::Relaxed);
     }
 }
 
-/// Runs one engine phase, turning a panic into an error so the loop (and the other sequences)
-/// survive a bug.
-fn guarded(f: impl FnOnce() -> Result<()>) -> std::result::Result<(), String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(p) => Err(format!(
-            "engine panic: {}",
-            p.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default()
-        )),
+/// A request the engine is working on.
+struct Live {
+    job: Job,
+    /// Whether the engine was asked for a shadow row (the guard then scores it).
+    shadowed: bool,
+}
+
+/// The engine and the requests behind its sequences.
+struct Serving<'a> {
+    engine: Engine<'a>,
+    capture_layers: Vec<usize>,
+    cfg: &'a EngineConfig,
+    metrics: &'a Metrics,
+    live: HashMap<SeqId, Live>,
+}
+
+impl Serving<'_> {
+    /// A job leaves the channel (the queue-depth gauge counts the channel) for the engine.
+    fn admit(&mut self, j: Job) {
+        let q = &self.metrics.queue_depth;
+        let _ = q.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+            Some(d.saturating_sub(1))
+        });
+        let shadowed = j.guard != GuardMode::Off && self.cfg.guard.is_some() && j.shadow.is_some();
+        let spec = SeqSpec {
+            prompt: j.prompt.clone(),
+            plan: j.plan.clone(),
+            max_new_tokens: j.max_new_tokens,
+            sampling: j.sampling,
+            stop: self.cfg.stop.clone(),
+            capture_layers: self.capture_layers.clone(),
+            shadow: if shadowed { j.shadow.clone() } else { None },
+            deadline: Some(j.deadline),
+        };
+        let id = self.engine.submit(spec);
+        self.live.insert(id, Live { job: j, shadowed });
+    }
+
+    /// Cancels the sequences whose client went away.
+    fn cancel_gone(&mut self) {
+        let gone: Vec<SeqId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.job.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.drop_seq(id);
+        }
+    }
+
+    fn drop_seq(&mut self, id: SeqId) {
+        self.engine.cancel(id);
+        self.live.remove(&id);
+    }
+
+    /// Turns one engine event into the request's stream.
+    fn dispatch(&mut self, ev: EngineEvent) {
+        let id = ev.id();
+        let Some(l) = self.live.get(&id) else {
+            // Cancelled or blocked: nothing more goes out.
+            return;
+        };
+        let send = |e: Event| l.job.events.send(e).is_ok();
+        match ev {
+            EngineEvent::Prefilled {
+                prompt_tokens,
+                captures,
+                shadow,
+                ..
+            } => self.started(id, prompt_tokens, &captures, shadow.as_ref()),
+            EngineEvent::Token { token, .. } => {
+                if !send(Event::Token(token)) {
+                    self.drop_seq(id);
+                }
+            }
+            EngineEvent::Finished { finish, tokens, .. } => {
+                let finish = match finish {
+                    Finish::Stop => FinishReason::Stop,
+                    Finish::Length => FinishReason::Length,
+                };
+                send(Event::Done {
+                    finish,
+                    completion_tokens: tokens,
+                });
+                self.live.remove(&id);
+            }
+            EngineEvent::TimedOut { tokens, .. } => {
+                send(Event::Done {
+                    finish: FinishReason::Timeout,
+                    completion_tokens: tokens,
+                });
+                self.live.remove(&id);
+            }
+            EngineEvent::Failed { error, .. } => {
+                eprintln!("[pgate serve] request failed: {error}");
+                send(Event::Error(error));
+                self.live.remove(&id);
+            }
+        }
+    }
+
+    /// After the prefill: projections, the guard's scores and verdict, `Started`; a blocked
+    /// request ends here, before its first token.
+    fn started(
+        &mut self,
+        id: SeqId,
+        prompt_tokens: usize,
+        caps: &LastToken,
+        shadow: Option<&LastToken>,
+    ) {
+        let l = &self.live[&id];
+        let projections = self.cfg.projector.project(caps);
+        let report = match (&self.cfg.guard, l.job.guard) {
+            (Some(g), m) if m != GuardMode::Off => {
+                let r = match shadow.filter(|_| l.shadowed) {
+                    Some(s) => g.score(s, Some(caps)),
+                    None => g.score(caps, None),
+                };
+                match r {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        let _ = l.job.events.send(Event::Error(format!("guard: {e}")));
+                        self.drop_seq(id);
+                        return;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let blocked = l.job.guard == GuardMode::Block && report.as_ref().is_some_and(|r| r.flagged);
+        let _ = l.job.events.send(Event::Started {
+            prompt_tokens,
+            projections,
+            guard: report,
+            blocked,
+        });
+        if blocked {
+            let _ = l.job.events.send(Event::Done {
+                finish: FinishReason::ContentFilter,
+                completion_tokens: 0,
+            });
+            self.drop_seq(id);
+        }
     }
 }
 
@@ -341,603 +446,4 @@ fn limit_malloc_arenas() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 4);
     }
-}
-
-struct State<'a> {
-    model: &'a Model,
-    cfg: &'a EngineConfig,
-    metrics: &'a Metrics,
-    capture_layers: Vec<usize>,
-    n_layers: usize,
-    /// Running sequences: short prompts in lane 0, long ones in lane 1.
-    lanes: [Lane; 2],
-    /// The group being prefilled in each lane.
-    pending: [Option<Pending>; 2],
-    /// Measured prefill speed (tokens/s, moving average), to size chunks by time.
-    prefill_rate: Option<f64>,
-    waiting: Waiting,
-}
-
-/// Sequences that decode together, sharing one KV cache (one time axis).
-struct Lane {
-    running: Vec<Seq>,
-    cache: KvCache,
-}
-
-impl Lane {
-    fn new(n_layers: usize) -> Self {
-        Self {
-            running: Vec::new(),
-            cache: KvCache::new(n_layers),
-        }
-    }
-}
-
-/// Whether a job's client is still there and within its deadline; tells it otherwise.
-fn still_wanted(j: &Job, now: Instant, produced: usize) -> bool {
-    if j.events.is_closed() {
-        return false;
-    }
-    if now >= j.deadline {
-        let _ = j.events.send(Event::Done {
-            finish: FinishReason::Timeout,
-            completion_tokens: produced,
-        });
-        return false;
-    }
-    true
-}
-
-impl State<'_> {
-    /// A job leaves the channel (the queue-depth gauge counts the channel).
-    fn take(&mut self, j: Job) {
-        let q = &self.metrics.queue_depth;
-        let _ = q.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
-            Some(d.saturating_sub(1))
-        });
-        self.waiting.queue.push_back(j);
-    }
-
-    fn n_running(&self) -> usize {
-        self.lanes.iter().map(|l| l.running.len()).sum()
-    }
-
-    fn lane_of(&self, j: &Job) -> usize {
-        usize::from(j.prompt.len() > self.cfg.long_prompt_tokens)
-    }
-
-    fn busy(&self) -> bool {
-        self.n_running() > 0
-            || self.pending.iter().any(Option::is_some)
-            || !self.waiting.queue.is_empty()
-            || !self.waiting.solo.is_empty()
-    }
-
-    fn forward(
-        &self,
-        tokens: &Tensor,
-        rows: &[RowCtx],
-        cache: &mut KvCache,
-        plans: &[Option<Arc<CompiledPlan>>],
-        capture: Option<&mut LastTokenCapture>,
-        logits_at: LogitsAt,
-    ) -> Result<Option<Tensor>> {
-        let mut plan_hook = PlanHook::new(plans, self.n_layers);
-        let dec = &self.model.decoder;
-        let active = plan_hook.is_active();
-        match (active, capture) {
-            (false, None) => dec.forward(tokens, rows, cache, None, logits_at),
-            (true, None) => dec.forward(tokens, rows, cache, Some(&mut plan_hook), logits_at),
-            (false, Some(c)) => dec.forward(tokens, rows, cache, Some(c), logits_at),
-            (true, Some(c)) => {
-                let mut chain = HookChain(vec![&mut plan_hook as &mut dyn ResidualHook, c]);
-                dec.forward(tokens, rows, cache, Some(&mut chain), logits_at)
-            }
-        }
-    }
-
-    /// Forms the next prefill group from waiting jobs: a retried job alone, else as many jobs as
-    /// there are free slots within the group's token budget (at least one).
-    fn start_group(&mut self, lane: usize) {
-        let now = Instant::now();
-        let prefilling: usize = self.pending.iter().flatten().map(|p| p.jobs.len()).sum();
-        let free = self
-            .cfg
-            .batch_size
-            .saturating_sub(self.n_running() + prefilling);
-        if free == 0 {
-            return;
-        }
-        let mut jobs = Vec::new();
-        if let Some(i) = self
-            .waiting
-            .solo
-            .iter()
-            .position(|j| self.lane_of(j) == lane)
-        {
-            let j = self.waiting.solo.remove(i).expect("index from position");
-            if still_wanted(&j, now, 0) {
-                jobs.push(j);
-            }
-        }
-        let (mut rows, mut width) = (0usize, 0usize);
-        // A group is of one lane; jobs of the other lane keep their place in the queue.
-        let mut other = VecDeque::new();
-        while jobs.is_empty() || (jobs.len() < free && !self.waiting.queue.is_empty()) {
-            let Some(j) = self.waiting.queue.pop_front() else {
-                break;
-            };
-            if !still_wanted(&j, now, 0) {
-                continue;
-            }
-            if self.lane_of(&j) != lane {
-                other.push_back(j);
-                continue;
-            }
-            let r = rows + 1 + usize::from(self.wants_shadow(&j));
-            let w = width.max(j.prompt.len());
-            if !jobs.is_empty() && r * w > self.cfg.max_prefill_tokens {
-                self.waiting.queue.push_front(j);
-                break;
-            }
-            (rows, width) = (r, w);
-            jobs.push(j);
-        }
-        while let Some(j) = other.pop_back() {
-            self.waiting.queue.push_front(j);
-        }
-        if jobs.is_empty() {
-            return;
-        }
-        match self.group(jobs) {
-            Ok(p) => self.pending[lane] = Some(p),
-            Err((jobs, e)) => {
-                for j in jobs {
-                    let _ = j.events.send(Event::Error(e.to_string()));
-                }
-            }
-        }
-    }
-
-    /// Tokens the next prefill chunk may take: the configured cap, lowered while other sequences
-    /// wait so that a chunk takes about [`CHUNK_TARGET`] at the measured prefill speed. On a fast GPU that is the cap; on a
-    /// slow CPU a 512-token chunk of a 0.5B model took ~5 s, during which no running sequence
-    /// decoded a token.
-    fn chunk_budget(&self) -> usize {
-        let cap = self.cfg.prefill_chunk_tokens.max(1);
-        let others_wait = self.n_running() > 0 || self.pending.iter().flatten().count() > 1;
-        if !others_wait {
-            // Nobody is waiting on this chunk: the largest one prefills fastest.
-            return cap;
-        }
-        match self.prefill_rate {
-            Some(rate) => {
-                ((rate * CHUNK_TARGET.as_secs_f64()) as usize).clamp(MIN_CHUNK.min(cap), cap)
-            }
-            None => MIN_CHUNK.min(cap),
-        }
-    }
-
-    fn observe_prefill(&mut self, tokens: usize, took: std::time::Duration) {
-        let rate = tokens as f64 / took.as_secs_f64().max(1e-6);
-        self.prefill_rate = Some(match self.prefill_rate {
-            Some(r) => 0.7 * r + 0.3 * rate,
-            None => rate,
-        });
-    }
-
-    fn wants_shadow(&self, j: &Job) -> bool {
-        j.guard != GuardMode::Off && self.cfg.guard.is_some() && j.shadow.is_some()
-    }
-
-    /// Rows: every job's served prompt first, then the shadows of guarded jobs.
-    fn group(&self, jobs: Vec<Job>) -> std::result::Result<Pending, (Vec<Job>, Error)> {
-        let mut prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt.clone()).collect();
-        let mut plans: Vec<Option<Arc<CompiledPlan>>> =
-            jobs.iter().map(|j| j.plan.clone()).collect();
-        let mut shadow_row = vec![None; jobs.len()];
-        for (i, j) in jobs.iter().enumerate() {
-            if self.wants_shadow(j) {
-                shadow_row[i] = Some(prompts.len());
-                prompts.push(j.shadow.clone().unwrap_or_default());
-                plans.push(None);
-            }
-        }
-        let lane = self.lane_of(&jobs[0]);
-        match ChunkedPrefill::new(prompts, self.n_layers) {
-            Ok(group) => Ok(Pending {
-                lane,
-                jobs,
-                shadow_row,
-                plans,
-                group,
-            }),
-            Err(e) => Err((jobs, e)),
-        }
-    }
-
-    /// Drops rows of the pending group whose client left or timed out (with their shadows).
-    fn prune_pending(&mut self, lane: usize) -> Result<()> {
-        let Some(p) = self.pending[lane].as_mut() else {
-            return Ok(());
-        };
-        let now = Instant::now();
-        let alive: Vec<bool> = p.jobs.iter().map(|j| still_wanted(j, now, 0)).collect();
-        if alive.iter().all(|&a| a) {
-            return Ok(());
-        }
-        let kept: Vec<usize> = (0..p.jobs.len()).filter(|&i| alive[i]).collect();
-        // Served rows first, then the kept jobs' shadows, as the group was built.
-        let mut keep_rows = kept.clone();
-        let mut shadow_row = Vec::with_capacity(kept.len());
-        for &i in &kept {
-            shadow_row.push(p.shadow_row[i].map(|r| {
-                keep_rows.push(r);
-                keep_rows.len() - 1
-            }));
-        }
-        let jobs: Vec<Job> = std::mem::take(&mut p.jobs)
-            .into_iter()
-            .zip(&alive)
-            .filter_map(|(j, &a)| a.then_some(j))
-            .collect();
-        if jobs.is_empty() {
-            self.pending[lane] = None;
-            return Ok(());
-        }
-        p.plans = keep_rows.iter().map(|&r| p.plans[r].clone()).collect();
-        p.group.select(&keep_rows)?;
-        p.jobs = jobs;
-        p.shadow_row = shadow_row;
-        Ok(())
-    }
-
-    /// Runs the pending group's next chunk; after the last one, starts its sequences.
-    fn prefill_chunk(&mut self, lane: usize) -> Result<()> {
-        self.prune_pending(lane)?;
-        let Some(mut p) = self.pending[lane].take() else {
-            return Ok(());
-        };
-        let dev = self.model.decoder.device().clone();
-        let cols = p.group.chunk_columns(self.chunk_budget());
-        let chunk = p.group.next_chunk(cols, &dev)?;
-        let started = Instant::now();
-        let n_rows = p.group.rows();
-        let mut cap = (chunk.last && !self.capture_layers.is_empty())
-            .then(|| LastTokenCapture::new(self.n_layers, self.capture_layers.iter().copied()));
-        let at = if chunk.last {
-            LogitsAt::Last
-        } else {
-            LogitsAt::None
-        };
-        let out = self.forward(
-            &chunk.tokens,
-            &chunk.rows,
-            p.group.cache_mut(),
-            &p.plans,
-            cap.as_mut(),
-            at,
-        );
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                self.pending[lane] = Some(p);
-                return Err(e);
-            }
-        };
-        p.group.advance(cols);
-        self.observe_prefill(cols * n_rows, started.elapsed());
-        if !chunk.last {
-            self.pending[lane] = Some(p);
-            return Ok(());
-        }
-        let logits = out.ok_or_else(|| Error::InvalidValue("model returned no logits".into()))?;
-        let caps = match cap.as_mut() {
-            Some(c) => split_rows(&c.take(), n_rows)?,
-            None => vec![Vec::new(); n_rows],
-        };
-        self.start_sequences(p, &logits, &caps)
-    }
-
-    /// The pending group failed: its jobs are retried one by one (a job that fails alone gets the
-    /// error); running sequences are untouched.
-    fn fail_group(&mut self, lane: usize, e: String) {
-        let Some(p) = self.pending[lane].take() else {
-            return;
-        };
-        if p.jobs.len() == 1 {
-            eprintln!("[pgate serve] prefill failed for one request: {e}");
-            for j in p.jobs {
-                let _ = j.events.send(Event::Error(e.clone()));
-            }
-            return;
-        }
-        eprintln!(
-            "[pgate serve] prefill of {} requests failed ({e}); retrying each alone",
-            p.jobs.len()
-        );
-        for j in p.jobs.into_iter().rev() {
-            self.waiting.solo.push_front(j);
-        }
-    }
-
-    /// Sends `Started` and the first token of each job of a prefilled group, merging the
-    /// survivors into the running batch.
-    fn start_sequences(
-        &mut self,
-        mut p: Pending,
-        logits: &Tensor,
-        caps: &[Vec<Option<Vec<f32>>>],
-    ) -> Result<()> {
-        let guard = self.cfg.guard.as_ref();
-        let n_jobs = p.jobs.len();
-        let served = logits.narrow(0, 0, n_jobs)?;
-        let finite = finite_rows(&served)?;
-        let mut samplers: Vec<Sampler> = p.jobs.iter().map(|j| Sampler::new(j.sampling)).collect();
-        let sampling: Vec<Sampling> = p.jobs.iter().map(|j| j.sampling).collect();
-        let firsts = pick(&served, &sampling, &mut samplers)?;
-        let mut keep = Vec::new();
-        for (i, ((job, sampler), tok)) in p.jobs.drain(..).zip(samplers).zip(firsts).enumerate() {
-            if !finite[i] {
-                let _ = job.events.send(Event::Error(NON_FINITE.into()));
-                continue;
-            }
-            let projections = self.cfg.projector.project(&caps[i]);
-            let report = match (guard, job.guard) {
-                (Some(g), m) if m != GuardMode::Off => {
-                    let r = match p.shadow_row[i] {
-                        Some(s) => g.score(&caps[s], Some(&caps[i])),
-                        None => g.score(&caps[i], None),
-                    };
-                    match r {
-                        Ok(r) => Some(r),
-                        Err(e) => {
-                            let _ = job.events.send(Event::Error(format!("guard: {e}")));
-                            continue;
-                        }
-                    }
-                }
-                _ => None,
-            };
-            let blocked =
-                job.guard == GuardMode::Block && report.as_ref().is_some_and(|r| r.flagged);
-            let _ = job.events.send(Event::Started {
-                prompt_tokens: job.prompt.len(),
-                projections,
-                guard: report,
-                blocked,
-            });
-            if blocked {
-                let _ = job.events.send(Event::Done {
-                    finish: FinishReason::ContentFilter,
-                    completion_tokens: 0,
-                });
-                continue;
-            }
-            if job.events.send(Event::Token(tok)).is_err() {
-                continue;
-            }
-            let stop = self.cfg.stop.contains(&tok);
-            if stop || job.max_new_tokens <= 1 {
-                let _ = job.events.send(Event::Done {
-                    finish: if stop {
-                        FinishReason::Stop
-                    } else {
-                        FinishReason::Length
-                    },
-                    completion_tokens: 1,
-                });
-                continue;
-            }
-            keep.push(i);
-            self.lanes[p.lane].running.push(Seq {
-                job,
-                produced: 1,
-                sampler,
-                next: tok,
-            });
-        }
-        let mut new_cache = p.group.into_cache();
-        if keep.is_empty() {
-            return Ok(());
-        }
-        new_cache.select(&keep)?;
-        let lane = &mut self.lanes[p.lane];
-        let mut merged = std::mem::replace(&mut lane.cache, KvCache::new(self.n_layers));
-        merged.merge(new_cache)?;
-        lane.cache = merged;
-        Ok(())
-    }
-
-    /// Remove sequences whose client left or whose deadline passed.
-    fn drop_gone(&mut self, lane: usize) -> Result<()> {
-        let now = Instant::now();
-        let keep: Vec<bool> = self.lanes[lane]
-            .running
-            .iter()
-            .map(|s| still_wanted(&s.job, now, s.produced))
-            .collect();
-        self.retain(lane, &keep)
-    }
-
-    /// Keeps the running sequences flagged in `keep`, with their cache rows.
-    fn retain(&mut self, lane: usize, keep: &[bool]) -> Result<()> {
-        if keep.iter().all(|&k| k) {
-            return Ok(());
-        }
-        let lane = &mut self.lanes[lane];
-        let idx: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
-        let mut still = Vec::with_capacity(idx.len());
-        for (s, &k) in lane.running.drain(..).zip(keep) {
-            if k {
-                still.push(s);
-            }
-        }
-        lane.running = still;
-        lane.cache.select(&idx)
-    }
-
-    fn decode_inputs(
-        &self,
-        lane: usize,
-    ) -> Result<(Tensor, Vec<RowCtx>, Vec<Option<Arc<CompiledPlan>>>)> {
-        let lane = &self.lanes[lane];
-        let ids: Vec<u32> = lane.running.iter().map(|s| s.next).collect();
-        let rows: Vec<RowCtx> = lane
-            .running
-            .iter()
-            .enumerate()
-            .map(|(bi, s)| RowCtx {
-                seq: bi,
-                chunk_pad: 0,
-                start_pos: lane.cache.next_position(bi),
-                prompt_len: s.job.prompt.len(),
-            })
-            .collect();
-        let plans = lane.running.iter().map(|s| s.job.plan.clone()).collect();
-        let dev = self.model.decoder.device().clone();
-        Ok((
-            Tensor::from_vec(ids, (lane.running.len(), 1), &dev)?,
-            rows,
-            plans,
-        ))
-    }
-
-    fn decode_step(&mut self, lane: usize) -> Result<()> {
-        let b = self.lanes[lane].running.len();
-        let (tokens, rows, plans) = self.decode_inputs(lane)?;
-        let mut cache = std::mem::replace(&mut self.lanes[lane].cache, KvCache::new(self.n_layers));
-        let logits = self.forward(&tokens, &rows, &mut cache, &plans, None, LogitsAt::Last);
-        self.lanes[lane].cache = cache;
-        let logits =
-            logits?.ok_or_else(|| Error::InvalidValue("model returned no logits".into()))?;
-        let finite = finite_rows(&logits)?;
-        let running = &mut self.lanes[lane].running;
-        let sampling: Vec<Sampling> = running.iter().map(|s| s.job.sampling).collect();
-        // Samplers live in the sequences; move them out for the pick and back.
-        let mut samplers: Vec<Sampler> = running
-            .iter_mut()
-            .map(|s| std::mem::replace(&mut s.sampler, Sampler::new(Sampling::greedy())))
-            .collect();
-        let picks = pick(&logits, &sampling, &mut samplers)?;
-        for (s, sm) in running.iter_mut().zip(samplers) {
-            s.sampler = sm;
-        }
-        self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .decode_tokens
-            .fetch_add(b as u64, Ordering::Relaxed);
-        let mut keep = vec![true; b];
-        for (bi, (s, tok)) in running.iter_mut().zip(picks).enumerate() {
-            keep[bi] = advance_seq(&self.cfg.stop, s, tok, finite[bi]);
-        }
-        self.retain(lane, &keep)
-    }
-
-    /// A decode step failed for the whole lane: run each sequence alone on a copy of its cache
-    /// row to find the ones that fail, fail only those, and let the rest go on (their step is
-    /// redone next iteration; a failed forward never commits cache slots).
-    fn isolate_decode_failure(&mut self, lane: usize, e: String) {
-        let b = self.lanes[lane].running.len();
-        if b == 0 {
-            return;
-        }
-        let mut keep = vec![true; b];
-        for (i, k) in keep.iter_mut().enumerate() {
-            if b > 1 && self.step_alone(lane, i).is_ok() {
-                continue;
-            }
-            *k = false;
-            let _ = self.lanes[lane].running[i]
-                .job
-                .events
-                .send(Event::Error(e.clone()));
-        }
-        eprintln!(
-            "[pgate serve] decode step failed ({e}); failed {} of {b} sequences",
-            keep.iter().filter(|k| !**k).count()
-        );
-        if self.retain(lane, &keep).is_err() {
-            // The cache itself is unusable: nothing in this lane can go on.
-            let l = &mut self.lanes[lane];
-            for s in l.running.drain(..) {
-                let _ = s.job.events.send(Event::Error(e.clone()));
-            }
-            l.cache = KvCache::new(self.n_layers);
-        }
-    }
-
-    fn step_alone(&self, lane: usize, i: usize) -> Result<()> {
-        let s = &self.lanes[lane].running[i];
-        let mut cache = self.lanes[lane].cache.clone();
-        cache.select(&[i])?;
-        let dev = self.model.decoder.device().clone();
-        let tokens = Tensor::from_vec(vec![s.next], (1, 1), &dev)?;
-        let rows = [RowCtx {
-            seq: 0,
-            chunk_pad: 0,
-            start_pos: cache.next_position(0),
-            prompt_len: s.job.prompt.len(),
-        }];
-        let plans = [s.job.plan.clone()];
-        self.forward(&tokens, &rows, &mut cache, &plans, None, LogitsAt::Last)?;
-        Ok(())
-    }
-}
-
-/// Hands one sampled token to its sequence; false when the sequence ends here.
-fn advance_seq(stop_ids: &[u32], s: &mut Seq, tok: u32, finite: bool) -> bool {
-    if !finite {
-        let _ = s.job.events.send(Event::Error(NON_FINITE.into()));
-        return false;
-    }
-    s.produced += 1;
-    s.next = tok;
-    if s.job.events.send(Event::Token(tok)).is_err() {
-        return false;
-    }
-    let stop = stop_ids.contains(&tok);
-    if stop || s.produced >= s.job.max_new_tokens {
-        let _ = s.job.events.send(Event::Done {
-            finish: if stop {
-                FinishReason::Stop
-            } else {
-                FinishReason::Length
-            },
-            completion_tokens: s.produced,
-        });
-        return false;
-    }
-    true
-}
-
-/// Wall time one prefill chunk should take, so running sequences keep decoding during long prefills.
-const CHUNK_TARGET: std::time::Duration = std::time::Duration::from_millis(250);
-/// Smallest chunk (tokens), also the first one before any speed is measured.
-const MIN_CHUNK: usize = 32;
-
-const NON_FINITE: &str =
-    "the model produced non-finite logits for this request (is a steering coefficient too large?)";
-
-/// Whether each row of `[b, vocab]` logits is finite (a NaN or an infinity anywhere makes the
-/// row's sum non-finite).
-fn finite_rows(logits: &Tensor) -> Result<Vec<bool>> {
-    let sums = logits
-        .to_dtype(candle_core::DType::F32)?
-        .sum(D::Minus1)?
-        .to_vec1::<f32>()?;
-    Ok(sums.iter().map(|s| s.is_finite()).collect())
-}
-
-/// Next token of each row: argmax on the device when every row is greedy.
-fn pick(logits: &Tensor, sampling: &[Sampling], samplers: &mut [Sampler]) -> Result<Vec<u32>> {
-    if sampling.iter().all(|s| s.is_greedy()) {
-        return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
-    }
-    let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
-    Ok(rows
-        .iter()
-        .zip(samplers.iter_mut())
-        .map(|(r, s)| s.sample(r))
-        .collect())
 }

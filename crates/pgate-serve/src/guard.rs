@@ -22,10 +22,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
 use persona_gate::directions::DirectionSet;
-use persona_gate::intervene::{CompiledPlan, HookChain, LastTokenCapture, PlanHook, ResidualHook};
-use persona_gate::model::{KvCache, LogitsAt, Model};
+use persona_gate::intervene::CompiledPlan;
+use persona_gate::model::Model;
 use persona_gate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -323,53 +322,17 @@ pub fn unit(v: &[f32]) -> Vec<f32> {
 }
 
 /// Last-token residuals of `prompts` (token ids) at `layers`, under an optional plan:
-/// `out[prompt][layer]` is `Some(vec)` for captured layers. Batched and left-padded like
-/// generation's prefill.
+/// `out[prompt][layer]` is `Some(vec)` for captured layers. Runs on the stepping engine, like the
+/// server's own guard rows.
 pub fn capture_last(
     model: &Model,
     prompts: &[Vec<u32>],
     plan: Option<&Arc<CompiledPlan>>,
     layers: &[usize],
     batch: usize,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<Option<Vec<f32>>>>> {
-    let dec = &model.decoder;
-    let n_layers = dec.n_layers();
-    let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch.max(1)) {
-        let (tokens, rows) = persona_gate::generate::left_padded(chunk, dec.device())?;
-        let plans: Vec<Option<Arc<CompiledPlan>>> = vec![plan.cloned(); chunk.len()];
-        let mut plan_hook = PlanHook::new(&plans, n_layers);
-        let mut cap = LastTokenCapture::new(n_layers, layers.iter().copied());
-        let mut cache = KvCache::new(n_layers);
-        {
-            let mut chain = HookChain(vec![&mut plan_hook as &mut dyn ResidualHook, &mut cap]);
-            dec.forward(&tokens, &rows, &mut cache, Some(&mut chain), LogitsAt::None)?;
-        }
-        let caps = cap.take();
-        out.extend(split_rows(&caps, chunk.len())?);
-        progress(out.len(), prompts.len());
-    }
-    Ok(out)
-}
-
-/// `[layer] -> Option<[rows, d]>` into `[row][layer] -> Option<vec>`.
-pub fn split_rows(caps: &[Option<Tensor>], rows: usize) -> Result<Vec<Vec<Option<Vec<f32>>>>> {
-    let mut out: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; caps.len()]; rows];
-    for (l, t) in caps.iter().enumerate() {
-        if let Some(t) = t {
-            let v = t
-                .to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            for (r, row) in v.into_iter().enumerate() {
-                if r < rows {
-                    out[r][l] = Some(row);
-                }
-            }
-        }
-    }
-    Ok(out)
+    persona_gate::generate::capture_last(&model.decoder, prompts, plan, layers, batch, progress)
 }
 
 /// A prompt set's name and its prompts.

@@ -4,6 +4,7 @@
 //! prefill groups feed in chunks, decode steps replay CUDA graphs. [`Generator`] is its batch
 //! front: a list of requests in, outputs in request order out.
 
+pub mod capture;
 pub mod chat;
 pub mod engine;
 mod fixed_step;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+pub use capture::capture_last;
 pub use chat::{encode_chat, generate_chat, ChatPrompt, Completion, GenSettings};
 pub use engine::{Engine, EngineConfig, EngineEvent, LastToken, SeqId, SeqSpec};
 pub use fixed_step::graphs_enabled;

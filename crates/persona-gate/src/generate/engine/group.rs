@@ -246,7 +246,9 @@ impl Engine<'_> {
         let n_rows = g.prefill.rows();
         let mut cap = (chunk.last && !g.capture.is_empty())
             .then(|| LastTokenCapture::new(self.model.n_layers(), g.capture.iter().copied()));
-        let at = if chunk.last {
+        // Capture-only groups (no sequence wants a token) skip the LM head.
+        let wants_tokens = g.seqs.iter().any(|q| q.spec.max_new_tokens > 0);
+        let at = if chunk.last && wants_tokens {
             LogitsAt::Last
         } else {
             LogitsAt::None
@@ -275,12 +277,18 @@ impl Engine<'_> {
             self.pending[lane] = Some(g);
             return Ok(());
         }
-        let logits = out.ok_or_else(|| Error::InvalidValue("model returned no logits".into()))?;
+        let logits = match out {
+            Some(l) => Some(l),
+            None if wants_tokens => {
+                return Err(Error::InvalidValue("model returned no logits".into()))
+            }
+            None => None,
+        };
         let caps = match cap.as_mut() {
             Some(c) => split_rows(&c.take(), n_rows)?,
             None => vec![Vec::new(); n_rows],
         };
-        self.start_sequences(g, &logits, caps, started)
+        self.start_sequences(g, logits.as_ref(), caps, started)
     }
 
     /// The pending group failed: its sequences are retried one by one (one that fails alone gets
@@ -304,20 +312,26 @@ impl Engine<'_> {
     fn start_sequences(
         &mut self,
         mut g: Group,
-        logits: &Tensor,
+        logits: Option<&Tensor>,
         mut caps: Vec<LastToken>,
         started: Instant,
     ) -> Result<()> {
         let n = g.seqs.len();
-        let served = logits.narrow(0, 0, n)?;
-        let finite = self.finite(&served)?;
         let mut samplers: Vec<Sampler> = g
             .seqs
             .iter()
             .map(|q| Sampler::new(q.spec.sampling))
             .collect();
-        let sampling: Vec<_> = g.seqs.iter().map(|q| q.spec.sampling).collect();
-        let firsts = pick(&served, &sampling, &mut samplers)?;
+        let (firsts, finite) = match logits {
+            Some(logits) => {
+                let served = logits.narrow(0, 0, n)?;
+                let sampling: Vec<_> = g.seqs.iter().map(|q| q.spec.sampling).collect();
+                let firsts = pick(&served, &sampling, &mut samplers)?;
+                (firsts, self.finite(&served)?)
+            }
+            // Nobody wants a token: no logits were made.
+            None => (vec![0; n], vec![true; n]),
+        };
         let prompt_tokens: usize = g.seqs.iter().map(|q| q.spec.prompt.len()).sum();
         self.stats.prefill_tokens += prompt_tokens;
         // Timed through the first tokens' pick: on a GPU the forward only enqueues work, and
