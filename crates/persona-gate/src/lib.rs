@@ -11,6 +11,7 @@ pub mod bench;
 pub mod capture_bench;
 pub mod device;
 pub mod directions;
+pub mod drift;
 pub mod endpoint;
 pub mod error;
 pub mod eval;

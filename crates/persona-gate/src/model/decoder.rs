@@ -133,6 +133,9 @@ struct Block {
     gate_up: GateUpProj,
     down: Linear,
     sliding: bool,
+    /// A bias added to the block's output (`blk.N.resid_add.bias`): what a model baked by
+    /// [`super::bake`] carries instead of a run-time `add` (absent in ordinary models).
+    resid_add: Option<Tensor>,
 }
 
 /// Per-forward inputs shared by all blocks.
@@ -198,6 +201,21 @@ pub enum LogitsAt {
     Tail(usize),
     /// No logits (activation capture only).
     None,
+}
+
+/// A block's baked residual bias when the file has one, checked to be `[d_model]`.
+fn opt_resid_add(w: &WeightLoader, name: &str, d_model: usize) -> Result<Option<Tensor>> {
+    if !w.has(name) {
+        return Ok(None);
+    }
+    let t = w.dense(name)?;
+    if t.dims() != [d_model] {
+        return Err(Error::InvalidValue(format!(
+            "tensor '{name}' has shape {:?}, expected [{d_model}]",
+            t.dims()
+        )));
+    }
+    Ok(Some(t))
 }
 
 /// The shared decoder.
@@ -296,6 +314,7 @@ impl Decoder {
                 gate_up,
                 down: w.linear(&p("ffn_down.weight"), None)?,
                 sliding: cfg.is_sliding(i),
+                resid_add: opt_resid_add(w, &p(super::bake::RESID_ADD), cfg.d_model)?,
             });
         }
         let final_norm = norm("output_norm.weight")?;
@@ -541,6 +560,9 @@ impl Decoder {
                 crate::intervene::hook::reborrow(&mut hook),
                 rows,
             )?;
+            if let Some(b) = &block.resid_add {
+                h = h.broadcast_add(b)?;
+            }
             if let Some(hk) = hook.as_deref_mut() {
                 if hk.wants(li) {
                     let ctx = HookCtx {

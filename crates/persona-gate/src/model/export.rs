@@ -81,6 +81,7 @@ fn tensor_names(cfg: &ModelConfig) -> Vec<String> {
             "ffn_gate.weight",
             "ffn_up.weight",
             "ffn_down.weight",
+            super::bake::RESID_ADD,
         ] {
             names.push(format!("blk.{l}.{s}"));
         }

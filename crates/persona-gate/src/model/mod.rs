@@ -3,6 +3,7 @@
 //! All three end in the same place: a [`WeightLoader`] over the weights, a [`ModelConfig`] from the
 //! family file, a [`ChatTokenizer`], and the shared [`Decoder`].
 
+pub mod bake;
 pub mod config;
 pub mod decoder;
 pub mod export;
