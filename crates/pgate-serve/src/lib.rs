@@ -17,6 +17,7 @@
 
 pub mod bench;
 pub mod conn;
+pub mod drift;
 pub mod engine;
 pub mod guard;
 pub mod guard_eval;

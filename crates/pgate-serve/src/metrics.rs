@@ -18,6 +18,9 @@
 //! | `pgate_connections_total`, `pgate_connections_evicted_total`, `pgate_connection_header_timeouts_total` | counter | |
 //! | `pgate_handler_panics_total` | counter | |
 //! | `process_resident_memory_bytes` | gauge | |
+//! | `pgate_projection` | histogram | `preset`, `layers`, `direction` ([`crate::drift`]) |
+//! | `pgate_drift_score`, `pgate_drift_alert` | gauge | `preset` |
+//! | `pgate_drift_alerts_total` | counter | `preset` |
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -83,6 +86,8 @@ pub struct Metrics {
     pub conn_timeouts: AtomicU64,
     /// Handler panics turned into 500s (each one is a bug).
     pub panics: AtomicU64,
+    /// Runtime persona drift per preset (`pgate_projection`, `pgate_drift_*`; see [`crate::drift`]).
+    pub drift: crate::drift::DriftMonitor,
 }
 
 impl Metrics {
@@ -297,6 +302,7 @@ impl Metrics {
             let _ = writeln!(o, "# TYPE process_resident_memory_bytes gauge");
             let _ = writeln!(o, "process_resident_memory_bytes {rss}");
         }
+        self.drift.render(&mut o);
         o
     }
 }

@@ -274,6 +274,7 @@ pub async fn serve_backend(
         .route("/v1/models/{id}", get(get_model))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/v1/drift", get(drift_scores))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app.clone())
@@ -470,6 +471,14 @@ async fn health(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 
 /// Behind the key unless `public_metrics`: labels name the presets and counts show the guard's
 /// verdicts.
+/// `GET /v1/drift`: each preset's drift score against the calibration window ([`crate::drift`]).
+async fn drift_scores(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_auth(&app, &headers) {
+        return error_response(&e);
+    }
+    axum::Json(app.metrics.drift.scores()).into_response()
+}
+
 async fn metrics_text(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if !app.public_metrics {
         if let Err(e) = check_auth(&app, &headers) {
@@ -1057,6 +1066,7 @@ async fn answer(app: Arc<App>, p: Prepared, t0: Instant) -> Response {
     if let Some(g) = &meta.guard {
         app.metrics.guard(&preset, mode.name(), g.flagged);
     }
+    app.metrics.drift.observe(&preset, &meta.projections);
     let id = format!(
         "chatcmpl-pgate-{}",
         app.next_id.fetch_add(1, Ordering::Relaxed)
