@@ -59,41 +59,7 @@ enum Cmd {
     /// Prefill and decode throughput at several batch sizes.
     ///
     /// Example: pgate bench q15 --dtype q --batches 1,16
-    Bench {
-        #[command(flatten)]
-        m: ModelArgs,
-        #[arg(long, default_value = "1,16", value_delimiter = ',')]
-        batches: Vec<usize>,
-        #[arg(long, default_value_t = 128)]
-        new_tokens: usize,
-        /// Prompt length in tokens (default: the chat-rendered benchmark prompt).
-        #[arg(long)]
-        prompt_tokens: Option<usize>,
-        #[arg(long, default_value_t = 1)]
-        reps: usize,
-        /// Intervention plan (JSON or TOML, directions inline or by file) applied during the
-        /// benchmark.
-        #[arg(long)]
-        plan: Option<PathBuf>,
-        /// Built-in steering plans to run in turn (seeded random directions): none, add
-        /// (coefficient 4 at layer n/2), add+ablate (and an ablation at layers 5n/8..5n/8+2).
-        #[arg(long, value_delimiter = ',')]
-        steer: Vec<String>,
-        /// Seed of the built-in steering directions.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// CUDA graphs for decode steps: on, off, or both (each row twice, to compare in one run).
-        #[arg(long, default_value = "on", value_parser = ["on", "off", "both"])]
-        cuda_graphs: String,
-        /// Full-length warm-up runs before the timed ones.
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        /// Write the rows (and bandwidth, weight and KV bytes) as JSON to this file.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(synth_cli::BenchArgs),
     /// Write a model of a real shape with seeded random weights (config.json, bf16 safetensors,
     /// tokenizer.json) that pgate and transformers load.
     ///
@@ -120,7 +86,7 @@ enum Cmd {
     /// Load a running `pgate serve` with concurrent clients: throughput, latency, 429s, memory.
     ///
     /// Example: pgate serve-bench --url http://127.0.0.1:8080 --clients 32 --duration 60
-    ServeBench(serve_cli::ServeBenchArgs),
+    ServeBench(persona_gate_serve::bench::BenchFlags),
     /// Extract directions: persona traits, random controls.
     #[command(subcommand)]
     Extract(directions_cli::ExtractCmd),
@@ -172,12 +138,8 @@ enum Cmd {
     BenchCapture {
         #[command(flatten)]
         m: ModelArgs,
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        #[arg(long, default_value_t = 64)]
-        prompts: usize,
-        #[arg(long, default_value_t = 2)]
-        reps: usize,
+        #[command(flatten)]
+        sizes: persona_gate::capture_bench::CaptureBench,
         #[arg(long)]
         json: bool,
     },
@@ -271,35 +233,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(a) => run_generate(a),
-        Cmd::Bench {
-            m,
-            batches,
-            new_tokens,
-            prompt_tokens,
-            reps,
-            plan,
-            steer,
-            seed,
-            cuda_graphs,
-            warmup,
-            out,
-            json,
-        } => synth_cli::run_bench(
-            &m,
-            synth_cli::BenchOpts {
-                batches,
-                new_tokens,
-                prompt_tokens,
-                reps,
-                warmup,
-                plan,
-                steer,
-                seed,
-                cuda_graphs,
-                json,
-                out,
-            },
-        ),
+        Cmd::Bench(a) => synth_cli::run_bench(a),
         Cmd::SynthModel(a) => synth_cli::run_synth(a),
         Cmd::Logits(a) => synth_cli::run_logits(a),
         Cmd::Eval(a) => refusal_cli::run_eval(a),
@@ -316,28 +250,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Check(a) => report_cli::run_check(a),
         Cmd::Keygen(a) => report_cli::run_keygen(a),
         Cmd::Export(a) => export_cli::run(a),
-        Cmd::BenchCapture {
-            m,
-            batch,
-            prompts,
-            reps,
-            json,
-        } => {
+        Cmd::BenchCapture { m, sizes, json } => {
             let model = m.load()?;
-            let r = persona_gate::capture_bench::capture(&model, batch, prompts, reps)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!(
-                    "model {} (dtype {}): {} prompts x {} tokens in batches of {}",
-                    model.info.name, m.dtype, r.prompts, r.prompt_tokens, r.batch
-                );
-                println!(
-                    "plain prefill {:.1} tok/s, all-layer last-token capture {:.1} tok/s: {:.1}%",
-                    r.prefill_tok_s,
-                    r.capture_tok_s,
-                    100.0 * r.ratio
-                );
+            let r = sizes.run(&model)?;
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&r)?),
+                false => print!("{}", r.to_text(&model, &m.dtype)),
             }
             Ok(())
         }

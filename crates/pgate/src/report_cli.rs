@@ -24,39 +24,7 @@ pub struct ReceiptArgs {
     #[arg(short, long, required = true)]
     pub out: Option<PathBuf>,
     #[command(flatten)]
-    pub common: ReceiptCommon,
-}
-
-#[derive(clap::Args, Clone, Default)]
-pub struct ReceiptCommon {
-    /// Study name or hash prefix (default: the most recently run in the database).
-    #[arg(long)]
-    pub study: Option<String>,
-    /// The safety-policy version to record (e.g. "acme-safety-2026.11").
-    #[arg(long)]
-    pub policy: Option<String>,
-    /// A benign prompt set (repeatable; default: sets whose name or source contains
-    /// "harmless" or "benign").
-    #[arg(long)]
-    pub benign: Vec<String>,
-    /// The study file, if it moved since `pgate study run` (relative paths resolve from it).
-    #[arg(long)]
-    pub study_file: Option<PathBuf>,
-    /// The refusal direction's name in the study (default: names containing "refusal").
-    #[arg(long)]
-    pub refusal_direction: Option<String>,
-}
-
-impl ReceiptCommon {
-    fn options(&self) -> ReceiptOptions {
-        ReceiptOptions {
-            study: self.study.clone(),
-            policy_version: self.policy.clone(),
-            benign: self.benign.clone(),
-            study_file: self.study_file.clone(),
-            refusal_direction: self.refusal_direction.clone(),
-        }
-    }
+    pub common: ReceiptOptions,
 }
 
 #[derive(clap::Subcommand)]
@@ -138,7 +106,7 @@ pub struct ReportArgs {
     #[arg(long)]
     pub db: Option<PathBuf>,
     #[command(flatten)]
-    pub common: ReceiptCommon,
+    pub common: ReceiptOptions,
     /// Also gate in the Markdown summary with this refusal-drop limit (points).
     #[arg(long)]
     pub max_refusal_drop: Option<f64>,
@@ -190,7 +158,7 @@ pub fn run_receipt(a: ReceiptArgs) -> Result<()> {
     let (Some(db), Some(out)) = (a.db, a.out) else {
         bail!("usage: pgate receipt STUDY_DB -o DIR (or pgate receipt verify RECEIPT)");
     };
-    let written = write_study_receipts(&db, &out, &a.common.options())?;
+    let written = write_study_receipts(&db, &out, &a.common)?;
     print!("{}", written.summary());
     for n in written.notes() {
         eprintln!("[pgate] {n}");
@@ -253,7 +221,7 @@ pub fn run_keygen(a: KeygenArgs) -> Result<()> {
 }
 
 pub fn run_report(a: ReportArgs) -> Result<()> {
-    let opts = a.common.options();
+    let opts = a.common;
     let written = write_report(&a.input, &a.out, a.db.as_deref(), &opts, a.max_refusal_drop)?;
     println!("{}", written.summary());
     Ok(())

@@ -13,6 +13,8 @@ use anyhow::{bail, Result};
 use persona_gate::events::{Event, EventSink};
 use persona_gate::study::export::Format;
 use persona_gate::study::judging::JudgeOptions;
+use persona_gate::study::cluster::merge::{merge_op, MergeOutcome};
+use persona_gate::study::cluster::{self, K8sOptions, ShardBy, SlurmOptions};
 use persona_gate::study::ops::{self, Stopped};
 
 use crate::args::parse_device;
@@ -63,12 +65,56 @@ pub enum StudyCmd {
     /// Merge shard databases into one (results are keyed, so the merge is exact).
     ///
     /// Example: pgate study merge --db all.sqlite shard0.sqlite shard1.sqlite
+    ///
+    /// Shards of one study (given with --study, or the one study the first database holds) are
+    /// checked: another study or labeler is refused, identical duplicates kept once, differing
+    /// ones and missing items listed (exit status 1 while items are missing).
     Merge {
         #[arg(long, default_value = "results.sqlite")]
         db: PathBuf,
+        /// The study file the shards ran.
+        #[arg(long)]
+        study: Option<PathBuf>,
         #[arg(required = true)]
         from: Vec<PathBuf>,
     },
+    /// Split a study into shards on a cluster: a Slurm array plus a merge job that waits for it
+    /// (submitted with sbatch, or only written with --print), or Kubernetes Indexed Job and merge
+    /// Job manifests (--k8s, written only). Submitting again runs only the unfinished shards.
+    ///
+    /// Example: pgate study submit paper.toml --slurm --shards 16 --dir /shared/paper --gpus-per-task 1 --time 4:00:00
+    Submit(SubmitArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    pub study: PathBuf,
+    /// Work folder on a filesystem every node sees: scripts, shard databases, logs.
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub shards: u64,
+    /// Merged database (default: DIR/results.sqlite).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// How items are split: tokens (prompt groups balanced by expected tokens) or hash.
+    #[arg(long, value_enum, default_value = "tokens")]
+    pub shard_by: ShardBy,
+    #[arg(long, required_unless_present = "k8s", conflicts_with = "k8s")]
+    pub slurm: bool,
+    /// Write Kubernetes manifests (Indexed Job + merge Job); implies --print.
+    #[arg(long)]
+    pub k8s: bool,
+    /// Write the scripts without submitting them.
+    #[arg(long)]
+    pub print: bool,
+    /// The pgate the tasks run (default: this one).
+    #[arg(long)]
+    pub pgate: Option<PathBuf>,
+    #[command(flatten)]
+    pub slurm_opts: SlurmOptions,
+    #[command(flatten)]
+    pub k8s_opts: K8sOptions,
 }
 
 #[derive(clap::Args)]
@@ -84,6 +130,13 @@ pub struct RunArgs {
     /// Only items of shard I of K (I/K, e.g. 0/4); merge the shards with `pgate study merge`.
     #[arg(long)]
     pub shard: Option<String>,
+    /// How --shard splits the items: hash (default) or tokens (balanced prompt groups).
+    #[arg(long, value_enum, default_value = "hash")]
+    pub shard_by: ShardBy,
+    /// One worker per device (0,1 = cuda:0,cuda:1; `cpu` entries run CPU workers), each a
+    /// token-balanced shard into DB.shards/, merged into --db at the end.
+    #[arg(long, conflicts_with_all = ["shard", "cuda"])]
+    pub gpus: Option<String>,
     /// Items generated between stop checks (default: 4 batches).
     #[arg(long)]
     pub wave: Option<usize>,
@@ -139,21 +192,19 @@ pub struct RelabelArgs {
 pub struct CompareArgs {
     #[arg(long, default_value = "results.sqlite")]
     pub db: PathBuf,
-    /// First study (name or hash prefix), e.g. the local one.
-    pub a: String,
-    /// Second study, e.g. the endpoint one.
-    pub b: String,
+    #[command(flatten)]
+    pub opts: ops::CompareOptions,
     #[arg(long)]
     pub json: bool,
-    /// Also list up to N pairs whose labels differ (condition, prompt, both labels and outputs).
-    #[arg(long, default_value_t = 0)]
-    pub show: usize,
 }
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
     #[arg(long, default_value = "results.sqlite")]
     pub db: PathBuf,
+    /// Progress of every shard of a `study submit` work folder, read while the tasks run.
+    #[arg(long)]
+    pub shards: Option<PathBuf>,
     /// Study name or hash prefix (default: the most recently run).
     #[arg(long)]
     pub study: Option<String>,
@@ -165,20 +216,8 @@ pub struct StatusArgs {
 pub struct TableArgs {
     #[arg(long, default_value = "results.sqlite")]
     pub db: PathBuf,
-    #[arg(long)]
-    pub study: Option<String>,
-    /// Also write the table as CSV.
-    #[arg(long)]
-    pub csv: Option<PathBuf>,
-    /// One row per prompt category within each condition and prompt set.
-    #[arg(long)]
-    pub by_category: bool,
-    /// Compare with this condition instead of the study's baseline.
-    #[arg(long)]
-    pub baseline: Option<String>,
-    /// Paired-bootstrap resamples (default: the study's `stats.bootstrap`).
-    #[arg(long)]
-    pub bootstrap: Option<usize>,
+    #[command(flatten)]
+    pub opts: ops::TableOptions,
     #[arg(long)]
     pub json: bool,
 }
@@ -227,6 +266,14 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
             print!("{}", ops::check(&study)?);
             Ok(())
         }
+        StudyCmd::Status(a) if a.shards.is_some() => {
+            let p = cluster::submission_progress(a.shards.as_deref().unwrap_or(&a.db))?;
+            if a.json {
+                return print_json(&p);
+            }
+            print!("{p}");
+            Ok(())
+        }
         StudyCmd::Status(a) => {
             let s = ops::status(&a.db, a.study.as_deref())?;
             if a.json {
@@ -250,12 +297,7 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
         }
         StudyCmd::Judge(a) => judge(a),
         StudyCmd::Compare(a) => {
-            let opts = ops::CompareOptions {
-                a: a.a,
-                b: a.b,
-                show: a.show,
-            };
-            let c = ops::compare(&a.db, &opts)?;
+            let c = ops::compare(&a.db, &a.opts)?;
             if a.json {
                 print_json(&c)
             } else {
@@ -264,20 +306,49 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
             }
         }
         StudyCmd::Relabel(a) => relabel(a),
-        StudyCmd::Merge { db, from } => {
-            let m = ops::merge(&db, &from)?;
-            for (f, added) in &m.sources {
-                println!("{}: {added} new results", f.display());
+        StudyCmd::Merge { db, study, from } => match merge_op(&db, study.as_deref(), &from)? {
+            MergeOutcome::Shards(m) => {
+                print!("{m}");
+                if !m.complete() {
+                    bail!("{}: {} items missing", db.display(), m.missing.len());
+                }
+                Ok(())
             }
-            println!("{}: {} results", db.display(), m.total);
-            Ok(())
-        }
+            MergeOutcome::Plain(m) => {
+                for (f, added) in &m.sources {
+                    println!("{}: {added} new results", f.display());
+                }
+                println!("{}: {} results", db.display(), m.total);
+                Ok(())
+            }
+        },
+        StudyCmd::Submit(a) => submit(a),
     }
+}
+
+fn submit(a: SubmitArgs) -> Result<()> {
+    let spec = cluster::SubmitSpec {
+        study: a.study,
+        dir: a.dir,
+        db: a.db,
+        shards: a.shards,
+        by: a.shard_by,
+        pgate: a.pgate,
+        print_only: a.print || a.k8s,
+        scheduler: if a.k8s {
+            cluster::Scheduler::Kubernetes(a.k8s_opts)
+        } else {
+            cluster::Scheduler::Slurm(a.slurm_opts)
+        },
+    };
+    print!("{}", cluster::submit(&spec)?);
+    Ok(())
 }
 
 fn run(a: RunArgs) -> Result<()> {
     let spec = ops::RunSpec {
         shard: a.shard.as_deref().map(ops::parse_shard).transpose()?,
+        shard_by: a.shard_by,
         study: a.study,
         db: a.db,
         limit: a.limit,
@@ -287,6 +358,12 @@ fn run(a: RunArgs) -> Result<()> {
         concurrency: a.concurrency,
     };
     install_ctrlc();
+    if let Some(list) = &a.gpus {
+        let names = cluster::gpus::parse_devices(list)?;
+        let r = cluster::gpus::run_on_devices(&spec, &names, &STOP, &mut progress(a.quiet))?;
+        print!("{}", r.merge);
+        return Ok(());
+    }
     let r = ops::run(&spec, &STOP, &mut progress(a.quiet))?;
     match r.stopped {
         Some(Stopped::Generating) => {
@@ -327,20 +404,13 @@ fn judge(a: JudgeArgs) -> Result<()> {
 }
 
 fn table(a: TableArgs) -> Result<()> {
-    let opts = ops::TableOptions {
-        study: a.study,
-        by_category: a.by_category,
-        baseline: a.baseline,
-        bootstrap: a.bootstrap,
-        csv: a.csv.clone(),
-    };
-    let t = ops::table(&a.db, &opts)?;
+    let t = ops::table(&a.db, &a.opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&t.rows)?);
         return Ok(());
     }
     print!("{t}");
-    if let Some(p) = &a.csv {
+    if let Some(p) = &a.opts.csv {
         println!("table written to {}", p.display());
     }
     Ok(())

@@ -37,7 +37,7 @@ mod util;
 pub use capture::{capture_prompts, capture_spans, Activations, CaptureOptions, Position};
 pub use extract::{
     diff_in_means, diff_in_means_prompts, extract_trait, paired_pc1, prompt_set_sha256,
-    refusal_candidates, Method, TraitExtraction, TraitOptions,
+    refusal_candidates, Method, TraitExtraction, TraitFlags, TraitOptions,
 };
 pub use geometry::GeometryReport;
 pub use gguf::{export_control_vector, import_control_vector, ExportOptions, ExportSummary};

@@ -3,6 +3,7 @@
 //! All three end in the same place: a [`WeightLoader`] over the weights, a [`ModelConfig`] from the
 //! family file, a [`ChatTokenizer`], and the shared [`Decoder`].
 
+pub mod args;
 pub mod bake;
 pub mod config;
 pub mod decoder;
@@ -26,6 +27,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use serde::Serialize;
 
+pub use args::ModelArgs;
 pub use config::{Family, ModelConfig};
 pub use decoder::{Decoder, FixedSlotInputs, LogitsAt};
 pub use kv_cache::KvCache;

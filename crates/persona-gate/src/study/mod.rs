@@ -35,8 +35,11 @@
 //! [`ops`] assembles these pieces into whole operations (run, judge, status, table, compare,
 //! relabel, check, export, merge) with typed results and [`crate::events`] for progress; [`text`]
 //! has the plain-text forms of those results. `pgate study` is a thin layer over the two.
+//! [`cluster`] splits a study over a Slurm array, a Kubernetes Indexed Job or the GPUs of a node,
+//! and merges the shard databases with checks.
 
 pub mod canon;
+pub mod cluster;
 pub mod export;
 pub mod file;
 pub mod flat;

@@ -837,6 +837,26 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// Set a `meta` entry (e.g. the shard layout a shard database was run with).
+    pub fn put_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// A `meta` entry, if set.
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// Number of result rows with a duplicated key (0 unless the UNIQUE constraint was broken).
     pub fn count_duplicate_keys(&self) -> Result<usize> {
         self.conn

@@ -17,6 +17,8 @@ pub struct RunOptions {
     pub limit: Option<usize>,
     /// `(index, count)`: only items whose hash falls in this shard.
     pub shard: Option<(u64, u64)>,
+    /// How `shard` splits the items (see `cluster::layout`).
+    pub shard_by: super::cluster::ShardBy,
     /// Items per wave (default 4 batches).
     pub wave: Option<usize>,
     /// The study file, recorded with the study.
@@ -90,6 +92,18 @@ pub(crate) fn plan_pending(
         ..Default::default()
     };
     let mut pending: Vec<WorkItem> = Vec::new();
+    // Token-balanced shards need the whole study's layout; hash shards decide item by item.
+    let balanced = match opts.shard {
+        Some((_, k)) if opts.shard_by == super::cluster::ShardBy::Tokens => {
+            Some(super::cluster::layout::assign(study, opts.shard_by, k))
+        }
+        _ => None,
+    };
+    let in_this_shard = |it: &WorkItem| match (opts.shard, &balanced) {
+        (None, _) => true,
+        (Some((i, _)), Some(of)) => of.get(&it.item_hash) == Some(&i),
+        (Some((i, k)), None) => in_shard(&it.item_hash, i, k),
+    };
     for it in items {
         let set = &study.prompt_sets[it.set];
         let key = (
@@ -100,10 +114,7 @@ pub(crate) fn plan_pending(
         );
         if done.contains(&key) {
             summary.already += 1;
-        } else if opts
-            .shard
-            .is_some_and(|(i, k)| !in_shard(&it.item_hash, i, k))
-        {
+        } else if !in_this_shard(&it) {
             summary.other_shards += 1;
         } else {
             pending.push(it);

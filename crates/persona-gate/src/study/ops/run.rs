@@ -31,6 +31,8 @@ pub struct RunSpec {
     pub limit: Option<usize>,
     /// `(index, count)`: only items of this shard.
     pub shard: Option<(u64, u64)>,
+    /// How `shard` splits the items: by item hash (default) or balanced by expected tokens.
+    pub shard_by: crate::study::cluster::ShardBy,
     /// Items generated between stop checks (local studies; default: 4 batches).
     pub wave: Option<usize>,
     /// Grade with the study's model judges after generating.
@@ -76,9 +78,18 @@ impl StudyRun {
 pub fn run(spec: &RunSpec, stop: &AtomicBool, sink: &mut dyn EventSink) -> OpResult<StudyRun> {
     let study = Study::load(&spec.study)?;
     let mut store = Store::open(&spec.db)?;
+    if let Some((_, k)) = spec.shard {
+        // The merge checks that every shard ran with the same split, and records it.
+        let layout = crate::study::cluster::layout::layout(&study, spec.shard_by, k);
+        store.put_meta(
+            &crate::study::cluster::merge::layout_key(&study.hash),
+            &serde_json::to_string(&layout).map_err(crate::Error::from)?,
+        )?;
+    }
     let opts = RunOptions {
         limit: spec.limit,
         shard: spec.shard,
+        shard_by: spec.shard_by,
         wave: spec.wave,
         source_path: Some(spec.study.clone()),
         concurrency: spec.concurrency,
