@@ -12,6 +12,10 @@
 #                plans none / add / add+ablate (the HF baseline's), per-step floor from the copy bandwidth;
 #                each row with and without CUDA graphs (BENCH_GRAPHS=on|off|both, default both)
 #   quick        batch 1 and 64, plans none and add+ablate, 64 new tokens
+#   serve        scripts/gpu/serve.sh: pgate serve with a steered preset, 64 clients and 1 client x 256
+#                tokens, and the TTFT burst test (compare with `bench` in the same call)
+#   long         scripts/gpu/long.sh: 8k-token-cache decode row, 2k x 8 prefill row, GPU memory at 1k-8k
+#                prompts, beside HF transformers with SDPA (issue 22's extra rows, as they stand)
 #   hf=MODES     the HF transformers+hooks anchor (MODES: eager, static or eager,static; BATCHES and PLANS
 #                select rows, as for pgate BENCH_BATCHES and BENCH_STEER)
 # Results go to $OUT (the device tool brings it back) or /tmp/pgate-gpu.
@@ -42,6 +46,8 @@ for step in "$@"; do
     bench) "$BIN" "${BENCH[@]}" --batches "${BENCH_BATCHES:-1,16,64}" --new-tokens 256 --steer "${BENCH_STEER:-none,add,add+ablate}" --cuda-graphs "${BENCH_GRAPHS:-both}" \
              --out "$OUT/pgate_bench.json" 2>"$OUT/pgate_bench.log" || { status=1; tail -5 "$OUT/pgate_bench.log"; } ;;
     quick) "$BIN" "${BENCH[@]}" --batches 1,64 --new-tokens 64 --steer none,add+ablate --cuda-graphs both --out "$OUT/pgate_quick.json" || status=1 ;;
+    long) bash scripts/gpu/long.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
+    serve) bash scripts/gpu/serve.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     hf=*) MODE="${step#hf=}" OUT="$OUT" python3 gpu-bin/carry/hf_gpu_baseline.py || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod capture_bench;
+pub mod chat_job;
 pub mod device;
 pub mod directions;
 pub mod drift;

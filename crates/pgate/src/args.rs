@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use persona_gate::directions::{load_compiled_plan, PlanSource};
 use persona_gate::intervene::CompiledPlan;
-use persona_gate::model::Model;
 pub use persona_gate::model::args::{parse_device, ModelArgs};
+use persona_gate::model::Model;
 
 /// An intervention plan: a plan file and/or steering specs, loaded by the library's one plan
 /// loader ([`persona_gate::directions::load_plan`]).

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use persona_gate::eval::prompts::read_chat_prompts;
-use persona_gate::generate::{generate_chat, ChatPrompt, GenSettings, Sampling};
+use persona_gate::chat_job::{stats_line, ChatJob};
+use persona_gate::generate::generate_chat;
 use progress::Progress;
 
 mod args;
@@ -150,26 +150,8 @@ enum Cmd {
 struct GenerateArgs {
     #[command(flatten)]
     m: ModelArgs,
-    /// A user message (repeatable).
-    #[arg(long)]
-    prompt: Vec<String>,
-    /// System prompt for every conversation (the template's default applies when absent).
-    #[arg(long)]
-    system: Option<String>,
-    /// JSONL file of prompts: {"prompt"|"user"|"instruction"|"forbidden_prompt": ..., "system"?: ..., "id"?: ...}.
-    #[arg(long)]
-    prompts: Option<PathBuf>,
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    job: ChatJob,
     #[command(flatten)]
     plan: args::PlanArgs,
     /// Write one JSON line per completion here (as each finishes).
@@ -264,37 +246,22 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Generate for every prompt, writing each completion to `--out` (JSONL) or stdout as it finishes.
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let mut list: Vec<ChatPrompt> = a
-        .prompt
-        .into_iter()
-        .map(|p| ChatPrompt::new(p).with_system(a.system.clone()))
-        .collect();
-    if let Some(f) = &a.prompts {
-        list.extend(read_chat_prompts(f, a.system.as_deref())?);
-    }
+    let list = a.job.conversations()?;
     if list.is_empty() {
         bail!("no prompts: give --prompt TEXT or --prompts FILE.jsonl");
     }
     a.plan.check()?;
     let model = a.m.load()?;
     let plan = a.plan.load(&model)?;
-    let settings = GenSettings {
-        max_new_tokens: a.max_tokens,
-        sampling: Sampling {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
-        batch_size: a.batch_size,
-    };
     let mut out = match &a.out {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
         )),
         None => None,
     };
-    let bar = (a.prompts.is_some() || list.len() > 4).then(|| Progress::bar(list.len(), "prompts"));
-    let (_, stats) = generate_chat(&model, &list, &settings, plan, |_, c| {
+    let many = a.job.prompts.is_some() || list.len() > 4;
+    let bar = many.then(|| Progress::bar(list.len(), "prompts"));
+    let (_, stats) = generate_chat(&model, &list, &a.job.settings(), plan, |_, c| {
         match out.as_mut() {
             Some(f) => {
                 serde_json::to_writer(&mut *f, c).map_err(persona_gate::Error::from)?;
@@ -316,12 +283,6 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         Ok(())
     })?;
     drop(bar);
-    eprintln!(
-        "[pgate] {} prompts, {} new tokens, prefill {:.1} tok/s, decode {:.1} tok/s",
-        list.len(),
-        stats.decode_tokens + list.len(),
-        stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
-        stats.decode_tokens as f64 / stats.decode_secs.max(1e-9)
-    );
+    eprintln!("[pgate] {}", stats_line(list.len(), &stats));
     Ok(())
 }

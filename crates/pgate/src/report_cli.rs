@@ -67,27 +67,8 @@ pub struct KeygenArgs {
 pub struct VerifyArgs {
     /// A receipt file, a bundle.json, or a folder holding one.
     pub receipt: PathBuf,
-    /// Results database (default: the one the receipts name).
-    #[arg(long)]
-    pub db: Option<PathBuf>,
-    /// Study file (default: the one the receipts name, when it is inside the bundle folder or a
-    /// --root).
-    #[arg(long)]
-    pub study_file: Option<PathBuf>,
-    /// The model: a weights file, or the folder holding the receipts' model files (default: the
-    /// recorded paths, when inside the bundle folder or a --root). Model names are never resolved
-    /// or downloaded.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// A folder the paths inside the receipts may lead into, besides the bundle folder
-    /// (repeatable), e.g. `--root .` for a project whose study, directions and prompt files live
-    /// in it. Paths elsewhere are reported as not checked.
-    #[arg(long)]
-    pub root: Vec<PathBuf>,
-    /// Require a signature by this public key (`KEY.pub` from `pgate keygen`) over every file of
-    /// the bundle.
-    #[arg(long)]
-    pub pubkey: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: VerifyOptions,
     /// Print every check, not only those that differ.
     #[arg(long, short)]
     pub verbose: bool,
@@ -167,15 +148,7 @@ pub fn run_receipt(a: ReceiptArgs) -> Result<()> {
 }
 
 fn run_verify(a: VerifyArgs) -> Result<()> {
-    let opts = VerifyOptions {
-        db: a.db,
-        study_file: a.study_file,
-        model: a.model,
-        roots: a.root,
-        pubkey: a.pubkey,
-        skip_files: false,
-    };
-    let v = verify_path(&a.receipt, &opts)?;
+    let v = verify_path(&a.receipt, &a.opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v.report)?);
     } else {

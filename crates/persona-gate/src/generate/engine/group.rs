@@ -237,7 +237,10 @@ impl Engine<'_> {
             return Ok(());
         };
         let dev = self.model.device().clone();
-        let cols = g.prefill.chunk_columns(self.chunk_budget());
+        let cols = g
+            .prefill
+            .chunk_columns(self.chunk_budget())
+            .min(self.cfg.max_chunk_columns.max(1));
         let mut chunk = g.prefill.next_chunk(cols, &dev)?;
         for (r, &s) in chunk.rows.iter_mut().zip(&g.row_seq) {
             r.seq = s;
