@@ -277,23 +277,42 @@ pub fn run(model: &Model, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
 /// Why a whole operation: the CLI, the GPU scripts and the Python package all want the same table
 /// (and the same header with the device's copy bandwidth), not a loop of their own over [`run`].
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct BenchSuite {
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, default_value = "1,16", value_delimiter = ',')
+    )]
     pub batches: Vec<usize>,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
     pub new_tokens: usize,
+    /// Prompt length in tokens (default: the chat-rendered benchmark prompt).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub prompt_tokens: Option<usize>,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
     pub reps: usize,
-    pub warmup: usize,
-    /// A plan file (JSON or TOML) measured first, named by its file name.
+    /// Intervention plan (JSON or TOML, directions inline or by file) applied during the
+    /// benchmark.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub plan: Option<std::path::PathBuf>,
-    /// Built-in steering presets ([`STEER_PRESETS`]); empty without `plan`: `none`.
+    /// Built-in steering plans to run in turn (seeded random directions): none, add
+    /// (coefficient 4 at layer n/2), add+ablate (and an ablation at layers 5n/8..5n/8+2).
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ','))]
     pub steer: Vec<String>,
-    /// Seed of the presets' random directions.
+    /// Seed of the built-in steering directions.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
-    /// `on`, `off` or `both`.
+    /// CUDA graphs for decode steps: on, off, or both (each row twice, to compare in one run).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "on", value_parser = ["on", "off", "both"]))]
     pub cuda_graphs: String,
+    /// Full-length warm-up runs before the timed ones.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
+    pub warmup: usize,
     /// The numeric mode as named by the caller (reported, not applied: the model is loaded).
+    #[cfg_attr(feature = "cli", arg(skip))]
     pub dtype: String,
     /// CPU threads (reported in the header on CPU).
+    #[cfg_attr(feature = "cli", arg(skip))]
     pub threads: usize,
 }
 

@@ -26,6 +26,42 @@ pub struct CaptureRow {
     pub ratio: f64,
 }
 
+/// The sizes of a capture benchmark (the flags of `pgate bench-capture`).
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct CaptureBench {
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 16))]
+    pub batch: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
+    pub prompts: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 2))]
+    pub reps: usize,
+}
+
+impl CaptureBench {
+    /// [`capture`] with these sizes.
+    pub fn run(&self, model: &Model) -> Result<CaptureRow> {
+        capture(model, self.batch, self.prompts, self.reps)
+    }
+}
+
+impl CaptureRow {
+    /// Two lines: what was measured on `model` (in numeric mode `dtype` as named), and the rates.
+    pub fn to_text(&self, model: &Model, dtype: &str) -> String {
+        format!(
+            "model {} (dtype {dtype}): {} prompts x {} tokens in batches of {}\n\
+             plain prefill {:.1} tok/s, all-layer last-token capture {:.1} tok/s: {:.1}%\n",
+            model.info.name,
+            self.prompts,
+            self.prompt_tokens,
+            self.batch,
+            self.prefill_tok_s,
+            self.capture_tok_s,
+            100.0 * self.ratio
+        )
+    }
+}
+
 /// Time `prompts` copies of the benchmark prompt read in batches of `batch`: plain prefill, then
 /// [`capture_spans`] at the last token of every layer; after one warm-up of each, the best of
 /// `reps`, the two alternating so a noisy neighbour hits both alike.

@@ -351,6 +351,66 @@ pub struct RefusalJob {
     pub select: SelectOptions,
 }
 
+/// [`RefusalJob`] as flags (`pgate extract refusal`): positions by name, the selection's knobs.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct RefusalFlags {
+    /// Harmful instructions for the means (file or name).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmful_train"))]
+    pub harmful: String,
+    /// Harmless instructions for the means (file or name).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmless_train"))]
+    pub harmless: String,
+    /// Harmful validation prompts for selection.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmful_val"))]
+    pub harmful_val: String,
+    /// Harmless validation prompts for selection.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmless_val"))]
+    pub harmless_val: String,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
+    pub n_train: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 32))]
+    pub n_val: usize,
+    /// Template positions for candidates, e.g. last or -1,-2,-3.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, default_value = "last", value_delimiter = ',')
+    )]
+    pub positions: Vec<String>,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.1))]
+    pub kl_max: f64,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
+    pub layer_stride: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 16))]
+    pub batch_size: usize,
+}
+
+impl RefusalFlags {
+    /// The job, positions parsed (other selection options at their defaults).
+    pub fn job(&self) -> Result<RefusalJob> {
+        let positions = self
+            .positions
+            .iter()
+            .map(|p| Position::parse(p))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RefusalJob {
+            harmful: self.harmful.clone(),
+            harmless: self.harmless.clone(),
+            harmful_val: self.harmful_val.clone(),
+            harmless_val: self.harmless_val.clone(),
+            n_train: self.n_train,
+            n_val: self.n_val,
+            select: SelectOptions {
+                positions,
+                kl_max: self.kl_max,
+                batch_size: self.batch_size,
+                layer_stride: self.layer_stride,
+                ..Default::default()
+            },
+        })
+    }
+}
+
 impl Default for RefusalJob {
     fn default() -> Self {
         RefusalJob {

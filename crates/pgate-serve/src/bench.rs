@@ -33,6 +33,49 @@ pub const BENCH_PROMPTS: &[&str] = &[
     "Write a two-line poem about the sea.",
 ];
 
+/// The flags of `pgate serve-bench`: a [`BenchConfig`] in whole seconds, plus where the report goes.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct BenchFlags {
+    #[cfg_attr(feature = "cli", arg(long, default_value = "http://127.0.0.1:8080"))]
+    pub url: String,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 32))]
+    pub clients: usize,
+    /// Seconds of load (requests in flight then finish).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 60))]
+    pub duration: u64,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
+    pub max_tokens: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value = "default"))]
+    pub preset: String,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub api_key: Option<String>,
+    /// Per-request client timeout, seconds.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 600))]
+    pub timeout: u64,
+    /// Write the report as JSON here.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: Option<std::path::PathBuf>,
+}
+
+impl BenchFlags {
+    /// The load client's configuration: at least one client, `--api-key` else `$PGATE_API_KEY`.
+    pub fn config(&self) -> BenchConfig {
+        BenchConfig {
+            url: self.url.clone(),
+            clients: self.clients.max(1),
+            duration: Duration::from_secs(self.duration),
+            max_tokens: self.max_tokens,
+            preset: self.preset.clone(),
+            api_key: self
+                .api_key
+                .clone()
+                .or_else(|| std::env::var("PGATE_API_KEY").ok()),
+            timeout: Duration::from_secs(self.timeout),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     /// Base URL, e.g. `http://127.0.0.1:8080`.

@@ -20,21 +20,45 @@ use crate::guard::{capture_last, encode_default, GuardCalibration, GuardReport, 
 use crate::ops::PromptSlice;
 use crate::presets::{build_presets, DirectionRegistry, GuardMode, Preset, PresetFile};
 
-/// What `pgate guard eval` is told besides the model.
+/// What `pgate guard eval` is told besides the model (its flags).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct GuardEvalJob {
+    #[cfg_attr(feature = "cli", arg(long))]
     pub guard_file: PathBuf,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub presets: PathBuf,
-    /// The preset to score under.
+    /// Preset to score under.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub preset: String,
+    /// Direction files or folders the presets name.
+    #[cfg_attr(feature = "cli", arg(long, num_args = 1..))]
     pub directions: Vec<PathBuf>,
-    pub harmful: PromptSlice,
-    pub harmless: PromptSlice,
-    /// New tokens of the default persona's answers.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "strongreject"))]
+    pub harmful: String,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
+    pub harmful_skip: usize,
+    /// Harmful prompts (all when absent).
+    #[cfg_attr(feature = "cli", arg(short = 'n', long))]
+    pub n: Option<usize>,
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmless_val"))]
+    pub harmless: String,
+    /// Skip harmless prompts used as held-out by calibration.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 100))]
+    pub harmless_skip: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 100))]
+    pub harmless_n: usize,
+    /// New tokens of the default persona's answers (labelled refusal / bypass / degenerate).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 48))]
     pub max_tokens: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 16))]
     pub batch_size: usize,
-    /// Also generate under the preset and label those answers.
+    /// Also generate under the preset and label those answers (shows the preset complies).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub generate_preset: bool,
+    /// Write one JSON line per prompt (scores, flag, labels) here.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: Option<PathBuf>,
 }
 
 /// One harmful prompt: the default persona's answer and label, the preset's label, the scores.
@@ -81,8 +105,9 @@ impl GuardEval {
             guard: GuardCalibration::load(&job.guard_file)?,
             dirs: DirectionRegistry::from_paths(&job.directions)?,
             file: PresetFile::load(&job.presets)?,
-            harmful: job.harmful.load()?,
-            harmless: job.harmless.load()?,
+            harmful: PromptSlice::new(&job.harmful, job.harmful_skip, job.n.unwrap_or(usize::MAX))
+                .load()?,
+            harmless: PromptSlice::new(&job.harmless, job.harmless_skip, job.harmless_n).load()?,
             job,
         })
     }

@@ -91,14 +91,45 @@ pub fn seconds(flag: &str, v: f64) -> Result<Duration> {
 
 /// Request and connection limits as given on the command line.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct RequestFlags {
+    /// Largest max_tokens a request may ask for.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1024))]
     pub max_tokens: usize,
+    /// max_tokens of requests that give none.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 256))]
     pub default_max_tokens: usize,
+    /// Largest conversation, in tokens after the chat template.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 4096))]
     pub max_prompt_tokens: usize,
-    /// Seconds from arrival to the last token.
+    /// Seconds from arrival to the last token (queueing included); then 504.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "timeout", value_name = "TIMEOUT", default_value_t = 300)
+    )]
     pub timeout_s: u64,
+    /// Seconds a client has to send the whole request body; then 408.
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long = "body-timeout",
+            value_name = "BODY_TIMEOUT",
+            default_value_t = 30.0
+        )
+    )]
     pub body_timeout_s: f64,
+    /// Connections at once; at the cap the oldest idle connection is closed for a new one.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 256))]
     pub max_connections: usize,
+    /// Seconds to send a request head (also the keep-alive idle timeout), else closed.
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long = "header-timeout",
+            value_name = "HEADER_TIMEOUT",
+            default_value_t = 10.0
+        )
+    )]
     pub header_timeout_s: f64,
 }
 
@@ -126,31 +157,73 @@ impl RequestFlags {
     }
 }
 
-/// Everything `pgate serve` is told besides the model.
+/// Everything `pgate serve` is told besides the model (the flags of `pgate serve`).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ServeOptions {
-    /// The name the default preset also answers to (the model as given).
+    /// The name the default preset also answers to (the model as given; not a flag).
+    #[cfg_attr(feature = "cli", arg(skip))]
     pub model_id: String,
+    /// Presets file (TOML, `[presets.NAME]` tables: system, add, add_raw, ablate, cap, plan, guard).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub presets: Option<PathBuf>,
+    /// Direction files or folders of them (`*.safetensors`); presets name them by file stem.
+    #[cfg_attr(feature = "cli", arg(long, num_args = 1..))]
     pub directions: Vec<PathBuf>,
-    /// Guard mode of presets that set none (default: monitor with a guard file, off without).
+    /// Guard mode of presets that set none: off, monitor, block (default: monitor with --guard-file).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub guard: Option<String>,
+    /// Guard calibration file written by `pgate guard calibrate`.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub guard_file: Option<PathBuf>,
-    /// Output guard mode of presets that set none.
+    /// Output guard mode of presets that set none: off, monitor, block. The probe reads each answer
+    /// and flags compliance with a request the default persona would refuse (needs --guard-file).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "off"))]
     pub output_guard: String,
+    /// Probe file for the output guard (`pgate label train`; default: the model's built-in probe).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub probe: Option<PathBuf>,
+    /// Block-mode streams: check every N tokens, send text only once checked (0: once at the end).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub output_guard_every: usize,
+    /// Answers per forward of the output guard's reader.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 4))]
     pub output_guard_batch: usize,
+    /// Direction (by name among --directions) whose projections responses report as `persona`.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "compliant"))]
     pub persona_direction: String,
+    /// Direction reported as `refusal`.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "refusal"))]
     pub refusal_direction: String,
     /// Layers per window of the reported projections.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 4))]
     pub window: usize,
-    pub requests: RequestFlags,
-    pub queue: usize,
+    /// Sequences decoded together (continuous batching); 1 serves one request at a time.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 32))]
     pub max_batch: usize,
-    /// Bearer token (the caller decides where it comes from: flag, environment).
+    /// Requests that may wait for a batch slot; beyond that, 429.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
+    pub queue: usize,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub requests: RequestFlags,
+    /// Require `Authorization: Bearer KEY` on /v1/*, /metrics, /health details ($PGATE_API_KEY).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub api_key: Option<String>,
+    /// Serve /metrics without the API key (trusted networks: preset names become public).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub public_metrics: bool,
+}
+
+impl ServeOptions {
+    /// `--api-key`, else a non-empty `$PGATE_API_KEY`.
+    pub fn key_from_env(mut self) -> Self {
+        self.api_key = self.api_key.or_else(|| {
+            std::env::var("PGATE_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty())
+        });
+        self
+    }
 }
 
 /// What the output guard needs its guard file for, in an error message.
@@ -390,20 +463,53 @@ pub fn serve_blocking(
     })
 }
 
-/// What `pgate guard calibrate` is told besides the model.
+/// What `pgate guard calibrate` is told besides the model (its flags).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct CalibrateJob {
+    /// Refusal direction file (`pgate extract refusal`).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub refusal: PathBuf,
+    /// Layer to read refusal intent at (default: the file's selected layer).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub refusal_layer: Option<usize>,
+    /// Persona (compliant) direction file (`pgate extract trait --trait compliant`).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub persona: PathBuf,
-    /// Layers to read the persona shift at, e.g. `8-20` (default: all).
+    /// Layers to read the persona shift at, e.g. 8-20 (default: all).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub persona_layers: Option<String>,
-    pub harmful: PromptSlice,
-    pub harmless: PromptSlice,
-    pub test_harmful: PromptSlice,
-    pub test_harmless: PromptSlice,
+    // Where the calibration is written (no help text: `-o` reads as such).
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
+    /// Harmful calibration prompts (file or name).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmful_train"))]
+    pub harmful: String,
+    /// Harmless calibration prompts.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmless_train"))]
+    pub harmless: String,
+    /// Skip the first K calibration prompts of each set (those the directions were extracted from).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
+    pub skip: usize,
+    /// Calibration prompts per set.
+    #[cfg_attr(feature = "cli", arg(short = 'n', long, default_value_t = 128))]
+    pub n: usize,
+    /// Held-out harmful prompts.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmful_val"))]
+    pub test_harmful: String,
+    /// Held-out harmless prompts.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmless_val"))]
+    pub test_harmless: String,
+    /// Held-out prompts per set.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 100))]
+    pub test_n: usize,
+    /// Highest false positive rate of refusal intent on the harmless calibration set.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.02))]
     pub max_fpr: f64,
+    /// Persona shift (in calibrated spreads) that counts as a different persona.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 4.0))]
     pub shift_threshold: f64,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 16))]
     pub batch_size: usize,
 }
 
@@ -419,9 +525,12 @@ impl CalibrateJob {
             refusal_layer: self.refusal_layer,
             persona_file: self.persona.clone(),
             persona_layers,
-            harmful: self.harmful.load()?,
-            harmless: self.harmless.load()?,
-            heldout: vec![(self.test_harmful.load()?, self.test_harmless.load()?)],
+            harmful: PromptSlice::new(&self.harmful, self.skip, self.n).load()?,
+            harmless: PromptSlice::new(&self.harmless, self.skip, self.n).load()?,
+            heldout: vec![(
+                PromptSlice::new(&self.test_harmful, 0, self.test_n).load()?,
+                PromptSlice::new(&self.test_harmless, 0, self.test_n).load()?,
+            )],
             max_fpr: self.max_fpr,
             shift_threshold: self.shift_threshold,
             batch_size: self.batch_size,
@@ -469,23 +578,53 @@ impl GuardCalibration {
     }
 }
 
-/// What `pgate guard eval-output` is told besides the model.
+/// What `pgate guard eval-output` is told besides the model (its flags).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct OutputEvalJob {
+    /// Guard calibration file (refusal intent, `pgate guard calibrate`).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub guard_file: PathBuf,
-    /// Probe file (default: the built-in probe for the model).
+    /// Probe file (default: the built-in probe for this model).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub probe: Option<PathBuf>,
+    /// Presets file; a --preset name not in it is a built-in persona mode or `default`.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub presets: Option<PathBuf>,
+    /// Direction files or folders the presets name.
+    #[cfg_attr(feature = "cli", arg(long, num_args = 1..))]
     pub directions: Vec<PathBuf>,
-    /// Preset names: in the presets file, `default`, a built-in persona mode or `builtin` (all six);
-    /// empty: every preset of the file, then `builtin`.
+    /// Presets to evaluate, comma-separated: names in --presets, `default`, a built-in persona mode
+    /// (friendly, direct, supportive, creative, customer-success, companion), or `builtin` for all
+    /// six (default: every preset of --presets, then `builtin`).
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ','))]
     pub preset: Vec<String>,
-    pub harmful: PromptSlice,
-    pub harmless: PromptSlice,
+    // Harmful prompt set (file or name).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "strongreject"))]
+    pub harmful: String,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
+    pub harmful_skip: usize,
+    /// Harmful prompts.
+    #[cfg_attr(feature = "cli", arg(short = 'n', long, default_value_t = 50))]
+    pub n: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value = "harmless_val"))]
+    pub harmless: String,
+    /// Skip harmless prompts used as held-out by calibration.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 100))]
+    pub harmless_skip: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 50))]
+    pub harmless_n: usize,
+    /// New tokens per answer.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
     pub max_tokens: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
     pub batch_size: usize,
-    /// Reference labeler: `ensemble` or `rules`.
+    /// Reference labeler: ensemble (shares the probe with the guard) or rules (shares nothing).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "ensemble"))]
     pub reference: String,
+    /// Write the report (rates and every answer with its labels and verdict) as JSON here.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: Option<PathBuf>,
 }
 
 /// [`OutputEvalJob`] with its files read, waiting for the model.
@@ -502,8 +641,8 @@ impl OutputEval {
         Ok(Self {
             guard: Arc::new(GuardCalibration::load(&job.guard_file)?),
             reference: Reference::parse(&job.reference)?,
-            harmful: job.harmful.load()?,
-            harmless: job.harmless.load()?,
+            harmful: PromptSlice::new(&job.harmful, job.harmful_skip, job.n).load()?,
+            harmless: PromptSlice::new(&job.harmless, job.harmless_skip, job.harmless_n).load()?,
             job,
         })
     }

@@ -5,13 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use persona_gate::directions::capture::CaptureOptions;
 use persona_gate::directions::{
     export_gguf_file, extract_trait_files, import_control_vector, random_file, random_references,
-    DirectionSet, ExportOptions, GeometryReport, Method, Position, RandomJob, TraitOptions,
-    TraitOutputs, TraitSpec,
+    DirectionSet, ExportOptions, GeometryReport, RandomJob, TraitFlags, TraitOutputs, TraitSpec,
 };
-use persona_gate::generate::Sampling;
 use persona_gate::intervene::LayerSet;
 
 use crate::args::write_json;
@@ -48,58 +45,25 @@ pub struct TraitArgs {
     /// Output direction file (.safetensors).
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Where to read activations: response (mean over the answer), last (last prompt token),
-    /// post-instruction (mean over the template tokens after the question), or -K (K-th prompt
-    /// token from the end).
-    #[arg(long, default_value = "response", allow_hyphen_values = true)]
-    pub position: String,
-    /// diff-in-means, or pca-paired (first principal component of paired differences).
-    #[arg(long, default_value = "diff-in-means")]
-    pub method: String,
-    /// Use only the first N questions.
-    #[arg(long)]
-    pub max_questions: Option<usize>,
-    /// Use only the first N instruction pairs.
-    #[arg(long)]
-    pub max_pairs: Option<usize>,
-    /// New tokens per answer (response position).
-    #[arg(long, default_value_t = 64)]
-    pub max_tokens: usize,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Sampling temperature of the answers (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub opts: TraitFlags,
     /// Also write the activations: PREFIX.pos.safetensors and PREFIX.neg.safetensors ([layers, n, d]).
     #[arg(long, value_name = "PREFIX")]
     pub save_activations: Option<PathBuf>,
     /// Write the answers (JSONL: side, system, question, answer) here.
     #[arg(long)]
     pub responses: Option<PathBuf>,
-    /// Do not hash the model file when no sha256 sidecar exists.
-    #[arg(long)]
-    pub no_hash: bool,
 }
 
 #[derive(Args)]
 pub struct RandomArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    #[arg(long)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub job: RandomJob,
     /// Output direction file (.safetensors).
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Match this direction's norm at every layer (unit vectors otherwise).
-    #[arg(long)]
-    pub like: Option<PathBuf>,
-    /// Make every layer's vector orthogonal to this direction's vector at that layer.
-    #[arg(long)]
-    pub orthogonal_to: Option<PathBuf>,
 }
 
 /// `pgate geometry`.
@@ -160,14 +124,9 @@ pub fn run_extract(cmd: ExtractCmd) -> Result<()> {
         ExtractCmd::Trait(a) => extract_trait_cmd(a),
         ExtractCmd::Refusal(a) => crate::refusal_cli::run_refusal(a),
         ExtractCmd::Random(a) => {
-            let job = RandomJob {
-                seed: a.seed,
-                like: a.like,
-                orthogonal_to: a.orthogonal_to,
-            };
-            let refs = random_references(&job)?;
+            let refs = random_references(&a.job)?;
             let model = a.m.load()?;
-            println!("{}", random_file(&model, &job, &refs, &a.out)?.summary());
+            println!("{}", random_file(&model, &a.job, &refs, &a.out)?.summary());
             Ok(())
         }
     }
@@ -175,23 +134,7 @@ pub fn run_extract(cmd: ExtractCmd) -> Result<()> {
 
 fn extract_trait_cmd(a: TraitArgs) -> Result<()> {
     let spec = TraitSpec::load(&a.trait_name)?;
-    let opts = TraitOptions {
-        position: Position::parse(&a.position)?,
-        method: Method::parse(&a.method)?,
-        max_questions: a.max_questions,
-        max_pairs: a.max_pairs,
-        capture: CaptureOptions {
-            batch_size: a.batch_size,
-            max_new_tokens: a.max_tokens,
-            sampling: Sampling {
-                temperature: a.temperature,
-                top_p: a.top_p,
-                seed: a.seed,
-            },
-        },
-        hash_model: !a.no_hash,
-    };
-    opts.capture.sampling.validate()?;
+    let opts = a.opts.options()?;
     let model = a.m.load()?;
     let outputs = TraitOutputs {
         direction: a.out,

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use persona_gate::label::files::{
-    cut_file, evaluate_devset_file, length_study_file, length_table, LabelJob, TrainJob,
+    cut_file, evaluate_devset_file, length_study_file, length_table, LabelFlags, TrainJob,
 };
-use persona_gate::label::ops::LabelerChoice;
 
 use crate::args::write_json;
 use crate::progress::Progress;
@@ -21,8 +20,10 @@ use crate::ModelArgs;
 pub struct LabelCmd {
     #[command(subcommand)]
     pub sub: Option<LabelSub>,
+    /// Reader model for the probe and ensemble labelers (not needed for --labeler rules).
+    pub model: Option<String>,
     #[command(flatten)]
-    pub run: Option<LabelArgs>,
+    pub run: Option<LabelFlags>,
 }
 
 #[derive(clap::Subcommand)]
@@ -59,72 +60,16 @@ pub struct CutArgs {
 }
 
 #[derive(clap::Args)]
-pub struct LabelArgs {
-    /// Reader model for the probe and ensemble labelers (not needed for --labeler rules).
-    pub model: Option<String>,
-    /// JSONL rows with "prompt" and "output" (optional "system", "id"; other fields are kept).
-    #[arg(long = "in")]
-    pub input: PathBuf,
-    /// Where the labeled rows go (JSONL).
-    #[arg(short, long)]
-    pub out: PathBuf,
-    /// rules (v2, default: the best measured on the held-back split), rules-v1, probe, ensemble,
-    /// or judge (needs --judge-url and --judge-model).
-    #[arg(long, default_value = "rules")]
-    pub labeler: String,
-    /// Probe file (default: the built-in probe for the reader model).
-    #[arg(long)]
-    pub probe: Option<PathBuf>,
-    /// Also record every other labeler's verdict under "verdicts".
-    #[arg(long)]
-    pub all: bool,
-    /// OpenAI-compatible base URL of an LLM judge (--labeler judge).
-    #[arg(long)]
-    pub judge_url: Option<String>,
-    /// Model name at the judge endpoint.
-    #[arg(long)]
-    pub judge_model: Option<String>,
-    /// strongreject (rubric score) or guard (Llama-Guard-style unsafe verdict).
-    #[arg(long, default_value = "strongreject")]
-    pub judge_mode: String,
-    /// Attempts per row before a judge call counts as failed (the row keeps its rules label).
-    #[arg(long, default_value_t = 3)]
-    pub judge_attempts: u32,
-    #[arg(long, default_value = "q")]
-    pub dtype: String,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-}
-
-#[derive(clap::Args)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    #[arg(long, default_value = "data/labels/devset.jsonl")]
-    pub devset: PathBuf,
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Refusal direction file (per-layer vectors): adds its projection as a probe feature.
-    #[arg(long)]
-    pub refusal: Option<PathBuf>,
-    /// Output tokens the probe reads.
-    #[arg(long, default_value_t = 128)]
-    pub max_output_tokens: usize,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Measure every labeler on this split with the probe just trained (same read).
-    #[arg(long, default_value = "held")]
-    pub eval_split: String,
-    /// Also count how ensemble labels move when the split's full answers are cut to these lengths.
-    #[arg(long, value_delimiter = ',', default_value = "24,64,128,256")]
-    pub lengths: Vec<usize>,
+    #[command(flatten)]
+    pub job: TrainJob,
     /// Write the measurements (JSON) here.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// A fast probe: refusal head at 15-30% depth, degenerate head on text measures only, so
-    /// labeling reads no losses and stops the forward at the refusal layer.
-    #[arg(long)]
-    pub fast: bool,
     /// Write the measured accuracies in the format of data/labels/accuracy.json here (what
     /// receipts quote and `pgate check --min-labeler-accuracy` reads).
     #[arg(long)]
@@ -170,53 +115,40 @@ pub fn run(cmd: LabelCmd) -> Result<()> {
         (Some(LabelSub::Eval(a)), _) => eval(a),
         (Some(LabelSub::Lengths(a)), _) => lengths(a),
         (Some(LabelSub::Cut(a)), _) => cut(a),
-        (None, Some(a)) => label(a),
+        (None, Some(f)) => label(cmd.model, f),
         (None, None) => {
             bail!("pgate label needs --in and -o (or a subcommand: train, eval, lengths)")
         }
     }
 }
 
-fn label(a: LabelArgs) -> Result<()> {
-    let choice = if a.labeler == "judge" {
-        let (Some(url), Some(model)) = (&a.judge_url, &a.judge_model) else {
-            bail!("--labeler judge needs --judge-url and --judge-model");
-        };
-        LabelerChoice::http_judge(url, model, &a.judge_mode, a.judge_attempts)?
-    } else {
-        LabelerChoice::parse(&a.labeler, a.probe.clone())?
-    };
-    let job = LabelJob::prepare(&a.input, choice, a.all, a.probe.clone(), a.batch_size)?;
-    let model = match (&a.model, job.needs_model()) {
+fn label(model: Option<String>, f: LabelFlags) -> Result<()> {
+    if f.labeler == "judge" && (f.judge_url.is_none() || f.judge_model.is_none()) {
+        bail!("--labeler judge needs --judge-url and --judge-model");
+    }
+    let job = f.prepare()?;
+    let model = match (&model, job.needs_model()) {
         (Some(m), true) => Some(
             ModelArgs {
-                dtype: a.dtype.clone(),
+                dtype: f.dtype.clone(),
                 ..ModelArgs::named(m.clone())
             }
             .load()?,
         ),
         (None, true) => bail!(
             "--labeler {} reads with a model: give MODEL (e.g. pgate label q15 --in ...)",
-            a.labeler
+            f.labeler
         ),
         (_, false) => None,
     };
-    let run = job.run(model.as_ref(), &a.out, &mut Progress::new())?;
+    let run = job.run(model.as_ref(), &f.out, &mut Progress::new())?;
     println!("{}", run.summary());
     Ok(())
 }
 
 fn train(a: TrainArgs) -> Result<()> {
     let model = a.m.load()?;
-    let job = TrainJob {
-        devset: a.devset,
-        refusal: a.refusal,
-        max_output_tokens: a.max_output_tokens,
-        batch_size: a.batch_size,
-        eval_split: a.eval_split,
-        lengths: a.lengths,
-        fast: a.fast,
-    };
+    let job = a.job;
     let run = job.run(&model, &mut Progress::new())?;
     run.probe.save(&a.out)?;
     print!("{}", run.summary(&a.out));

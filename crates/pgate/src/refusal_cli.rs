@@ -4,9 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use persona_gate::directions::Position;
 use persona_gate::refusal::rates::{label_rates, select_prompts, RateOptions};
-use persona_gate::refusal::{extract_refusal, RefusalJob, SelectOptions};
+use persona_gate::refusal::{extract_refusal, RefusalFlags};
 
 use crate::args::write_json;
 use crate::progress::Progress;
@@ -21,57 +20,15 @@ pub struct RefusalArgs {
     pub m: ModelArgs,
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Harmful instructions for the means (file or name).
-    #[arg(long, default_value = "harmful_train")]
-    pub harmful: String,
-    /// Harmless instructions for the means (file or name).
-    #[arg(long, default_value = "harmless_train")]
-    pub harmless: String,
-    /// Harmful validation prompts for selection.
-    #[arg(long, default_value = "harmful_val")]
-    pub harmful_val: String,
-    /// Harmless validation prompts for selection.
-    #[arg(long, default_value = "harmless_val")]
-    pub harmless_val: String,
-    #[arg(long, default_value_t = 128)]
-    pub n_train: usize,
-    #[arg(long, default_value_t = 32)]
-    pub n_val: usize,
-    /// Template positions for candidates, e.g. last or -1,-2,-3.
-    #[arg(long, default_value = "last", value_delimiter = ',')]
-    pub positions: Vec<String>,
-    #[arg(long, default_value_t = 0.1)]
-    pub kl_max: f64,
-    #[arg(long, default_value_t = 1)]
-    pub layer_stride: usize,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
+    #[command(flatten)]
+    pub job: RefusalFlags,
     /// Write the candidate scores as JSON here.
     #[arg(long)]
     pub scores: Option<PathBuf>,
 }
 
 pub fn run_refusal(a: RefusalArgs) -> Result<()> {
-    let positions = a
-        .positions
-        .iter()
-        .map(|p| Position::parse(p))
-        .collect::<persona_gate::Result<Vec<_>>>()?;
-    let job = RefusalJob {
-        harmful: a.harmful,
-        harmless: a.harmless,
-        harmful_val: a.harmful_val,
-        harmless_val: a.harmless_val,
-        n_train: a.n_train,
-        n_val: a.n_val,
-        select: SelectOptions {
-            positions,
-            kl_max: a.kl_max,
-            batch_size: a.batch_size,
-            layer_stride: a.layer_stride,
-            ..Default::default()
-        },
-    };
+    let job = a.job.job()?;
     let model = a.m.load()?;
     let t0 = std::time::Instant::now();
     let sel = extract_refusal(&model, &job, &mut Progress::new())?;

@@ -18,34 +18,19 @@ pub(crate) struct SynthArgs {
     /// qwen2.5-0.5b, llama-tiny, qwen-tiny.
     #[arg(long)]
     like: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Output directory (config.json, model.safetensors, tokenizer.json, ...).
     #[arg(short = 'o', long)]
     out: PathBuf,
-    /// Keep the shape but use this many layers (small test models of real width).
-    #[arg(long)]
-    layers: Option<usize>,
-    /// Store f32 instead of bf16.
-    #[arg(long)]
-    f32: bool,
-    /// Standard deviation of the matrices and embeddings.
-    #[arg(long, default_value_t = 0.02)]
-    std: f32,
+    #[command(flatten)]
+    opts: SynthOptions,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) fn run_synth(a: SynthArgs) -> Result<()> {
-    let opts = SynthOptions {
-        seed: a.seed,
-        f32: a.f32,
-        std: a.std,
-        layers: a.layers,
-    };
     // An unknown shape's error lists the known ones.
-    let r = write_synth_model(&a.like, &a.out, &opts)?;
+    let r = write_synth_model(&a.like, &a.out, &a.opts)?;
     match a.json {
         true => println!("{}", serde_json::to_string_pretty(&r)?),
         false => println!("{}", r.summary(&a.out)),
@@ -85,45 +70,36 @@ pub(crate) fn run_logits(a: LogitsArgs) -> Result<()> {
     Ok(())
 }
 
-/// `pgate bench` options beyond the model.
-pub(crate) struct BenchOpts {
-    pub batches: Vec<usize>,
-    pub new_tokens: usize,
-    pub prompt_tokens: Option<usize>,
-    pub reps: usize,
-    pub warmup: usize,
-    pub plan: Option<PathBuf>,
-    pub steer: Vec<String>,
-    pub seed: u64,
-    pub cuda_graphs: String,
-    pub json: bool,
-    pub out: Option<PathBuf>,
+/// `pgate bench`: the model, the suite, where the rows go.
+#[derive(clap::Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    #[command(flatten)]
+    suite: BenchSuite,
+    /// Write the rows (and bandwidth, weight and KV bytes) as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
 }
 
-pub(crate) fn run_bench(m: &ModelArgs, o: BenchOpts) -> Result<()> {
-    let model = m.load()?;
+pub(crate) fn run_bench(a: BenchArgs) -> Result<()> {
+    let model = a.m.load()?;
     let suite = BenchSuite {
-        batches: o.batches,
-        new_tokens: o.new_tokens,
-        prompt_tokens: o.prompt_tokens,
-        reps: o.reps,
-        warmup: o.warmup,
-        plan: o.plan,
-        steer: o.steer,
-        seed: o.seed,
-        cuda_graphs: o.cuda_graphs,
-        dtype: m.dtype.clone(),
+        dtype: a.m.dtype.clone(),
         threads: crate::rayon_threads(),
+        ..a.suite
     };
     let r = bench::run_suite(&model, &suite, &mut |e| {
         if let Event::Note(s) = e {
             eprintln!("{s}")
         }
     })?;
-    if let Some(p) = &o.out {
+    if let Some(p) = &a.out {
         write_json(p, &r.json)?;
     }
-    match o.json {
+    match a.json {
         true => println!("{}", serde_json::to_string_pretty(&r.rows)?),
         false => print!("{}", r.table()),
     }

@@ -305,6 +305,69 @@ impl Default for TraitOptions {
     }
 }
 
+/// [`TraitOptions`] as flags (`pgate extract trait`): names parsed, sampling checked by
+/// [`TraitFlags::options`].
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct TraitFlags {
+    /// Where to read activations: response (mean over the answer), last (last prompt token),
+    /// post-instruction (mean over the template tokens after the question), or -K (K-th prompt
+    /// token from the end).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, default_value = "response", allow_hyphen_values = true)
+    )]
+    pub position: String,
+    /// diff-in-means, or pca-paired (first principal component of paired differences).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "diff-in-means"))]
+    pub method: String,
+    /// Use only the first N questions.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub max_questions: Option<usize>,
+    /// Use only the first N instruction pairs.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub max_pairs: Option<usize>,
+    /// New tokens per answer (response position).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
+    pub max_tokens: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
+    pub batch_size: usize,
+    /// Sampling temperature of the answers (0 = greedy).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.0))]
+    pub temperature: f32,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1.0))]
+    pub top_p: f32,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
+    pub seed: u64,
+    /// Do not hash the model file when no sha256 sidecar exists.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub no_hash: bool,
+}
+
+impl TraitFlags {
+    /// The options, with position and method parsed and the sampling checked.
+    pub fn options(&self) -> Result<TraitOptions> {
+        let opts = TraitOptions {
+            position: Position::parse(&self.position)?,
+            method: Method::parse(&self.method)?,
+            max_questions: self.max_questions,
+            max_pairs: self.max_pairs,
+            capture: CaptureOptions {
+                batch_size: self.batch_size,
+                max_new_tokens: self.max_tokens,
+                sampling: crate::generate::Sampling {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    seed: self.seed,
+                },
+            },
+            hash_model: !self.no_hash,
+        };
+        opts.capture.sampling.validate()?;
+        Ok(opts)
+    }
+}
+
 /// The result of [`extract_trait`]: the direction and what it came from.
 #[derive(Debug, Clone)]
 pub struct TraitExtraction {

@@ -151,11 +151,15 @@ impl TraitExtraction {
 
 /// Where a random control comes from.
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct RandomJob {
+    #[cfg_attr(feature = "cli", arg(long))]
     pub seed: u64,
-    /// Match this direction file's norm at every layer.
+    /// Match this direction's norm at every layer (unit vectors otherwise).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub like: Option<PathBuf>,
-    /// Make every layer's vector orthogonal to this direction file's.
+    /// Make every layer's vector orthogonal to this direction's vector at that layer.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub orthogonal_to: Option<PathBuf>,
 }
 

@@ -70,6 +70,64 @@ impl LabelerChoice {
     }
 }
 
+/// The flags of `pgate label` besides the reader model: what to label, with which labeler, where
+/// the rows go. The judge's URL and model are checked by the caller (their error names the flags).
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct LabelFlags {
+    /// JSONL rows with "prompt" and "output" (optional "system", "id"; other fields are kept).
+    #[cfg_attr(feature = "cli", arg(long = "in"))]
+    pub input: PathBuf,
+    /// Where the labeled rows go (JSONL).
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
+    /// rules (v2, default: the best measured on the held-back split), rules-v1, probe, ensemble,
+    /// or judge (needs --judge-url and --judge-model).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "rules"))]
+    pub labeler: String,
+    /// Probe file (default: the built-in probe for the reader model).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub probe: Option<PathBuf>,
+    /// Also record every other labeler's verdict under "verdicts".
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub all: bool,
+    /// OpenAI-compatible base URL of an LLM judge (--labeler judge).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub judge_url: Option<String>,
+    /// Model name at the judge endpoint.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub judge_model: Option<String>,
+    /// strongreject (rubric score) or guard (Llama-Guard-style unsafe verdict).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "strongreject"))]
+    pub judge_mode: String,
+    /// Attempts per row before a judge call counts as failed (the row keeps its rules label).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 3))]
+    pub judge_attempts: u32,
+    #[cfg_attr(feature = "cli", arg(long, default_value = "q"))]
+    pub dtype: String,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
+    pub batch_size: usize,
+}
+
+impl LabelFlags {
+    /// The job: rows read, labeler chosen (`judge` with the URL and model given).
+    pub fn prepare(&self) -> Result<LabelJob> {
+        let choice = match (self.labeler.as_str(), &self.judge_url, &self.judge_model) {
+            ("judge", Some(url), Some(model)) => {
+                LabelerChoice::http_judge(url, model, &self.judge_mode, self.judge_attempts)?
+            }
+            _ => LabelerChoice::parse(&self.labeler, self.probe.clone())?,
+        };
+        LabelJob::prepare(
+            &self.input,
+            choice,
+            self.all,
+            self.probe.clone(),
+            self.batch_size,
+        )
+    }
+}
+
 /// One labeling of a JSONL file: rows read and labeler chosen up front (so a bad file or name
 /// fails before a reader model loads), run with [`LabelJob::run`].
 pub struct LabelJob {
@@ -181,19 +239,30 @@ impl LabelJob {
 
 /// How to train the probe (`pgate label train`).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct TrainJob {
+    #[cfg_attr(feature = "cli", arg(long, default_value = "data/labels/devset.jsonl"))]
     pub devset: PathBuf,
-    /// Refusal direction file: its per-layer projection becomes a probe feature.
+    /// Refusal direction file (per-layer vectors): adds its projection as a probe feature.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub refusal: Option<PathBuf>,
     /// Output tokens the probe reads.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
     pub max_output_tokens: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
     pub batch_size: usize,
-    /// Split every labeler is measured on, with the probe just trained.
+    /// Measure every labeler on this split with the probe just trained (same read).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "held"))]
     pub eval_split: String,
-    /// Lengths the evaluation split's full answers are cut to for the length study.
+    /// Also count how ensemble labels move when the split's full answers are cut to these lengths.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_delimiter = ',', default_value = "24,64,128,256")
+    )]
     pub lengths: Vec<usize>,
     /// A fast probe: refusal head at 15-30% depth, degenerate head on text measures only, so
     /// labeling reads no losses and stops the forward at the refusal layer.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub fast: bool,
 }
 

@@ -130,14 +130,21 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
 
 /// How to fill the weights.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct SynthOptions {
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
-    /// Store f32 instead of bf16 (the published models' dtype).
-    pub f32: bool,
-    /// Standard deviation of matrices and embeddings (uniform values; 0.02 as in HF's init).
-    pub std: f32,
-    /// Override the number of layers of the preset (small test models of real width).
+    // Help texts are what `pgate synth-model --help` shows: bf16 is the published models' dtype;
+    // the values are uniform with standard deviation 0.02 as in HF's init.
+    /// Keep the shape but use this many layers (small test models of real width).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub layers: Option<usize>,
+    /// Store f32 instead of bf16.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub f32: bool,
+    /// Standard deviation of the matrices and embeddings.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.02))]
+    pub std: f32,
 }
 
 impl Default for SynthOptions {

@@ -463,16 +463,23 @@ impl Bundle {
 
 /// Options of [`build_receipts`].
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ReceiptOptions {
-    /// Study name or hash prefix in the database (default: the most recently run).
+    /// Study name or hash prefix (default: the most recently run in the database).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub study: Option<String>,
-    /// The safety-policy version string to record.
+    /// The safety-policy version to record (e.g. "acme-safety-2026.11").
+    #[cfg_attr(feature = "cli", arg(long = "policy", value_name = "POLICY"))]
     pub policy_version: Option<String>,
-    /// Prompt sets that are benign (default: names or sources containing "harmless" or "benign").
+    /// A benign prompt set (repeatable; default: sets whose name or source contains
+    /// "harmless" or "benign").
+    #[cfg_attr(feature = "cli", arg(long))]
     pub benign: Vec<String>,
-    /// The study file to resolve paths from (default: the path recorded by `pgate study run`).
+    /// The study file, if it moved since `pgate study run` (relative paths resolve from it).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub study_file: Option<PathBuf>,
-    /// Name of the refusal direction (default: directions whose name contains "refusal").
+    /// The refusal direction's name in the study (default: names containing "refusal").
+    #[cfg_attr(feature = "cli", arg(long))]
     pub refusal_direction: Option<String>,
 }
 

@@ -78,21 +78,35 @@ impl VerifyReport {
 }
 
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct VerifyOptions {
-    /// Results database (default: the one the receipt names, when it is in the bundle folder or
-    /// a root, else a file of that name in the bundle folder).
+    // Without it: the one the receipt names when it is in the bundle folder or a root, else a
+    // file of that name in the bundle folder.
+    /// Results database (default: the one the receipts name).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub db: Option<PathBuf>,
-    /// Study file (default: the one the receipt names, when it is in the bundle folder or a root).
+    /// Study file (default: the one the receipts name, when it is inside the bundle folder or a
+    /// --root).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub study_file: Option<PathBuf>,
-    /// The model: a weights file, or the folder holding the receipt's model files.
+    /// The model: a weights file, or the folder holding the receipts' model files (default: the
+    /// recorded paths, when inside the bundle folder or a --root). Model names are never resolved
+    /// or downloaded.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub model: Option<PathBuf>,
-    /// Folders the paths inside receipts may lead into, besides the bundle folder.
+    /// A folder the paths inside the receipts may lead into, besides the bundle folder
+    /// (repeatable), e.g. `--root .` for a project whose study, directions and prompt files live
+    /// in it. Paths elsewhere are reported as not checked.
+    #[cfg_attr(feature = "cli", arg(long = "root", value_name = "ROOT"))]
     pub roots: Vec<PathBuf>,
-    /// Public key the bundle must be signed with.
+    /// Require a signature by this public key (`KEY.pub` from `pgate keygen`) over every file of
+    /// the bundle.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub pubkey: Option<PathBuf>,
     /// Leave out the model, tokenizer and study files: check the signature, the seals, and the
     /// numbers and labels against the bundled rows and the database (`pgate receipt sign`,
-    /// `pgate check`).
+    /// `pgate check`). Not a flag.
+    #[cfg_attr(feature = "cli", arg(skip))]
     pub skip_files: bool,
 }
 

@@ -18,12 +18,14 @@ use crate::Result;
 
 /// Options of [`compare`].
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct CompareOptions {
     /// First study (name or hash prefix), e.g. the local one.
     pub a: String,
     /// Second study, e.g. the endpoint one.
     pub b: String,
-    /// Keep up to this many of the pairs whose labels differ.
+    /// Also list up to N pairs whose labels differ (condition, prompt, both labels and outputs).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub show: usize,
 }
 

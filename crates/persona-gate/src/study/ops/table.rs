@@ -13,17 +13,23 @@ use crate::Error;
 
 /// Options of [`table`].
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct TableOptions {
     /// Study name or hash prefix (default: the latest run).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub study: Option<String>,
+    /// Also write the table as CSV.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub csv: Option<PathBuf>,
     /// One row per prompt category within each condition and prompt set.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub by_category: bool,
     /// Compare with this condition instead of the study's baseline.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub baseline: Option<String>,
-    /// Paired-bootstrap resamples (default: the study's `stats.bootstrap`, else 2000).
+    /// Paired-bootstrap resamples (default: the study's `stats.bootstrap`).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub bootstrap: Option<usize>,
-    /// Also write the table as CSV here.
-    pub csv: Option<PathBuf>,
 }
 
 /// The summary table of a study.
