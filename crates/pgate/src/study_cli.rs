@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Result};
 use persona_gate::events::{Event, EventSink};
 use persona_gate::study::export::Format;
-use persona_gate::study::judging::JudgeOptions;
 use persona_gate::study::cluster::merge::{merge_op, MergeOutcome};
 use persona_gate::study::cluster::{self, K8sOptions, ShardBy, SlurmOptions};
 use persona_gate::study::ops::{self, Stopped};
@@ -158,27 +157,8 @@ pub struct RunArgs {
 pub struct RelabelArgs {
     #[arg(long, default_value = "results.sqlite")]
     pub db: PathBuf,
-    /// Study name or hash prefix (default: every study in the database).
-    #[arg(long)]
-    pub study: Option<String>,
-    /// rules (v2), rules-v1, probe or ensemble.
-    #[arg(long)]
-    pub labeler: String,
-    /// Reader model of the probe and ensemble labelers (default: the study's own model).
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Probe file (default: the built-in probe for the reader model).
-    #[arg(long)]
-    pub probe: Option<PathBuf>,
-    /// Rows labeled and committed together.
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
-    /// Also label again the rows this labeler labeled already.
-    #[arg(long)]
-    pub redo: bool,
-    /// Reader model numeric mode (f32, bf16, f16, q).
-    #[arg(long, default_value = "q")]
-    pub dtype: String,
+    #[command(flatten)]
+    pub spec: ops::RelabelSpec,
     /// Read on CUDA device N (needs a build with --features cuda).
     #[arg(long)]
     pub cuda: Option<usize>,
@@ -239,20 +219,8 @@ pub struct ExportArgs {
 pub struct JudgeArgs {
     #[arg(long, default_value = "results.sqlite")]
     pub db: PathBuf,
-    /// Study name or hash prefix (default: the most recently run).
-    #[arg(long)]
-    pub study: Option<String>,
-    /// Take the judges from this study file instead of the stored one (e.g. to add a judge).
-    #[arg(long)]
-    pub file: Option<PathBuf>,
-    /// Only this judge (by name).
-    #[arg(long)]
-    pub judge: Option<String>,
-    /// Grade every row again, also those with a verdict.
-    #[arg(long)]
-    pub redo: bool,
-    #[arg(long)]
-    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub spec: ops::JudgeSpec,
     #[arg(long)]
     pub cuda: Option<usize>,
     #[arg(long, short)]
@@ -386,14 +354,8 @@ fn run(a: RunArgs) -> Result<()> {
 
 fn judge(a: JudgeArgs) -> Result<()> {
     let spec = ops::JudgeSpec {
-        study: a.study,
-        file: a.file,
-        judge: a.judge,
-        options: JudgeOptions {
-            limit: a.limit,
-            redo_all: a.redo,
-        },
         device: parse_device(None, a.cuda)?,
+        ..a.spec
     };
     install_ctrlc();
     let r = ops::judge(&a.db, &spec, &STOP, &mut progress(a.quiet))?;
@@ -418,14 +380,8 @@ fn table(a: TableArgs) -> Result<()> {
 
 fn relabel(a: RelabelArgs) -> Result<()> {
     let spec = ops::RelabelSpec {
-        study: a.study,
-        labeler: a.labeler,
-        model: a.model,
-        probe: a.probe,
-        batch_size: a.batch_size,
-        redo: a.redo,
-        dtype: a.dtype,
         device: parse_device(None, a.cuda)?,
+        ..a.spec
     };
     install_ctrlc();
     let s = ops::relabel(&a.db, &spec, &STOP, &mut progress(a.quiet || a.json))?;

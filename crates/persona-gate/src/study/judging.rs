@@ -26,11 +26,14 @@ pub fn make_judge(
 }
 
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct JudgeOptions {
-    /// Grade at most this many rows.
-    pub limit: Option<usize>,
     /// Grade every row again, also those with a verdict.
+    #[cfg_attr(feature = "cli", arg(long = "redo"))]
     pub redo_all: bool,
+    // Grade at most this many rows.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

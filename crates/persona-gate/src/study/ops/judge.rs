@@ -17,16 +17,22 @@ use crate::Result;
 
 /// What to grade with which judges.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct JudgeSpec {
-    /// Study name or hash prefix (default: the latest run).
+    /// Study name or hash prefix (default: the most recently run).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub study: Option<String>,
     /// Take the judges from this study file instead of the stored one (e.g. to add a judge).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub file: Option<PathBuf>,
-    /// Only the judge of this name.
+    /// Only this judge (by name).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub judge: Option<String>,
-    /// Limit and redo, as for every judge.
+    // Limit and redo, as for every judge.
+    #[cfg_attr(feature = "cli", command(flatten))]
     pub options: JudgeOptions,
-    /// Where local judges run.
+    // Where local judges run (the caller sets it from its device flags).
+    #[cfg_attr(feature = "cli", arg(skip = Device::Cpu))]
     pub device: Device,
 }
 

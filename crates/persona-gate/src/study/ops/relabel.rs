@@ -15,22 +15,31 @@ use crate::study::{Store, StudyFile};
 
 /// Which rows to label with what.
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct RelabelSpec {
     /// Study name or hash prefix (default: every study in the database).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub study: Option<String>,
-    /// `rules` (v2), `rules-v1`, `probe` or `ensemble`.
+    /// rules (v2), rules-v1, probe or ensemble.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub labeler: String,
-    /// Reader model of the probe and ensemble labelers (default: the one model the studies ran).
+    /// Reader model of the probe and ensemble labelers (default: the study's own model).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub model: Option<String>,
     /// Probe file (default: the built-in probe for the reader model).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub probe: Option<PathBuf>,
     /// Rows labeled and committed together.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 64))]
     pub batch_size: usize,
     /// Also label again the rows this labeler labeled already.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub redo: bool,
-    /// Reader model numeric mode (`f32`, `bf16`, `f16`, `q`).
+    /// Reader model numeric mode (f32, bf16, f16, q).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "q"))]
     pub dtype: String,
-    /// Where the reader model runs.
+    // Where the reader model runs (the caller sets it from its device flags).
+    #[cfg_attr(feature = "cli", arg(skip = Device::Cpu))]
     pub device: Device,
 }
 
