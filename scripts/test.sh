@@ -4,7 +4,9 @@
 # would take hours). Needs nothing installed by hand:
 # - Chromium (Debian's package) for the report test, installed with apt when missing;
 # - llama.cpp (llama-cpp-python, built once into the cache) for the control-vector cross-check,
-#   built in the background while the tests compile, so it does not add to the run.
+#   built in the background while the tests compile, so it does not add to the run;
+# - the Python package's wheel and pytest (maturin, numpy, pytest in a venv cached under
+#   ~/.cache/persona-gate/pyenv; scripts/test-python.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-models.sh
@@ -24,4 +26,8 @@ if wait "$LCPP"; then
 else
   echo "warning: building llama-cpp-python failed (log: $LCPP_LOG); the cross-check test will retry" >&2
 fi
-cargo test --release --workspace --no-fail-fast -- --test-threads=1 "$@"
+RC=0
+cargo test --release --workspace --no-fail-fast -- --test-threads=1 "$@" || RC=$?
+# The Python package (python/): wheel built once, pytest against the same models and fixtures.
+bash scripts/test-python.sh || RC=$?
+exit $RC
