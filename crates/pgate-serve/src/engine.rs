@@ -220,6 +220,19 @@ impl EngineConfig {
         }
     }
 
+    /// The step configuration on `dev`. On a GPU a 512-token chunk takes ~20 ms, so a burst of
+    /// new requests would prefill over several steps (each also waiting for a decode step) and
+    /// wait that long for its first token; chunks there take up to [`GPU_CHUNK_TOKENS`]. The
+    /// time-based sizing still bounds how long running sequences wait.
+    fn step_config_for(&self, dev: &candle_core::Device) -> StepConfig {
+        let mut sc = self.step_config();
+        if dev.is_cuda() && self.prefill_chunk_tokens == StepConfig::serving(1).prefill_chunk_tokens
+        {
+            sc.prefill_chunk_tokens = GPU_CHUNK_TOKENS;
+        }
+        sc
+    }
+
     /// Layers the projections and the guard read (captured at each prompt's last token).
     fn capture_layers(&self) -> Vec<usize> {
         let mut layers = self.projector.layers();
@@ -232,11 +245,14 @@ impl EngineConfig {
     }
 }
 
+/// Prefill chunk cap (rows x columns) on a GPU.
+pub const GPU_CHUNK_TOKENS: usize = 8192;
+
 /// Run the loop until every sender of `rx` is gone and no sequence is left.
 pub fn run(model: Arc<Model>, cfg: EngineConfig, rx: Receiver<Job>, metrics: Arc<Metrics>) {
     limit_malloc_arenas();
     let mut srv = Serving {
-        engine: Engine::new(&model.decoder, cfg.step_config()),
+        engine: Engine::new(&model.decoder, cfg.step_config_for(model.decoder.device())),
         capture_layers: cfg.capture_layers(),
         cfg: &cfg,
         metrics: &metrics,
