@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use persona_gate::directions::{
-    export_gguf_file, extract_trait_files, import_control_vector, random_file, random_references,
-    DirectionSet, ExportOptions, GeometryReport, RandomJob, TraitFlags, TraitOutputs, TraitSpec,
+    export_gguf_file, extract_trait_files, import_control_vector, import_summary, random_file,
+    random_references, DirectionSet, ExportFlags, GeometryReport, RandomJob, TraitFlags,
+    TraitOutputs, TraitSpec,
 };
-use persona_gate::intervene::LayerSet;
 
 use crate::args::write_json;
 use crate::progress::Progress;
@@ -92,15 +92,8 @@ pub enum DirectionsCmd {
         input: PathBuf,
         #[arg(short, long)]
         out: PathBuf,
-        /// Multiply the vectors by this.
-        #[arg(long, default_value_t = 1.0)]
-        coeff: f32,
-        /// Export unit vectors (times --coeff) instead of the raw ones.
-        #[arg(long)]
-        unit: bool,
-        /// Only these layers (e.g. 10-16); llama.cpp never steers layer 0.
-        #[arg(long)]
-        layers: Option<String>,
+        #[command(flatten)]
+        flags: ExportFlags,
     },
     /// Read a llama.cpp control vector into a direction file.
     ///
@@ -165,19 +158,8 @@ pub fn run_geometry(a: GeometryArgs) -> Result<()> {
 
 pub fn run_directions(cmd: DirectionsCmd) -> Result<()> {
     match cmd {
-        DirectionsCmd::ExportGguf {
-            input,
-            out,
-            coeff,
-            unit,
-            layers,
-        } => {
-            let layers = layers.map(|l| LayerSet::parse(&l)).transpose()?;
-            let opts = ExportOptions {
-                coeff,
-                unit,
-                layers,
-            };
+        DirectionsCmd::ExportGguf { input, out, flags } => {
+            let opts = flags.options()?;
             let e = export_gguf_file(&input, &out, &opts)?;
             for n in e.notes() {
                 eprintln!("[pgate] {n}");
@@ -191,15 +173,7 @@ pub fn run_directions(cmd: DirectionsCmd) -> Result<()> {
         } => {
             let set = import_control_vector(&input, n_layers)?;
             set.save(&out)?;
-            let present = set.meta.extra.get("layers_present");
-            println!(
-                "wrote {}: '{}', {} layers x {} (layers present: {})",
-                out.display(),
-                set.name(),
-                set.n_layers(),
-                set.d_model(),
-                present.map(String::as_str).unwrap_or("?")
-            );
+            println!("{}", import_summary(&set, &out));
         }
         DirectionsCmd::Info { file } => print!("{}", DirectionSet::load(&file)?.describe()),
     }

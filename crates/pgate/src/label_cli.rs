@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use persona_gate::label::files::{
-    cut_file, evaluate_devset_file, length_study_file, length_table, LabelFlags, TrainJob,
-};
+use persona_gate::label::files::{cut_file, DevsetEval, LabelFlags, LengthStudy, TrainJob};
 
 use crate::args::write_json;
 use crate::progress::Progress;
@@ -80,33 +78,19 @@ pub struct TrainArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    #[arg(long, default_value = "data/labels/devset.jsonl")]
-    pub devset: PathBuf,
-    /// Probe file (default: the built-in probe for the reader model).
-    #[arg(long)]
-    pub probe: Option<PathBuf>,
-    /// held (default: never tuned on), tune, or all.
-    #[arg(long, default_value = "held")]
-    pub split: String,
+    #[command(flatten)]
+    pub eval: DevsetEval,
     /// Write the measurements as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
 }
 
 #[derive(clap::Args)]
 pub struct LengthsArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    #[arg(long, default_value = "data/labels/devset.jsonl")]
-    pub devset: PathBuf,
-    #[arg(long)]
-    pub probe: Option<PathBuf>,
-    #[arg(long, default_value = "24,64,128,256", value_delimiter = ',')]
-    pub lengths: Vec<usize>,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
+    #[command(flatten)]
+    pub study: LengthStudy,
 }
 
 pub fn run(cmd: LabelCmd) -> Result<()> {
@@ -163,9 +147,7 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let model = a.m.load()?;
-    let (probe, split, batch) = (a.probe.as_deref(), &a.split, a.batch_size);
-    let r = evaluate_devset_file(&model, &a.devset, probe, split, batch, &mut Progress::new())?;
+    let r = a.eval.run(&a.m.load()?, &mut Progress::new())?;
     println!("{}", r.summary());
     if let Some(j) = &a.json {
         write_json(j, &r)?;
@@ -174,21 +156,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn lengths(a: LengthsArgs) -> Result<()> {
-    let model = a.m.load()?;
-    let (probe, batch) = (a.probe.as_deref(), a.batch_size);
-    let rows = length_study_file(
-        &model,
-        &a.devset,
-        probe,
-        &a.lengths,
-        batch,
-        &mut Progress::new(),
-    )?;
-    let careful = "labels differing from the careful label of the full answer";
-    print!(
-        "{}",
-        length_table(&rows, careful, "differing from the longest cut")
-    );
+    print!("{}", a.study.run(&a.m.load()?, &mut Progress::new())?);
     Ok(())
 }
 

@@ -47,6 +47,45 @@ impl Default for ExportOptions {
     }
 }
 
+/// [`ExportOptions`] as the flags of `pgate directions export-gguf` (layers as text, parsed by
+/// [`ExportFlags::options`]).
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct ExportFlags {
+    /// Multiply the vectors by this.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1.0))]
+    pub coeff: f32,
+    /// Export unit vectors (times --coeff) instead of the raw ones.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub unit: bool,
+    /// Only these layers (e.g. 10-16); llama.cpp never steers layer 0.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub layers: Option<String>,
+}
+
+impl ExportFlags {
+    pub fn options(&self) -> Result<ExportOptions> {
+        Ok(ExportOptions {
+            coeff: self.coeff,
+            unit: self.unit,
+            layers: self.layers.as_deref().map(LayerSet::parse).transpose()?,
+        })
+    }
+}
+
+/// What [`import_control_vector`] read, in one line, once saved to `out`.
+pub fn import_summary(set: &DirectionSet, out: &Path) -> String {
+    let present = set.meta.extra.get("layers_present");
+    format!(
+        "wrote {}: '{}', {} layers x {} (layers present: {})",
+        out.display(),
+        set.name(),
+        set.n_layers(),
+        set.d_model(),
+        present.map(String::as_str).unwrap_or("?")
+    )
+}
+
 /// What [`export_control_vector`] wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExportSummary {

@@ -40,7 +40,10 @@ pub use extract::{
     refusal_candidates, Method, TraitExtraction, TraitFlags, TraitOptions,
 };
 pub use geometry::GeometryReport;
-pub use gguf::{export_control_vector, import_control_vector, ExportOptions, ExportSummary};
+pub use gguf::{
+    export_control_vector, import_control_vector, import_summary, ExportFlags, ExportOptions,
+    ExportSummary,
+};
 pub use ops::{
     export_gguf_file, extract_trait_files, random_file, random_references, RandomJob, TraitOutputs,
 };

@@ -402,6 +402,75 @@ pub fn length_table(rows: &[LengthRow], careful: &str, longest: &str) -> String 
 }
 
 /// Measure every labeler on `split` of the development set at `devset` (`pgate label eval`).
+/// `pgate label eval`: every labeler measured on a split of the development set.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct DevsetEval {
+    #[cfg_attr(feature = "cli", arg(long, default_value = "data/labels/devset.jsonl"))]
+    pub devset: PathBuf,
+    /// Probe file (default: the built-in probe for the reader model).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub probe: Option<PathBuf>,
+    /// held (default: never tuned on), tune, or all.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "held"))]
+    pub split: String,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
+    pub batch_size: usize,
+}
+
+impl DevsetEval {
+    /// [`evaluate_devset_file`] with these settings.
+    pub fn run(&self, model: &Model, sink: &mut dyn EventSink) -> Result<DevReport> {
+        let probe = self.probe.as_deref();
+        evaluate_devset_file(
+            model,
+            &self.devset,
+            probe,
+            &self.split,
+            self.batch_size,
+            sink,
+        )
+    }
+}
+
+/// `pgate label lengths`: how many ensemble labels change when the answers are cut shorter.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct LengthStudy {
+    #[cfg_attr(feature = "cli", arg(long, default_value = "data/labels/devset.jsonl"))]
+    pub devset: PathBuf,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub probe: Option<PathBuf>,
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, default_value = "24,64,128,256", value_delimiter = ',')
+    )]
+    pub lengths: Vec<usize>,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
+    pub batch_size: usize,
+}
+
+impl LengthStudy {
+    /// [`length_study_file`], as the table `pgate label lengths` prints.
+    pub fn run(&self, model: &Model, sink: &mut dyn EventSink) -> Result<String> {
+        let probe = self.probe.as_deref();
+        let rows = length_study_file(
+            model,
+            &self.devset,
+            probe,
+            &self.lengths,
+            self.batch_size,
+            sink,
+        )?;
+        let careful = "labels differing from the careful label of the full answer";
+        Ok(length_table(
+            &rows,
+            careful,
+            "differing from the longest cut",
+        ))
+    }
+}
+
 pub fn evaluate_devset_file(
     model: &Model,
     devset: &Path,
