@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use persona_gate::refusal::rates::{label_rates, select_prompts, RateOptions};
+use persona_gate::refusal::rates::{label_rates, RateFlags};
 use persona_gate::refusal::{extract_refusal, RefusalFlags};
 
 use crate::args::write_json;
@@ -54,22 +54,8 @@ pub fn run_refusal(a: RefusalArgs) -> Result<()> {
 pub struct EvalArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    /// Prompt set: a file (csv/json/jsonl/txt) or a name (strongreject, harmful_val, demo_harmful, ...).
-    #[arg(long)]
-    pub prompts: String,
-    /// Use N prompts (after --skip).
-    #[arg(short = 'n', long)]
-    pub n: Option<usize>,
-    /// Skip the first K prompts (e.g. those used for extraction).
-    #[arg(long, default_value_t = 0)]
-    pub skip: usize,
-    /// System prompt (a persona mode).
-    #[arg(long)]
-    pub system: Option<String>,
-    #[arg(long, default_value_t = 48)]
-    pub max_tokens: usize,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
+    #[command(flatten)]
+    pub flags: RateFlags,
     #[command(flatten)]
     pub plan: crate::args::PlanArgs,
     /// Write every output with its label as JSONL.
@@ -78,16 +64,10 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    let set = select_prompts(&a.prompts, a.skip, a.n)?;
+    let set = a.flags.prompt_set()?;
     a.plan.check()?;
     let model = a.m.load()?;
-    let opts = RateOptions {
-        system: a.system,
-        max_tokens: a.max_tokens,
-        batch_size: a.batch_size,
-        plan: a.plan.load(&model)?,
-        out: a.out,
-    };
+    let opts = a.flags.options(a.plan.load(&model)?, a.out);
     let report = label_rates(&model, &set, &opts, &mut Progress::new())?;
     print!("{}", report.to_text());
     Ok(())

@@ -48,6 +48,47 @@ pub struct RateOptions {
     pub out: Option<PathBuf>,
 }
 
+/// The flags of `pgate eval` besides the model, the plan and `--out`: which prompts, under which
+/// system prompt, how long the answers.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct RateFlags {
+    /// Prompt set: a file (csv/json/jsonl/txt) or a name (strongreject, harmful_val, demo_harmful, ...).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub prompts: String,
+    /// Use N prompts (after --skip).
+    #[cfg_attr(feature = "cli", arg(short = 'n', long))]
+    pub n: Option<usize>,
+    /// Skip the first K prompts (e.g. those used for extraction).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
+    pub skip: usize,
+    /// System prompt (a persona mode).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub system: Option<String>,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 48))]
+    pub max_tokens: usize,
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 16))]
+    pub batch_size: usize,
+}
+
+impl RateFlags {
+    /// The prompts ([`select_prompts`]).
+    pub fn prompt_set(&self) -> Result<PromptSet> {
+        select_prompts(&self.prompts, self.skip, self.n)
+    }
+
+    /// The options with `plan` compiled by the caller and the rows going to `out`.
+    pub fn options(&self, plan: Option<Arc<CompiledPlan>>, out: Option<PathBuf>) -> RateOptions {
+        RateOptions {
+            system: self.system.clone(),
+            max_tokens: self.max_tokens,
+            batch_size: self.batch_size,
+            plan,
+            out,
+        }
+    }
+}
+
 /// Counts of each label over a prompt set.
 #[derive(Debug, Clone, Serialize)]
 pub struct RateReport {
