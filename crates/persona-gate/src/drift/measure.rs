@@ -153,7 +153,12 @@ pub fn extract_directions(
     )));
     let sel = extract_refusal(model, &job, sink)?;
     // Later steering of this model file warns against this direction (see [`super::warn`]).
-    if let Some(p) = super::warn::remember_refusal(model, &sel.direction)? {
+    let cached = if opts.cache_refusal {
+        super::warn::remember_refusal(model, &sel.direction)?
+    } else {
+        None
+    };
+    if let Some(p) = cached {
         sink.event(Event::Note(format!(
             "{}: refusal direction cached at {}",
             model.info.name,

@@ -87,6 +87,10 @@ pub struct DriftOptions {
     /// Persona geometry drifted when cos(persona, refusal) moves by more than this at any layer.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.1))]
     pub geometry_threshold: f64,
+    /// Remember each extracted refusal direction under the model file's sha256
+    /// ($PGATE_CACHE/refusal/), so later steering of that file warns without --refusal.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub cache_refusal: bool,
     /// Numeric mode of both versions: f32, bf16, f16 or q.
     #[cfg_attr(feature = "cli", arg(long, default_value = "q"))]
     pub dtype: String,
@@ -110,6 +114,7 @@ impl Default for DriftOptions {
             batch_size: 8,
             min_change_pp: 0.0,
             geometry_threshold: 0.1,
+            cache_refusal: false,
             dtype: "q".into(),
         }
     }

@@ -3,7 +3,7 @@
 //! persona quietly steers away from refusal. Any command that applies a plan checks each added
 //! direction against the model's refusal direction, when one is known for that model (`--refusal
 //! FILE`, or the cache `$PGATE_CACHE/refusal/<model sha256>.safetensors` that `pgate drift`
-//! fills), and prints one line naming the most anti-aligned layer and its cosine.
+//! --cache-refusal fills), and prints one line naming the most anti-aligned layer and its cosine.
 //!
 //! The threshold: cosines of unrelated directions in a d-dimensional residual stream are about
 //! `N(0, 1/d)`, so a warning needs `cos < -3/sqrt(d)` (about -0.077 at d = 1536), which a random
