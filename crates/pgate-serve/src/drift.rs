@@ -17,7 +17,8 @@
 //!   (`pgate_projection{preset,layers,direction}`).
 //!
 //! Cost: one insertion per request and a PSI over `window` values per (layer window, direction);
-//! no model work (the projections are computed anyway).
+//! no model work (the projections are computed anyway). `PGATE_SERVE_DRIFT=0` turns it off, for an
+//! A/B throughput measurement with `scripts/serve-bench.sh`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write;
@@ -45,6 +46,8 @@ pub struct DriftConfig {
     pub min_requests: usize,
     /// PSI above which a preset is flagged.
     pub threshold: f64,
+    /// Off with `PGATE_SERVE_DRIFT=0` (for measuring what the monitor costs).
+    pub enabled: bool,
 }
 
 impl Default for DriftConfig {
@@ -55,6 +58,7 @@ impl Default for DriftConfig {
             window: 32,
             min_requests: 8,
             threshold: 0.25,
+            enabled: std::env::var("PGATE_SERVE_DRIFT").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -166,7 +170,7 @@ impl DriftMonitor {
 
     /// Record one request's projections under `preset`; rescore that preset.
     pub fn observe(&self, preset: &str, projections: &[WindowProjection]) {
-        if projections.is_empty() {
+        if !self.config.enabled || projections.is_empty() {
             return;
         }
         let Ok(mut g) = self.inner.lock() else { return };

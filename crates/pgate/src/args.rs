@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use persona_gate::directions::{load_compiled_plan, PlanSource};
+use persona_gate::drift::warn::warn_for_model;
 use persona_gate::intervene::CompiledPlan;
 pub use persona_gate::model::args::{parse_device, ModelArgs};
 use persona_gate::model::Model;
@@ -33,6 +34,13 @@ pub struct PlanArgs {
     /// FILE[L]:LO:HI@LAYERS. Example: --cap axis.safetensors:-4:@10-20
     #[arg(long, value_name = "FILE[L]:LO:HI@LAYERS")]
     pub cap: Vec<String>,
+    /// The model's refusal direction, checked against every added direction (a warning names the
+    /// most anti-aligned layer). Default: the cache entry for the model's sha256, if any.
+    #[arg(long, value_name = "FILE")]
+    pub refusal: Option<PathBuf>,
+    /// Do not warn when an added direction works against refusal.
+    #[arg(long)]
+    pub quiet_warnings: bool,
 }
 
 impl PlanArgs {
@@ -55,7 +63,13 @@ impl PlanArgs {
 
     /// The plan compiled for `model` (`None` when no flag is given).
     pub fn load(&self, model: &Model) -> Result<Option<Arc<CompiledPlan>>> {
-        Ok(load_compiled_plan(&self.source(), model)?)
+        let plan = load_compiled_plan(&self.source(), model)?;
+        if let (Some(p), false) = (&plan, self.quiet_warnings) {
+            if let Some(w) = warn_for_model(&p.source, model, self.refusal.as_deref())? {
+                eprintln!("{}", w.line());
+            }
+        }
+        Ok(plan)
     }
 }
 

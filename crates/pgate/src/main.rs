@@ -12,6 +12,7 @@ use progress::Progress;
 
 mod args;
 mod directions_cli;
+mod drift_cli;
 mod export_cli;
 mod label_cli;
 mod progress;
@@ -131,6 +132,10 @@ enum Cmd {
     ///
     /// Example: pgate export q15 -o q15-norefusal --orthogonalize refusal.safetensors[21]
     Export(export_cli::ExportArgs),
+    /// Compare two versions of a model: persona and refusal directions across versions, their
+    /// geometry, and refusal / bypass / degenerate per persona mode, paired over the same prompts;
+    /// one verdict line per mode. Example: pgate drift q15 q15-baked.gguf -o drift/ -n 24
+    Drift(drift_cli::DriftArgs),
     /// What activation capture costs: prefill with the last token's residual read at every layer
     /// (the direction-extraction path) against plain batched prefill of the same prompts.
     ///
@@ -232,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Check(a) => report_cli::run_check(a),
         Cmd::Keygen(a) => report_cli::run_keygen(a),
         Cmd::Export(a) => export_cli::run(a),
+        Cmd::Drift(a) => drift_cli::run(a),
         Cmd::BenchCapture { m, sizes, json } => {
             let model = m.load()?;
             let r = sizes.run(&model)?;

@@ -44,6 +44,17 @@ pub enum ReceiptSub {
     ///
     /// Example: pgate receipt sign receipts/ --key ~/.config/pgate/receipts.key
     Sign(SignArgs),
+    /// Compare two bundles of one study run on two model versions, field by field (model hash,
+    /// tokenizer, template, policy, persona text, steering) and rate by rate (Newcombe 95%
+    /// interval of each change).
+    ///
+    /// Example: pgate receipt diff receipts-v1/ receipts-v2/
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -126,6 +137,11 @@ pub struct CheckArgs {
     /// Results database, for bundles written before rows were bundled with the receipts.
     #[arg(long)]
     pub db: Option<PathBuf>,
+    /// Gate a new version against the receipts of the old one (same study): each mode fails when
+    /// its refusal may have dropped from OLD by more than --max-refusal-drop (Newcombe 95%
+    /// interval, end per --bound). Example: pgate check --against v1/ v2/ --max-refusal-drop 10
+    #[arg(long, value_name = "OLD")]
+    pub against: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -134,6 +150,9 @@ pub fn run_receipt(a: ReceiptArgs) -> Result<()> {
     match a.cmd {
         Some(ReceiptSub::Verify(v)) => return run_verify(v),
         Some(ReceiptSub::Sign(v)) => return run_sign(v),
+        Some(ReceiptSub::Diff { old, new, json }) => {
+            return crate::drift_cli::run_diff(&old, &new, json)
+        }
         None => {}
     }
     let (Some(db), Some(out)) = (a.db, a.out) else {
@@ -201,6 +220,9 @@ pub fn run_report(a: ReportArgs) -> Result<()> {
 }
 
 pub fn run_check(a: CheckArgs) -> Result<()> {
+    if let Some(old) = &a.against {
+        return run_check_against(old, &a);
+    }
     let rate = |s: &Option<String>| s.as_deref().map(parse_rate).transpose();
     let opts = GateOptions {
         max_refusal_drop: a.max_refusal_drop,
@@ -221,6 +243,29 @@ pub fn run_check(a: CheckArgs) -> Result<()> {
         print!("{}", rep.to_text(a.max_refusal_drop, &a.bound));
     }
     if !rep.pass() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `pgate check --against OLD NEW...`: one line per mode and harmful set, exit 1 on a failure.
+fn run_check_against(old: &std::path::Path, a: &CheckArgs) -> Result<()> {
+    let lenient = Bound::parse(&a.bound)? == Bound::Lower;
+    let mut pass = true;
+    for new in &a.receipts {
+        let verdicts =
+            persona_gate::drift::receipts::check_against(old, new, a.max_refusal_drop, lenient)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&verdicts)?);
+        }
+        for v in &verdicts {
+            pass &= v.pass;
+            if !a.json {
+                println!("{}", v.line);
+            }
+        }
+    }
+    if !pass {
         std::process::exit(1);
     }
     Ok(())
