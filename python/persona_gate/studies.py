@@ -38,8 +38,8 @@ class Table:
         for r in self.rows:
             f: Dict[str, Any] = {}
             for k, v in r.items():
-                if isinstance(v, dict) and "rate" in v:
-                    f[k] = v.get("rate")
+                if isinstance(v, dict) and {"p", "lo", "hi"} <= set(v):
+                    f[k] = v.get("p")
                     f[k + "_lo"], f[k + "_hi"] = v.get("lo"), v.get("hi")
                     f[k + "_k"] = v.get("k")
                 elif k == "vs_baseline" and isinstance(v, dict):
