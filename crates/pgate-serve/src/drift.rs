@@ -26,7 +26,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::engine::WindowProjection;
+use crate::projection::WindowProjection;
 
 /// Buckets of the projection histograms (projections of the residual on unit directions).
 const PROJ_BUCKETS: &[f64] = &[

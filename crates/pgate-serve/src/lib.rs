@@ -28,11 +28,12 @@ pub mod ops;
 pub mod output_eval;
 pub mod output_guard;
 pub mod presets;
+pub mod projection;
 pub mod server;
 
 pub use conn::ConnLimits;
-pub use engine::Projector;
 pub use guard::{GuardCalibration, GuardReport};
 pub use output_guard::{OutputCheck, OutputGuard, OutputVerdict};
 pub use presets::{build_presets, DirectionRegistry, GuardMode, Preset, PresetFile};
+pub use projection::Projector;
 pub use server::{serve, serve_backend, shutdown_signal, Backend, Limits, ServerConfig};

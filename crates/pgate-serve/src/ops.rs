@@ -25,11 +25,11 @@ use persona_gate::model::Model;
 use persona_gate::{Error, Result};
 
 use crate::conn::ConnLimits;
-use crate::engine::Projector;
 use crate::guard::{self, CalibrateInput, GuardCalibration, NamedPrompts};
 use crate::output_eval::{self, EvalPreset, OutputEvalInput, OutputEvalReport, Reference};
 use crate::output_guard::OutputGuard;
 use crate::presets::{build_presets, DirectionRegistry, GuardMode, Preset, PresetFile};
+use crate::projection::Projector;
 use crate::server::{check_config, Limits, ServerConfig};
 
 pub use crate::guard_eval::{evaluate_guard, GuardEval, GuardEvalJob, GuardEvalReport};

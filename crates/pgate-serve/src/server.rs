@@ -47,7 +47,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::conn::ConnLimits;
-use crate::engine::{self, EngineConfig, Event, FinishReason, Job, Projector, WindowProjection};
+use crate::engine::{self, EngineConfig, Event, FinishReason, Job};
 use crate::guard::{GuardCalibration, GuardReport, BLOCK_MESSAGE};
 use crate::layers::{error_for_status, error_response, RequestId};
 use crate::metrics::Metrics;
@@ -56,6 +56,7 @@ use crate::output_guard::{
     OutputCheck, OutputGuard, OutputVerdict, Reader, OUTPUT_BLOCK_MESSAGE, STREAM_FLAGGED_NOTE,
 };
 use crate::presets::{GuardMode, Preset};
+use crate::projection::{Projector, WindowProjection};
 
 /// Request limits.
 #[derive(Debug, Clone)]
