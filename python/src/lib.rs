@@ -13,6 +13,7 @@ mod model;
 mod plans;
 mod receipts;
 mod serve;
+mod sigint;
 mod studies;
 mod watch;
 

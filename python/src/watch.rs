@@ -3,8 +3,9 @@
 //!
 //! Why this shape: the library runs on the calling thread and reports progress through callbacks
 //! and [`EventSink`]s. Released from the GIL (`Python::detach`), the work cannot see a pending
-//! SIGINT, so each callback reacquires the GIL briefly (at most every [`POLL`]) and asks Python
-//! whether a signal arrived. When one did, the work must stop without losing what it already
+//! SIGINT, so each callback looks (at most every [`POLL`]) at the flag of our SIGINT handler
+//! ([`crate::sigint`], under Python's default handling) or reacquires the GIL briefly and asks
+//! Python whether a signal arrived (a custom Python handler). When one did, the work must stop without losing what it already
 //! stored: operations with a stop flag (studies) get the flag set and return normally; the others
 //! are left by unwinding with a private payload (`resume_unwind` skips the panic hook, so nothing
 //! is printed) and caught at the boundary, where the `KeyboardInterrupt` is raised.
@@ -14,7 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use persona_gate::events::{Event, EventSink};
+use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
+
+use crate::sigint::Guard;
 
 /// How often a running operation looks for a pending signal (a decode step is 5-50 ms on a CPU).
 const POLL: Duration = Duration::from_millis(50);
@@ -28,14 +32,17 @@ pub struct Watch {
     /// The exception to raise (KeyboardInterrupt, or whatever the progress callback raised).
     err: Option<PyErr>,
     progress: Option<Py<PyAny>>,
+    /// Our SIGINT flag handler for the duration of the call (see [`crate::sigint`]).
+    sigint: Option<Guard>,
 }
 
 impl Watch {
-    fn new(progress: Option<Py<PyAny>>) -> Self {
+    fn new(py: Python<'_>, progress: Option<Py<PyAny>>) -> Self {
         Watch {
             last: Instant::now(),
             err: None,
             progress,
+            sigint: Some(Guard::install(py)),
         }
     }
 
@@ -52,8 +59,9 @@ impl Watch {
             return false;
         }
         self.last = Instant::now();
-        if std::env::var_os("PGATE_PY_DEBUG").is_some() {
-            eprintln!("poll {:?}", std::time::SystemTime::now());
+        if self.sigint.as_ref().is_some_and(|g| g.take()) {
+            self.err = Some(PyKeyboardInterrupt::new_err(()));
+            return true;
         }
         if let Err(e) = Python::attach(|py| py.check_signals()) {
             self.err = Some(e);
@@ -112,8 +120,10 @@ where
     T: Send,
     F: FnOnce(&mut Watch) -> PyResult<T> + Send,
 {
-    let mut w = Watch::new(progress);
+    let mut w = Watch::new(py, progress);
     let out = py.detach(|| catch_unwind(AssertUnwindSafe(|| f(&mut w))));
+    // Python's SIGINT handler is back before any Python code runs again.
+    w.sigint = None;
     if let Some(e) = w.err.take() {
         if let Err(p) = &out {
             if !p.is::<Interrupted>() {
