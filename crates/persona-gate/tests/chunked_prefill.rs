@@ -188,3 +188,45 @@ fn batch_engine_chunks_long_prompts_with_the_same_results() {
         }
     }
 }
+
+/// A caller's hook that fails on a decode step (an interrupt, say) ends the run with its error
+/// instead of being retried row by row without the hook, forever.
+#[test]
+fn a_failing_extra_hook_ends_the_run() {
+    use persona_gate::generate::{GenRequest, Generator, Sampling};
+    use persona_gate::intervene::{HookCtx, ResidualHook};
+    struct FailOnDecode;
+    impl ResidualHook for FailOnDecode {
+        fn wants(&self, layer: usize) -> bool {
+            layer == 0
+        }
+        fn on_block_output(
+            &mut self,
+            _h: &Tensor,
+            ctx: &HookCtx<'_>,
+        ) -> persona_gate::Result<Option<Tensor>> {
+            if ctx.chunk_len == 1 {
+                return Err(persona_gate::Error::InvalidValue("interrupted".into()));
+            }
+            Ok(None)
+        }
+    }
+    let path = common::model_path("smollm2");
+    let model = Model::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let reqs: Vec<GenRequest> = ["hi", "Write a short poem about the sea."]
+        .iter()
+        .map(|p| GenRequest {
+            prompt: encode_chat(&model, &ChatPrompt::new(*p)).unwrap(),
+            max_new_tokens: 8,
+            sampling: Sampling::greedy(),
+            stop: Vec::new(),
+            plan: None,
+        })
+        .collect();
+    let mut hook = FailOnDecode;
+    let r = Generator::new(&model.decoder, 2).run(&reqs, Some(&mut hook), |_, _| Ok(()));
+    let e = r
+        .expect_err("the hook's error should end the run")
+        .to_string();
+    assert!(e.contains("interrupted"), "{e}");
+}

@@ -291,7 +291,7 @@ impl Engine<'_> {
     }
 
     /// The lane's cache itself is unusable: nothing in it can go on.
-    fn fail_lane(&mut self, lane: usize, e: String) {
+    pub(super) fn fail_lane(&mut self, lane: usize, e: String) {
         let n_layers = self.model.n_layers();
         let l = &mut self.lanes[lane];
         let ids: Vec<SeqId> = l.running.drain(..).map(|r| r.id).collect();

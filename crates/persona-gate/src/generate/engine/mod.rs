@@ -299,9 +299,16 @@ impl<'m> Engine<'m> {
             if self.lanes[lane].len() == 0 {
                 continue;
             }
+            let with_extra = extra.is_some();
             let hook = crate::intervene::hook::reborrow(&mut extra);
             if let Err(e) = guarded(|| self.decode_step(lane, hook)) {
-                self.isolate_decode_failure(lane, e);
+                if with_extra {
+                    // The caller's hook may be what failed (an interrupt, say): stepping rows
+                    // alone without it would succeed and retry forever, so the lane fails.
+                    self.fail_lane(lane, e);
+                } else {
+                    self.isolate_decode_failure(lane, e);
+                }
             }
         }
         if self.is_idle() {
