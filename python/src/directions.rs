@@ -8,9 +8,9 @@ use std::path::Path;
 
 use numpy::PyReadonlyArray1;
 use persona_gate::directions::{
-    export_control_vector, extract_trait, import_control_vector, random_directions,
-    CaptureOptions, DirectionMeta, DirectionSet, ExportOptions, GeometryReport, Method, Position,
-    RandomOptions, TraitOptions, TraitSpec,
+    export_control_vector, extract_trait, import_control_vector, random_directions, CaptureOptions,
+    DirectionMeta, DirectionSet, ExportOptions, GeometryReport, Method, Position, RandomOptions,
+    TraitOptions, TraitSpec,
 };
 use persona_gate::eval::PromptSet;
 use persona_gate::intervene::LayerSet;

@@ -10,7 +10,12 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 
-create_exception!(_native, PersonaGateError, PyException, "Any persona-gate failure.");
+create_exception!(
+    _native,
+    PersonaGateError,
+    PyException,
+    "Any persona-gate failure."
+);
 create_exception!(
     _native,
     InvalidInput,

@@ -3,10 +3,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use persona_gate::events::Event;
 use persona_gate::directions::{capture_prompts, capture_spans, CaptureOptions, Position};
+use persona_gate::events::Event;
 use persona_gate::generate::{
-    encode_chat, ChatPrompt, Engine, EngineConfig, EngineEvent, GenOutput, GenStats, Sampling, SeqSpec,
+    encode_chat, ChatPrompt, Engine, EngineConfig, EngineEvent, GenOutput, GenStats, Sampling,
+    SeqSpec,
 };
 use persona_gate::intervene::CompiledPlan;
 use persona_gate::model::{DTypeMode, LoadOptions, Model};

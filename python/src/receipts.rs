@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use persona_gate::report::ops::{verify_path, write_study_receipts};
-use persona_gate::report::{check_paths, Bound, GateOptions, GateSources, ReceiptOptions, VerifyOptions};
+use persona_gate::report::{
+    check_paths, Bound, GateOptions, GateSources, ReceiptOptions, VerifyOptions,
+};
 use pyo3::prelude::*;
 
 use crate::errors::{json_err, IntoPy};

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
 use persona_gate::events::{Event, EventSink};
-use persona_gate::study::export::Format;
 use persona_gate::study::cluster::merge::{merge_op, MergeOutcome};
 use persona_gate::study::cluster::{self, K8sOptions, ShardBy, SlurmOptions};
+use persona_gate::study::export::Format;
 use persona_gate::study::ops::{self, Stopped};
 
 use crate::args::parse_device;

@@ -36,7 +36,10 @@ pub struct K8sOptions {
     #[cfg_attr(feature = "cli", arg(long))]
     pub namespace: Option<String>,
     /// GPUs per shard pod (`nvidia.com/gpu`); the pod then runs on CUDA device 0.
-    #[cfg_attr(feature = "cli", arg(id = "k8s_gpus", long = "k8s-gpus", default_value_t = 0))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(id = "k8s_gpus", long = "k8s-gpus", default_value_t = 0)
+    )]
     pub gpus_per_task: u32,
     /// Shard pods running at once (default: all).
     #[cfg_attr(feature = "cli", arg(long))]
