@@ -72,6 +72,15 @@ impl Lane {
         self.cache.select(&idx)
     }
 
+    /// Most tokens any running sequence may still produce: how far a fixed batch can run.
+    fn tokens_left(&self) -> usize {
+        self.running
+            .iter()
+            .map(|r| r.spec.max_new_tokens.saturating_sub(r.out))
+            .max()
+            .unwrap_or(0)
+    }
+
     fn rows(&self) -> Vec<RowCtx> {
         self.running
             .iter()
@@ -180,12 +189,7 @@ impl Engine<'_> {
     /// enough steps left (or a stepper already recorded for this batch).
     fn takes_fixed_path(&self, lane: usize, extra: bool) -> bool {
         let l = &self.lanes[lane];
-        let more = l
-            .running
-            .iter()
-            .map(|r| r.spec.max_new_tokens.saturating_sub(r.out))
-            .max()
-            .unwrap_or(0);
+        let more = l.tokens_left();
         self.fixed_ok
             && !extra
             && l.running.iter().all(|r| r.spec.sampling.is_greedy())
@@ -201,12 +205,7 @@ impl Engine<'_> {
         if !l.stepper.as_ref().is_some_and(|s| s.matches(&l.cache)) {
             self.stats.absorb(l.stepper.take());
             let ids: Vec<u32> = l.running.iter().map(|r| r.next).collect();
-            let more = l
-                .running
-                .iter()
-                .map(|r| r.spec.max_new_tokens.saturating_sub(r.out))
-                .max()
-                .unwrap_or(0);
+            let more = l.tokens_left();
             l.stepper = Some(FixedStepper::new(model, &mut l.cache, &ids, more)?);
         }
         let (rows, plans) = (l.rows(), l.plans());
