@@ -165,8 +165,8 @@ async fn connection(
     stream: tokio::net::TcpStream,
     mut stop: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
+    (id, busy, kill): (u64, Arc<AtomicUsize>, Arc<Notify>),
 ) {
-    let (id, busy, kill) = shared.table.insert();
     let metrics = &shared.metrics;
     metrics.conn_open.fetch_add(1, Ordering::Relaxed);
     metrics.conn_total.fetch_add(1, Ordering::Relaxed);
@@ -212,6 +212,34 @@ async fn connection(
     drop(permit);
 }
 
+/// At the cap: evict the oldest idle connection and wait for a slot. When every connection is
+/// busy with a request, look again every 50 ms, since one may go idle (keep-alive) without
+/// ending; an evicted one that took a request just before its notice stays, so look again after
+/// 500 ms too. `None` when the server stops first.
+async fn make_room(
+    slots: &Arc<Semaphore>,
+    table: &Table,
+    metrics: &Metrics,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Option<OwnedSemaphorePermit> {
+    loop {
+        let evicted = table.evict_oldest_idle();
+        if evicted {
+            metrics.conn_evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        let wait = if evicted {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_millis(50)
+        };
+        tokio::select! {
+            _ = shutdown.as_mut() => return None,
+            p = slots.clone().acquire_owned() => return p.ok(),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// Serve `router` on `listener` until `shutdown` resolves; then stop accepting, let in-flight
 /// requests finish (idle connections close at once) and return.
 pub async fn serve(
@@ -252,22 +280,23 @@ pub async fn serve(
         };
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
-            Err(_) => {
-                if table.evict_oldest_idle() {
-                    metrics.conn_evicted.fetch_add(1, Ordering::Relaxed);
-                }
-                // Every connection busy with a request: wait for one to finish.
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    p = slots.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                }
-            }
+            Err(_) => match make_room(&slots, table, metrics, &mut shutdown).await {
+                Some(p) => p,
+                None => break,
+            },
         };
+        // Entered in the table before its task runs: an accept that finds the cap full must be
+        // able to evict every connection holding a slot, not only those whose tasks have started
+        // (else it waited for a header timeout; seen as a 1.7 s /health on a loaded CI box).
+        let entry = table.insert();
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(shared.clone(), stream, stop_rx.clone(), permit));
+        tokio::spawn(connection(
+            shared.clone(),
+            stream,
+            stop_rx.clone(),
+            permit,
+            entry,
+        ));
     }
     drop(listener);
     let _ = stop_tx.send(true);
