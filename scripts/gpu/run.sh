@@ -14,6 +14,8 @@
 #   quick        batch 1 and 64, plans none and add+ablate, 64 new tokens
 #   serve        scripts/gpu/serve.sh: pgate serve with a steered preset, 64 clients and 1 client x 256
 #                tokens, and the TTFT burst test (compare with `bench` in the same call)
+#   driftab      scripts/gpu/drift_ab.sh: serving throughput with and without the drift monitor (issue 20)
+#   multi        scripts/gpu/multi.sh: the synthetic 8B study on one GPU and over --gpus 0,1 (issue 21)
 #   long         scripts/gpu/long.sh: 8k-token-cache decode row, 2k x 8 prefill row, GPU memory at 1k-8k
 #                prompts, beside HF transformers with SDPA (issue 22's extra rows, as they stand)
 #   hf=MODES     the HF transformers+hooks anchor (MODES: eager, static or eager,static; BATCHES and PLANS
@@ -48,6 +50,8 @@ for step in "$@"; do
     quick) "$BIN" "${BENCH[@]}" --batches 1,64 --new-tokens 64 --steer none,add+ablate --cuda-graphs both --out "$OUT/pgate_quick.json" || status=1 ;;
     long) bash scripts/gpu/long.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     serve) bash scripts/gpu/serve.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
+    driftab) bash scripts/gpu/drift_ab.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
+    multi) PGATE_BIN="$BIN" SYNTH="$SYNTH" OUT="$OUT" bash scripts/gpu/multi.sh || status=1 ;;
     hf=*) MODE="${step#hf=}" OUT="$OUT" python3 gpu-bin/carry/hf_gpu_baseline.py || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
