@@ -4,6 +4,7 @@
 #   off: no projection directions and PGATE_SERVE_DRIFT=0 (no last-token capture, no monitor), and
 #   on:  persona/refusal directions named (last-token projections per 4-layer window on every
 #        request) and the drift monitor on (PSI per preset, histograms),
+#   proj: directions named (projections), PGATE_SERVE_DRIFT=0 (MODES="off proj on" adds it),
 # ROUNDS times each (off, on, off, on, ...), each a fresh server with a 10 s warm-up. Prints both
 # medians and the cost in percent; JSON per run in OUT.
 #
@@ -30,7 +31,7 @@ add = ["dir1:4@16"]
 TOML
 serve_once() { # MODE ROUND
   local mode=$1 r=$2 extra=()
-  if [ "$mode" = on ]; then extra=(--persona-direction dir1 --refusal-direction dir2); fi
+  if [ "$mode" != off ]; then extra=(--persona-direction dir1 --refusal-direction dir2); fi
   PGATE_SERVE_DRIFT=$([ "$mode" = on ] && echo 1 || echo 0) \
     "$BIN" serve "$SYNTH" --dtype bf16 --device cuda --presets "$D/presets.toml" --directions "$D" "${extra[@]}" \
     --max-batch 64 --queue 256 --max-tokens 128 --port "$PORT" >"$OUT/ab-$mode-$r.out" 2>"$OUT/ab-$mode-$r.err" &
@@ -44,8 +45,7 @@ serve_once() { # MODE ROUND
   kill -TERM "$pid"; wait "$pid"
 }
 for r in $(seq 1 "$ROUNDS"); do
-  serve_once off "$r"
-  serve_once on "$r"
+  for m in ${MODES:-off on}; do serve_once "$m" "$r"; done
 done
 python3 - "$OUT" <<'PY' | tee "$OUT/drift_ab_summary.txt"
 import json, sys, glob, statistics
@@ -58,10 +58,14 @@ def tps(mode):
         j = json.load(open(f))
         v.append(j.get("completion_tokens_per_s") or j.get("tokens_per_s") or j.get("tok_per_s"))
     return v
-off, on = tps("off"), tps("on")
-print("off (no projections, monitor off):", off)
-print("on  (projections + drift monitor):", on)
-if off and on and None not in off + on:
-    a, b = statistics.median(off), statistics.median(on)
-    print(f"median off {a:.1f} tok/s, on {b:.1f} tok/s: cost {100 * (a - b) / a:+.2f}% (goal < 2%)")
+off, proj, on = tps("off"), tps("proj"), tps("on")
+print("off  (no projections, monitor off):", off)
+print("proj (projections, monitor off):   ", proj)
+print("on   (projections + drift monitor):", on)
+med = lambda v: statistics.median(v) if v and None not in v else None
+a, p, b = med(off), med(proj), med(on)
+if a and b:
+    print(f"median off {a:.1f} tok/s, on {b:.1f} tok/s: projections + monitor cost {100 * (a - b) / a:+.2f}%")
+if p and b:
+    print(f"median proj {p:.1f} tok/s, on {b:.1f} tok/s: the monitor alone costs {100 * (p - b) / p:+.2f}% (goal < 2%)")
 PY

@@ -34,8 +34,8 @@ dtype = "bf16"
 # (batch-invariant kernels are CPU-only: on the GPU the two runs batch items differently, so greedy
 # text can part at near-ties; the summary counts equal rows.)
 [prompts]
-harmful = { source = "demo_harmful", n = ${N_HARMFUL:-32} }
-harmless = { source = "demo_harmless", n = ${N_HARMLESS:-16} }
+harmful = { source = "${HARMFUL_SRC:-demo_harmful}", n = ${N_HARMFUL:-32} }
+harmless = { source = "${HARMLESS_SRC:-demo_harmless}", n = ${N_HARMLESS:-16} }
 [generation]
 max_new_tokens = ${NEW_TOKENS:-256}
 batch_size = ${BATCH:-32}
@@ -52,6 +52,9 @@ name = "companion"
 persona = "companion"
 TOML
 t() { date +%s.%N; }
+# A warm-up run first (CUDA module loading, cuBLAS handles, page cache), so the one-GPU run is not
+# charged for first-process costs the two-GPU run then skips.
+[ "${WARM:-1}" = 1 ] && "$BIN" study run "$W/study.toml" --db "$W/warm.sqlite" --cuda 0 --no-judge --quiet --limit 8 >/dev/null 2>&1
 a=$(t); "$BIN" study run "$W/study.toml" --db "$W/one.sqlite" --cuda 0 --no-judge --quiet 2>&1 | tee "$OUT/multi_one.log"; b=$(t)
 c=$(t); "$BIN" study run "$W/study.toml" --db "$W/two.sqlite" --gpus 0,1 --no-judge --quiet 2>&1 | tee "$OUT/multi_two.log"; d=$(t)
 python3 - "$W" "$a" "$b" "$c" "$d" <<'PY' | tee "$OUT/multi_summary.txt"
