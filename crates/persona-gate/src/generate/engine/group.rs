@@ -410,18 +410,29 @@ fn only_layers(mut caps: LastToken, layers: &[usize]) -> LastToken {
     caps
 }
 
-/// Per row, per layer f32 vectors from per-layer `[rows, d]` captures.
+/// Per row, per layer f32 vectors from per-layer `[rows, d]` captures. The layers are stacked on
+/// the device and copied to the host at once: one copy (one stream sync) per prefill group instead
+/// of one per layer, which on a GPU server cost a few percent of throughput.
 pub fn split_rows(caps: &[Option<Tensor>], rows: usize) -> Result<Vec<LastToken>> {
     let mut out: Vec<LastToken> = vec![vec![None; caps.len()]; rows];
-    for (l, t) in caps.iter().enumerate() {
-        if let Some(t) = t {
-            let v = t
-                .to_device(&candle_core::Device::Cpu)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec2::<f32>()?;
-            for (r, row) in v.into_iter().enumerate().take(rows) {
-                out[r][l] = Some(row);
-            }
+    let present: Vec<(usize, &Tensor)> = caps
+        .iter()
+        .enumerate()
+        .filter_map(|(l, t)| t.as_ref().map(|t| (l, t)))
+        .collect();
+    if present.is_empty() {
+        return Ok(out);
+    }
+    let parts: Vec<Tensor> = present
+        .iter()
+        .map(|(_, t)| t.to_dtype(candle_core::DType::F32))
+        .collect::<candle_core::Result<_>>()?;
+    let all = Tensor::stack(&parts, 0)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec3::<f32>()?;
+    for ((l, _), v) in present.iter().zip(all) {
+        for (r, row) in v.into_iter().enumerate().take(rows) {
+            out[r][*l] = Some(row);
         }
     }
     Ok(out)
