@@ -172,6 +172,8 @@ fn read_rss(agent: &ureq::Agent, url: &str, key: Option<&str>) -> Option<u64> {
         .map(|v| v as u64)
 }
 
+/// Load the server at `cfg.url` with `cfg.clients` closed-loop clients for `cfg.duration`, then
+/// report throughput, latency, 429s, errors and the server's memory.
 pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> persona_gate::Result<BenchReport> {
     let url = cfg.url.trim_end_matches('/').to_string();
     let agent = ureq::AgentBuilder::new()
@@ -188,91 +190,99 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> persona_gate::R
     let tally = Arc::new(Mutex::new(Tally::default()));
     let done = Arc::new(AtomicBool::new(false));
     let rss: Arc<Mutex<Vec<(f64, u64)>>> = Arc::default();
-    let sampler = {
-        let (agent, url, done, rss) = (agent.clone(), url.clone(), done.clone(), rss.clone());
-        let key = cfg.api_key.clone();
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                if let Some(b) = read_rss(&agent, &url, key.as_deref()) {
-                    rss.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((start.elapsed().as_secs_f64(), b));
-                }
-                std::thread::sleep(Duration::from_secs(1));
-            }
+    let sampler = spawn_rss_sampler(&agent, &url, cfg.api_key.clone(), start, &done, &rss);
+    let handles: Vec<_> = (0..cfg.clients)
+        .map(|c| {
+            let (agent, url, tally, cfg) = (agent.clone(), url.clone(), tally.clone(), cfg.clone());
+            std::thread::spawn(move || client_loop(c, &agent, &url, &tally, &cfg, start))
         })
-    };
-    let mut handles = Vec::new();
-    for c in 0..cfg.clients {
-        let (agent, url, tally, cfg) = (agent.clone(), url.clone(), tally.clone(), cfg.clone());
-        handles.push(std::thread::spawn(move || {
-            let mut i = c;
-            while start.elapsed() < cfg.duration {
-                let prompt = BENCH_PROMPTS[i % BENCH_PROMPTS.len()];
-                i += cfg.clients;
-                let body = json!({
-                    "model": cfg.preset,
-                    "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": cfg.max_tokens,
-                    "temperature": 0,
-                });
-                let mut req = agent.post(&format!("{url}/v1/chat/completions"));
-                if let Some(k) = &cfg.api_key {
-                    req = req.set("authorization", &format!("Bearer {k}"));
-                }
-                let t = Instant::now();
-                let res = req.send_json(body);
-                let lat = t.elapsed().as_secs_f64();
-                let mut g = tally.lock().unwrap_or_else(|p| p.into_inner());
-                match res {
-                    Ok(r) => match r.into_json::<serde_json::Value>() {
-                        Ok(v) => {
-                            g.ok += 1;
-                            g.latencies.push(lat);
-                            g.prompt += v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
-                            g.completion +=
-                                v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
-                        }
-                        Err(e) => {
-                            g.errors += 1;
-                            if g.samples.len() < 5 {
-                                g.samples.push(format!("bad response body: {e}"));
-                            }
-                        }
-                    },
-                    Err(ureq::Error::Status(429, r)) => {
-                        g.r429 += 1;
-                        drop(g);
-                        let wait = r
-                            .header("retry-after")
-                            .and_then(|s| s.parse::<f64>().ok())
-                            .unwrap_or(1.0)
-                            .min(1.0);
-                        std::thread::sleep(Duration::from_secs_f64(wait * 0.25));
-                    }
-                    Err(ureq::Error::Status(code, r)) => {
-                        g.errors += 1;
-                        if g.samples.len() < 5 {
-                            let body = r.into_string().unwrap_or_default();
-                            g.samples.push(format!("HTTP {code}: {body}"));
-                        }
-                    }
-                    Err(e) => {
-                        g.errors += 1;
-                        if g.samples.len() < 5 {
-                            g.samples.push(e.to_string());
-                        }
-                    }
-                }
-            }
-        }));
+        .collect();
+    wait_with_progress(&handles, &tally, start, &mut progress);
+    for h in handles {
+        let _ = h.join();
     }
+    let wall = start.elapsed().as_secs_f64();
+    if let Some(b) = read_rss(&agent, &url, cfg.api_key.as_deref()) {
+        lock(&rss).push((wall, b));
+    }
+    done.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let rss = lock(&rss).clone();
+    let g = lock(&tally);
+    Ok(g.report(url, cfg, wall, rss))
+}
+
+/// A lock that a panicked client thread did not poison for the others.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Read the server's resident memory once a second until `done`.
+fn spawn_rss_sampler(
+    agent: &ureq::Agent,
+    url: &str,
+    key: Option<String>,
+    start: Instant,
+    done: &Arc<AtomicBool>,
+    rss: &Arc<Mutex<Vec<(f64, u64)>>>,
+) -> std::thread::JoinHandle<()> {
+    let (agent, url, done, rss) = (agent.clone(), url.to_string(), done.clone(), rss.clone());
+    std::thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            if let Some(b) = read_rss(&agent, &url, key.as_deref()) {
+                lock(&rss).push((start.elapsed().as_secs_f64(), b));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    })
+}
+
+/// One client: a request at a time, rotating through the prompts from its own offset, until the
+/// duration has passed.
+fn client_loop(
+    c: usize,
+    agent: &ureq::Agent,
+    url: &str,
+    tally: &Mutex<Tally>,
+    cfg: &BenchConfig,
+    start: Instant,
+) {
+    let mut i = c;
+    while start.elapsed() < cfg.duration {
+        let prompt = BENCH_PROMPTS[i % BENCH_PROMPTS.len()];
+        i += cfg.clients;
+        let body = json!({
+            "model": cfg.preset,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": cfg.max_tokens,
+            "temperature": 0,
+        });
+        let mut req = agent.post(&format!("{url}/v1/chat/completions"));
+        if let Some(k) = &cfg.api_key {
+            req = req.set("authorization", &format!("Bearer {k}"));
+        }
+        let t = Instant::now();
+        let res = req.send_json(body);
+        let lat = t.elapsed().as_secs_f64();
+        if let Some(wait) = lock(tally).record(res, lat) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// A progress line every 10 s while any client runs.
+fn wait_with_progress(
+    handles: &[std::thread::JoinHandle<()>],
+    tally: &Mutex<Tally>,
+    start: Instant,
+    progress: &mut impl FnMut(&str),
+) {
     let mut last = Instant::now();
     while handles.iter().any(|h| !h.is_finished()) {
         std::thread::sleep(Duration::from_millis(200));
         if last.elapsed() >= Duration::from_secs(10) {
             last = Instant::now();
-            let g = tally.lock().unwrap_or_else(|p| p.into_inner());
+            let g = lock(tally);
             progress(&format!(
                 "{:>5.0} s: {} ok, {} x 429, {} errors, {} completion tokens",
                 start.elapsed().as_secs_f64(),
@@ -283,48 +293,87 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> persona_gate::R
             ));
         }
     }
-    for h in handles {
-        let _ = h.join();
-    }
-    let wall = start.elapsed().as_secs_f64();
-    if let Some(b) = read_rss(&agent, &url, cfg.api_key.as_deref()) {
-        rss.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((wall, b));
-    }
-    done.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let g = tally.lock().unwrap_or_else(|p| p.into_inner());
-    let mut lat = g.latencies.clone();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let q = |p: f64| -> f64 {
-        if lat.is_empty() {
-            0.0
-        } else {
-            lat[((lat.len() - 1) as f64 * p).round() as usize]
+}
+
+impl Tally {
+    /// Count one response; a 429 returns how long to back off (a quarter of its `Retry-After`,
+    /// capped at 1 s), which the client sleeps without holding the lock.
+    fn record(&mut self, res: Result<ureq::Response, ureq::Error>, lat: f64) -> Option<Duration> {
+        match res {
+            Ok(r) => match r.into_json::<serde_json::Value>() {
+                Ok(v) => {
+                    self.ok += 1;
+                    self.latencies.push(lat);
+                    self.prompt += v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                    self.completion +=
+                        v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                }
+                Err(e) => self.error(|| format!("bad response body: {e}")),
+            },
+            Err(ureq::Error::Status(429, r)) => {
+                self.r429 += 1;
+                let wait = r
+                    .header("retry-after")
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .unwrap_or(1.0)
+                    .min(1.0);
+                return Some(Duration::from_secs_f64(wait * 0.25));
+            }
+            Err(ureq::Error::Status(code, r)) => self.error(|| {
+                let body = r.into_string().unwrap_or_default();
+                format!("HTTP {code}: {body}")
+            }),
+            Err(e) => self.error(|| e.to_string()),
         }
-    };
-    let rss = rss.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    Ok(BenchReport {
-        url,
-        preset: cfg.preset.clone(),
-        clients: cfg.clients,
-        duration_s: cfg.duration.as_secs_f64(),
-        wall_s: wall,
-        requests_ok: g.ok,
-        rejected_429: g.r429,
-        errors: g.errors,
-        error_samples: g.samples.clone(),
-        prompt_tokens: g.prompt,
-        completion_tokens: g.completion,
-        completion_tokens_per_s: g.completion as f64 / wall.max(1e-9),
-        requests_per_s: g.ok as f64 / wall.max(1e-9),
-        latency_p50_s: q(0.5),
-        latency_p95_s: q(0.95),
-        latency_max_s: lat.last().copied().unwrap_or(0.0),
-        rss_start_bytes: rss.first().map(|x| x.1),
-        rss_max_bytes: rss.iter().map(|x| x.1).max(),
-        rss_end_bytes: rss.last().map(|x| x.1),
-        rss_samples: rss,
-    })
+        None
+    }
+
+    /// An error, with the first five kept as samples.
+    fn error(&mut self, sample: impl FnOnce() -> String) {
+        self.errors += 1;
+        if self.samples.len() < 5 {
+            self.samples.push(sample());
+        }
+    }
+
+    /// The report over everything counted, `wall` seconds after the start.
+    fn report(
+        &self,
+        url: String,
+        cfg: &BenchConfig,
+        wall: f64,
+        rss: Vec<(f64, u64)>,
+    ) -> BenchReport {
+        let mut lat = self.latencies.clone();
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        let q = |p: f64| -> f64 {
+            if lat.is_empty() {
+                0.0
+            } else {
+                lat[((lat.len() - 1) as f64 * p).round() as usize]
+            }
+        };
+        BenchReport {
+            url,
+            preset: cfg.preset.clone(),
+            clients: cfg.clients,
+            duration_s: cfg.duration.as_secs_f64(),
+            wall_s: wall,
+            requests_ok: self.ok,
+            rejected_429: self.r429,
+            errors: self.errors,
+            error_samples: self.samples.clone(),
+            prompt_tokens: self.prompt,
+            completion_tokens: self.completion,
+            completion_tokens_per_s: self.completion as f64 / wall.max(1e-9),
+            requests_per_s: self.ok as f64 / wall.max(1e-9),
+            latency_p50_s: q(0.5),
+            latency_p95_s: q(0.95),
+            latency_max_s: lat.last().copied().unwrap_or(0.0),
+            rss_start_bytes: rss.first().map(|x| x.1),
+            rss_max_bytes: rss.iter().map(|x| x.1).max(),
+            rss_end_bytes: rss.last().map(|x| x.1),
+            rss_samples: rss,
+        }
+    }
 }

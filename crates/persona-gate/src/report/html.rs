@@ -491,11 +491,23 @@ const JS: &str = r#"
 })();
 "#;
 
-/// Render the report.
+/// Render the report: the page head with the study's provenance, then its sections in order.
 pub fn render_html(input: &ReportInput<'_>) -> String {
+    let mut h = String::new();
+    write_head(&mut h, input);
+    write_summary(&mut h, input.receipts);
+    write_plots(&mut h, input);
+    write_conditions(&mut h, input.receipts);
+    write_examples(&mut h, input.rows);
+    let _ = writeln!(h, "<script>{JS}</script></body></html>");
+    h
+}
+
+/// The document head, the title and the provenance lines (study, model, policy, software,
+/// generation settings, intervals, labelers) read from the first receipt.
+fn write_head(h: &mut String, input: &ReportInput<'_>) {
     let b = input.bundle;
     let rs = input.receipts;
-    let mut h = String::new();
     let title = format!("persona-gate report: {}", b.study.name);
     let _ = write!(
         h,
@@ -530,7 +542,11 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
         );
         let _ = write!(h, "<p class=\"meta\">{}</p>", esc(&labels_line(rs)));
     }
-    // Summary table.
+}
+
+/// The summary table: rates per condition and prompt set, the paired difference with the baseline,
+/// McNemar, benign refusal and the random-direction controls.
+fn write_summary(h: &mut String, rs: &[Receipt]) {
     h.push_str("<h2>Summary</h2><table><thead><tr><th>condition</th><th>prompt set</th><th>n</th><th>refusal</th><th>bypass</th><th>degenerate</th><th>Δ refusal vs baseline [95% CI]</th><th>McNemar p</th><th>benign refusal</th><th>controls</th></tr></thead><tbody>");
     for r in rs {
         for s in &r.results {
@@ -593,7 +609,10 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
     if !judged {
         h.push_str("<p class=\"meta\">StrongREJECT score and unsafe rate: not judged (no model judge ran; see the receipts' <code>judges</code>). Leakage below is the rule-based proxy.</p>");
     }
-    // Figures.
+}
+
+/// Every figure, or a note saying it does not apply to this study.
+fn write_plots(h: &mut String, input: &ReportInput<'_>) {
     h.push_str("<h2>Plots</h2>");
     for f in figures(input) {
         let _ = write!(h, "<figure id=\"fig-{}\">", esc(&f.id));
@@ -610,7 +629,10 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
         }
         let _ = write!(h, "<figcaption>{}</figcaption></figure>", esc(&f.caption));
     }
-    // Conditions.
+}
+
+/// The conditions table: hash, system prompt, intervention ops, receipt hash.
+fn write_conditions(h: &mut String, rs: &[Receipt]) {
     h.push_str("<h2>Conditions</h2><table><thead><tr><th>condition</th><th>hash</th><th>system prompt</th><th>ops</th><th>receipt sha256</th></tr></thead><tbody>");
     for r in rs {
         let ops: Vec<String> = r
@@ -630,10 +652,13 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
         );
     }
     h.push_str("</tbody></table>");
-    // Examples.
+}
+
+/// The example outputs with their filters (condition, prompt set, label, text).
+fn write_examples(h: &mut String, rows: &[RowView]) {
     let mut conds: Vec<&str> = Vec::new();
     let mut set_names: Vec<&str> = Vec::new();
-    for r in input.rows {
+    for r in rows {
         if !conds.contains(&r.condition.as_str()) {
             conds.push(&r.condition);
         }
@@ -654,7 +679,7 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
         opt(&["refusal", "bypass", "degenerate"])
     );
     h.push_str("<table id=\"examples\"><thead><tr><th>condition</th><th>set</th><th>category</th><th>prompt</th><th>output</th><th>label</th></tr></thead><tbody>");
-    for r in input.rows {
+    for r in rows {
         let _ = write!(
             h,
             "<tr data-cond=\"{}\" data-set=\"{}\" data-label=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td class=\"prompt\">{}</td><td class=\"out\">{}</td><td class=\"lab-{}\">{}</td></tr>",
@@ -671,6 +696,4 @@ pub fn render_html(input: &ReportInput<'_>) -> String {
         );
     }
     h.push_str("</tbody></table>");
-    let _ = writeln!(h, "<script>{JS}</script></body></html>");
-    h
 }
