@@ -480,6 +480,40 @@ pub fn parse_token_prompts(specs: &[String]) -> Result<Vec<Vec<u32>>> {
     Ok(prompts)
 }
 
+/// The flags of `pgate logits` besides the model: the prompts as token ids, a plan file, the
+/// greedy tokens to add, where the JSON goes.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct LogitsFlags {
+    /// Token ids of one prompt, comma-separated (repeatable: prompts run as one left-padded batch).
+    #[cfg_attr(feature = "cli", arg(long, required = true))]
+    pub tokens: Vec<String>,
+    /// Intervention plan (JSON or TOML) applied to every prompt.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub plan: Option<std::path::PathBuf>,
+    /// Also generate this many greedy tokens per prompt (batched, EOS ignored).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
+    pub greedy: usize,
+    /// Write the JSON here instead of stdout.
+    #[cfg_attr(feature = "cli", arg(short = 'o', long))]
+    pub out: Option<std::path::PathBuf>,
+}
+
+impl LogitsFlags {
+    /// The report for `prompts` (from [`parse_token_prompts`] of `tokens`, parsed before the
+    /// model loads) on `model` in numeric mode `dtype`, under the plan file if any.
+    pub fn run(&self, model: &Model, prompts: &[Vec<u32>], dtype: &str) -> Result<LogitsReport> {
+        let plan = match &self.plan {
+            Some(p) => crate::directions::load_compiled_plan(
+                &crate::directions::PlanSource::file(p),
+                model,
+            )?,
+            None => None,
+        };
+        logits_report(model, prompts, plan, self.greedy, dtype)
+    }
+}
+
 /// Last-token logits of `prompts` as one left-padded batch under `plan`, and `greedy` greedy
 /// tokens per prompt (batched, end-of-sequence ignored).
 pub fn logits_report(

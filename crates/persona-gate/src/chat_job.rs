@@ -77,3 +77,24 @@ pub fn stats_line(prompts: usize, stats: &GenStats) -> String {
         stats.decode_tokens as f64 / stats.decode_secs.max(1e-9)
     )
 }
+
+/// `--out FILE`: one JSON line per completion, flushed as each finishes, so a run stopped
+/// half-way keeps every completion it finished.
+pub struct CompletionFile(std::io::BufWriter<std::fs::File>);
+
+impl CompletionFile {
+    pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(CompletionFile(std::io::BufWriter::new(
+            std::fs::File::create(path)?,
+        )))
+    }
+
+    /// Append `value` as one line and flush it.
+    pub fn write(&mut self, value: &impl serde::Serialize) -> Result<()> {
+        use std::io::Write;
+        serde_json::to_writer(&mut self.0, value)?;
+        writeln!(self.0)
+            .and_then(|_| self.0.flush())
+            .map_err(|e| crate::Error::io("--out", e))
+    }
+}

@@ -7,11 +7,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use persona_gate::directions::{
     export_gguf_file, extract_trait_files, import_control_vector, import_summary, random_file,
-    random_references, DirectionSet, ExportFlags, GeometryReport, RandomJob, TraitFlags,
+    random_references, DirectionSet, ExportFlags, GeometryFlags, RandomJob, TraitFlags,
     TraitOutputs, TraitSpec,
 };
 
-use crate::args::write_json;
+use crate::output::write_json;
 use crate::progress::Progress;
 use crate::ModelArgs;
 
@@ -64,23 +64,6 @@ pub struct RandomArgs {
     /// Output direction file (.safetensors).
     #[arg(short, long)]
     pub out: PathBuf,
-}
-
-/// `pgate geometry`.
-#[derive(Args)]
-pub struct GeometryArgs {
-    /// Direction files (.safetensors) from the same model.
-    #[arg(required = true)]
-    pub files: Vec<PathBuf>,
-    /// Write the long-form table (kind,a,b,layer_a,layer_b,value) here.
-    #[arg(long)]
-    pub csv: Option<PathBuf>,
-    /// Write the report as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Also compare each direction across all pairs of layers.
-    #[arg(long)]
-    pub all_layers: bool,
 }
 
 #[derive(Subcommand)]
@@ -139,13 +122,8 @@ fn extract_trait_cmd(a: TraitArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn run_geometry(a: GeometryArgs) -> Result<()> {
-    let sets = a
-        .files
-        .iter()
-        .map(|p| DirectionSet::load(p))
-        .collect::<persona_gate::Result<Vec<_>>>()?;
-    let report = GeometryReport::new(&sets.iter().collect::<Vec<_>>(), a.all_layers)?;
+pub fn run_geometry(a: GeometryFlags) -> Result<()> {
+    let report = a.report()?;
     print!("{}", report.to_table());
     if let Some(p) = &a.csv {
         std::fs::write(p, report.to_csv()).with_context(|| format!("writing {}", p.display()))?;

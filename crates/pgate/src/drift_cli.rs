@@ -40,10 +40,5 @@ pub fn run(a: DriftArgs) -> Result<()> {
 /// `pgate receipt diff OLD NEW`.
 pub fn run_diff(old: &std::path::Path, new: &std::path::Path, json: bool) -> Result<()> {
     let d = receipt_diff(old, new)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&d)?);
-    } else {
-        print!("{}", d.to_text());
-    }
-    Ok(())
+    crate::output::show(json, &d, || d.to_text())
 }

@@ -6,13 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use persona_gate::label::files::{cut_file, DevsetEval, LabelFlags, LengthStudy, TrainJob};
 
-use crate::args::write_json;
+use crate::output::write_json;
 use crate::progress::Progress;
 use crate::ModelArgs;
 
-/// Label outputs (rows with `prompt` and `output`) as refusal / bypass / degenerate.
-///
-/// Example: pgate label q15 --in outputs.jsonl -o labeled.jsonl
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct LabelCmd {

@@ -1,12 +1,11 @@
 //! `pgate`: the persona-gate command line. Parses arguments, calls the library, prints results.
 //! Errors print as one line (`error: ...`) with a non-zero exit code.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use persona_gate::chat_job::{stats_line, ChatJob};
+use persona_gate::chat_job::{stats_line, ChatJob, CompletionFile};
 use persona_gate::generate::generate_chat;
 use progress::Progress;
 
@@ -15,6 +14,7 @@ mod directions_cli;
 mod drift_cli;
 mod export_cli;
 mod label_cli;
+mod output;
 mod progress;
 mod refusal_cli;
 mod report_cli;
@@ -22,7 +22,7 @@ mod serve_cli;
 mod study_cli;
 mod synth_cli;
 
-pub(crate) use args::{load_plan, rayon_threads, ModelArgs};
+pub(crate) use args::ModelArgs;
 
 #[derive(Parser)]
 #[command(
@@ -70,7 +70,7 @@ enum Cmd {
     /// implementations.
     ///
     /// Example: pgate logits DIR --dtype f32 --device cuda --tokens 1,2,3 --greedy 16
-    Logits(synth_cli::LogitsArgs),
+    Logits(args::WithModel<persona_gate::bench::LogitsFlags>),
     /// Label rates (refusal / bypass / degenerate, Wilson 95% intervals) of a prompt set under an
     /// optional persona (system prompt) and intervention plan.
     ///
@@ -94,7 +94,7 @@ enum Cmd {
     /// Norms and cosines of direction files, per layer and across layers (table, CSV, JSON).
     ///
     /// Example: pgate geometry compliant.safetensors refusal.safetensors rand.safetensors --csv geo.csv
-    Geometry(directions_cli::GeometryArgs),
+    Geometry(persona_gate::directions::GeometryFlags),
     /// Direction files: llama.cpp control-vector export/import, info.
     #[command(subcommand)]
     Directions(directions_cli::DirectionsCmd),
@@ -117,7 +117,7 @@ enum Cmd {
     /// The offline HTML report (SVG plots, example table) and a Markdown summary of a study.
     ///
     /// Example: pgate report demo.sqlite -o report/
-    Report(report_cli::ReportArgs),
+    Report(persona_gate::report::ops::ReportFlags),
     /// Deployment gate over receipts: exit 1 when a persona mode lowers refusal too far.
     ///
     /// Example: pgate check receipts/ --max-refusal-drop 10 --max-benign-refusal 0.2
@@ -158,7 +158,7 @@ struct GenerateArgs {
     #[command(flatten)]
     job: ChatJob,
     #[command(flatten)]
-    plan: args::PlanArgs,
+    plan: persona_gate::directions::PlanFlags,
     /// Write one JSON line per completion here (as each finishes).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -212,12 +212,7 @@ fn run(cli: Cli) -> Result<()> {
             no_hash,
         } => {
             let found = persona_gate::model::inspect::inspect(&model, !no_hash)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&found.to_json()?)?);
-            } else {
-                print!("{}", found.to_text());
-            }
-            Ok(())
+            output::show(json, &found.to_json()?, || found.to_text())
         }
         Cmd::Generate(a) => run_generate(a),
         Cmd::Bench(a) => synth_cli::run_bench(a),
@@ -241,11 +236,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::BenchCapture { m, sizes, json } => {
             let model = m.load()?;
             let r = sizes.run(&model)?;
-            match json {
-                true => println!("{}", serde_json::to_string_pretty(&r)?),
-                false => print!("{}", r.to_text(&model, &m.dtype)),
-            }
-            Ok(())
+            output::show(json, &r, || r.to_text(&model, &m.dtype))
         }
     }
 }
@@ -258,23 +249,16 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     }
     a.plan.check()?;
     let model = a.m.load()?;
-    let plan = a.plan.load(&model)?;
-    let mut out = match &a.out {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
-        None => None,
+    let plan = args::load_plan(&a.plan, &model)?;
+    let create = |p: &PathBuf| {
+        CompletionFile::create(p).with_context(|| format!("creating {}", p.display()))
     };
+    let mut out = a.out.as_ref().map(create).transpose()?;
     let many = a.job.prompts.is_some() || list.len() > 4;
     let bar = many.then(|| Progress::bar(list.len(), "prompts"));
     let (_, stats) = generate_chat(&model, &list, &a.job.settings(), plan, |_, c| {
         match out.as_mut() {
-            Some(f) => {
-                serde_json::to_writer(&mut *f, c).map_err(persona_gate::Error::from)?;
-                writeln!(f)
-                    .and_then(|_| f.flush())
-                    .map_err(|e| persona_gate::Error::io("--out", e))?;
-            }
+            Some(f) => f.write(c)?,
             None => {
                 let text = format!("### {}\n{}\n", c.user, c.text.trim());
                 match &bar {

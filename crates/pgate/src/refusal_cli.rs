@@ -7,13 +7,10 @@ use anyhow::Result;
 use persona_gate::refusal::rates::{label_rates, RateFlags};
 use persona_gate::refusal::{extract_refusal, RefusalFlags};
 
-use crate::args::write_json;
+use crate::output::write_json;
 use crate::progress::Progress;
 use crate::ModelArgs;
 
-/// Extract and select the refusal direction.
-///
-/// Example: pgate extract refusal q15 -o refusal.safetensors --n-train 64 --n-val 16
 #[derive(clap::Args)]
 pub struct RefusalArgs {
     #[command(flatten)]
@@ -47,9 +44,6 @@ pub fn run_refusal(a: RefusalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Label rates of a prompt set under an optional intervention plan.
-///
-/// Example: pgate eval q15 --prompts harmful_val -n 100 --ablate refusal.safetensors[12]@0-27
 #[derive(clap::Args)]
 pub struct EvalArgs {
     #[command(flatten)]
@@ -57,7 +51,7 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub flags: RateFlags,
     #[command(flatten)]
-    pub plan: crate::args::PlanArgs,
+    pub plan: persona_gate::directions::PlanFlags,
     /// Write every output with its label as JSONL.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -67,7 +61,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let set = a.flags.prompt_set()?;
     a.plan.check()?;
     let model = a.m.load()?;
-    let opts = a.flags.options(a.plan.load(&model)?, a.out);
+    let opts = a
+        .flags
+        .options(crate::args::load_plan(&a.plan, &model)?, a.out);
     let report = label_rates(&model, &set, &opts, &mut Progress::new())?;
     print!("{}", report.to_text());
     Ok(())

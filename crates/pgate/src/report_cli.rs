@@ -4,13 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use persona_gate::report::gate::parse_rate;
+use persona_gate::drift::receipts::check_against;
 use persona_gate::report::ops::{
-    sign_checked, verify_path, write_report, write_study_receipts, SignOutcome,
+    sign_checked, verify_path, write_study_receipts, ReportFlags, SignOutcome,
 };
-use persona_gate::report::{
-    check_paths, dsse, Bound, GateOptions, GateSources, ReceiptOptions, VerifyOptions,
-};
+use persona_gate::report::{check_paths, dsse, Bound, GateFlags, ReceiptOptions, VerifyOptions};
+
+use crate::output::{fail_unless, show};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -88,60 +88,9 @@ pub struct VerifyArgs {
 }
 
 #[derive(clap::Args)]
-pub struct ReportArgs {
-    /// A results database, or a receipts folder / bundle.json (its database is the one it names).
-    pub input: PathBuf,
-    /// Folder for report.html and summary.md.
-    #[arg(short, long)]
-    pub out: PathBuf,
-    /// Results database when INPUT is a receipts folder and the database moved.
-    #[arg(long)]
-    pub db: Option<PathBuf>,
-    #[command(flatten)]
-    pub common: ReceiptOptions,
-    /// Also gate in the Markdown summary with this refusal-drop limit (points).
-    #[arg(long)]
-    pub max_refusal_drop: Option<f64>,
-}
-
-#[derive(clap::Args)]
 pub struct CheckArgs {
-    /// A receipts folder (bundle.json), a bundle.json, or receipt files.
-    #[arg(required = true)]
-    pub receipts: Vec<PathBuf>,
-    /// Largest allowed drop in refusal rate against the baseline, in percentage points, judged by
-    /// the 95% interval's upper end (see --bound).
-    #[arg(long)]
-    pub max_refusal_drop: f64,
-    /// Largest allowed unsafe rate (0.05 or 5%), from a safety judge's verdicts.
-    #[arg(long)]
-    pub max_unsafe_rate: Option<String>,
-    /// Largest allowed refusal rate on benign prompts (0.1 or 10%).
-    #[arg(long)]
-    pub max_benign_refusal: Option<String>,
-    /// Smallest allowed measured agreement of the labelers that labeled the rows (0.95 or 95%):
-    /// fails when a receipt's labeler was not measured or agrees less with careful labels.
-    #[arg(long)]
-    pub min_labeler_accuracy: Option<String>,
-    /// Which end of each 95% interval is compared with the limits: upper (fail unless the data rule
-    /// a violation out; default) or lower (fail only on a significant violation).
-    #[arg(long, default_value = "upper")]
-    pub bound: String,
-    /// Only these conditions (comma-separated).
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
-    /// Gate only on bundles signed with this public key (`KEY.pub`): an unsigned bundle, another
-    /// key's signature or a file changed since signing fails every condition.
-    #[arg(long)]
-    pub pubkey: Option<PathBuf>,
-    /// Results database, for bundles written before rows were bundled with the receipts.
-    #[arg(long)]
-    pub db: Option<PathBuf>,
-    /// Gate a new version against the receipts of the old one (same study): each mode fails when
-    /// its refusal may have dropped from OLD by more than --max-refusal-drop (Newcombe 95%
-    /// interval, end per --bound). Example: pgate check --against v1/ v2/ --max-refusal-drop 10
-    #[arg(long, value_name = "OLD")]
-    pub against: Option<PathBuf>,
+    #[command(flatten)]
+    pub gate: GateFlags,
     #[arg(long)]
     pub json: bool,
 }
@@ -168,14 +117,8 @@ pub fn run_receipt(a: ReceiptArgs) -> Result<()> {
 
 fn run_verify(a: VerifyArgs) -> Result<()> {
     let v = verify_path(&a.receipt, &a.opts)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&v.report)?);
-    } else {
-        print!("{}", v.to_text(a.verbose));
-    }
-    if !v.report.ok() {
-        std::process::exit(1);
-    }
+    show(a.json, &v.report, || v.to_text(a.verbose))?;
+    fail_unless(v.report.ok());
     Ok(())
 }
 
@@ -212,61 +155,33 @@ pub fn run_keygen(a: KeygenArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn run_report(a: ReportArgs) -> Result<()> {
-    let opts = a.common;
-    let written = write_report(&a.input, &a.out, a.db.as_deref(), &opts, a.max_refusal_drop)?;
-    println!("{}", written.summary());
+pub fn run_report(a: ReportFlags) -> Result<()> {
+    println!("{}", a.write()?.summary());
     Ok(())
 }
 
 pub fn run_check(a: CheckArgs) -> Result<()> {
-    if let Some(old) = &a.against {
+    let g = &a.gate;
+    if let Some(old) = &g.against {
         return run_check_against(old, &a);
     }
-    let rate = |s: &Option<String>| s.as_deref().map(parse_rate).transpose();
-    let opts = GateOptions {
-        max_refusal_drop: a.max_refusal_drop,
-        max_unsafe_rate: rate(&a.max_unsafe_rate)?,
-        max_benign_refusal: rate(&a.max_benign_refusal)?,
-        bound: Bound::parse(&a.bound)?,
-        only: a.only.clone(),
-        min_labeler_accuracy: rate(&a.min_labeler_accuracy)?,
-    };
-    let sources = GateSources {
-        pubkey: a.pubkey.clone(),
-        db: a.db.clone(),
-    };
-    let rep = check_paths(&a.receipts, &opts, &sources)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
-    } else {
-        print!("{}", rep.to_text(a.max_refusal_drop, &a.bound));
-    }
-    if !rep.pass() {
-        std::process::exit(1);
-    }
+    let rep = check_paths(&g.receipts, &g.options()?, &g.sources())?;
+    show(a.json, &rep, || rep.to_text(g.max_refusal_drop, &g.bound))?;
+    fail_unless(rep.pass());
     Ok(())
 }
 
 /// `pgate check --against OLD NEW...`: one line per mode and harmful set, exit 1 on a failure.
 fn run_check_against(old: &std::path::Path, a: &CheckArgs) -> Result<()> {
-    let lenient = Bound::parse(&a.bound)? == Bound::Lower;
+    let g = &a.gate;
+    let lenient = Bound::parse(&g.bound)? == Bound::Lower;
     let mut pass = true;
-    for new in &a.receipts {
-        let verdicts =
-            persona_gate::drift::receipts::check_against(old, new, a.max_refusal_drop, lenient)?;
-        if a.json {
-            println!("{}", serde_json::to_string_pretty(&verdicts)?);
-        }
-        for v in &verdicts {
-            pass &= v.pass;
-            if !a.json {
-                println!("{}", v.line);
-            }
-        }
+    for new in &g.receipts {
+        let verdicts = check_against(old, new, g.max_refusal_drop, lenient)?;
+        let lines = || verdicts.iter().map(|v| format!("{}\n", v.line)).collect();
+        show(a.json, &verdicts, lines)?;
+        pass &= verdicts.iter().all(|v| v.pass);
     }
-    if !pass {
-        std::process::exit(1);
-    }
+    fail_unless(pass);
     Ok(())
 }

@@ -13,12 +13,10 @@ use persona_gate_serve::ops::{
     ServeSetup,
 };
 
-use crate::args::write_json;
+use crate::args::WithModel;
+use crate::output::write_json;
 use crate::ModelArgs;
 
-/// Serve a chat model over an OpenAI-compatible HTTP API with persona presets and the guard.
-///
-/// Example: pgate serve q15 --presets examples/serve/presets.toml --directions examples/directions/q15 --guard-file q15-guard.json --port 8080
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
@@ -78,15 +76,6 @@ pub enum GuardCmd {
     ///
     /// Example: pgate guard eval-output q15 --guard-file examples/serve/q15-guard.json --presets examples/serve/presets.toml --directions examples/directions/q15 --preset compliant,builtin -n 50
     EvalOutput(WithModel<OutputEvalJob>),
-}
-
-/// A model and a job's flags.
-#[derive(Args)]
-pub struct WithModel<J: Args> {
-    #[command(flatten)]
-    pub m: ModelArgs,
-    #[command(flatten)]
-    pub job: J,
 }
 
 pub fn run_guard(cmd: GuardCmd) -> Result<()> {

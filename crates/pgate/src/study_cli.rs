@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
 use persona_gate::events::{Event, EventSink};
-use persona_gate::study::cluster::merge::{merge_op, MergeOutcome};
-use persona_gate::study::cluster::{self, K8sOptions, ShardBy, SlurmOptions};
-use persona_gate::study::export::Format;
+use persona_gate::study::cluster;
+use persona_gate::study::cluster::merge;
 use persona_gate::study::ops::{self, Stopped};
 
 use crate::args::parse_device;
+use crate::output::{show, show_sorted};
 use crate::progress::Progress;
 
 /// Set by the first Ctrl-C: the operation finishes the wave, batch or judge in flight, stores it
@@ -45,7 +45,7 @@ pub enum StudyCmd {
     /// Write every result row (outputs, labels, measurements, verdicts).
     ///
     /// Example: pgate study export --db demo.sqlite --format jsonl -o demo.jsonl
-    Export(ExportArgs),
+    Export(ops::ExportFlags),
     /// Grade stored rows that have no successful verdict (judge failures included).
     ///
     /// Example: pgate study judge --db demo.sqlite --judge sr
@@ -68,86 +68,19 @@ pub enum StudyCmd {
     /// Shards of one study (given with --study, or the one study the first database holds) are
     /// checked: another study or labeler is refused, identical duplicates kept once, differing
     /// ones and missing items listed (exit status 1 while items are missing).
-    Merge {
-        #[arg(long, default_value = "results.sqlite")]
-        db: PathBuf,
-        /// The study file the shards ran.
-        #[arg(long)]
-        study: Option<PathBuf>,
-        #[arg(required = true)]
-        from: Vec<PathBuf>,
-    },
+    Merge(merge::MergeFlags),
     /// Split a study into shards on a cluster: a Slurm array plus a merge job that waits for it
     /// (submitted with sbatch, or only written with --print), or Kubernetes Indexed Job and merge
     /// Job manifests (--k8s, written only). Submitting again runs only the unfinished shards.
     ///
     /// Example: pgate study submit paper.toml --slurm --shards 16 --dir /shared/paper --gpus-per-task 1 --time 4:00:00
-    Submit(SubmitArgs),
-}
-
-#[derive(clap::Args)]
-pub struct SubmitArgs {
-    pub study: PathBuf,
-    /// Work folder on a filesystem every node sees: scripts, shard databases, logs.
-    #[arg(long)]
-    pub dir: PathBuf,
-    #[arg(long)]
-    pub shards: u64,
-    /// Merged database (default: DIR/results.sqlite).
-    #[arg(long)]
-    pub db: Option<PathBuf>,
-    /// How items are split: tokens (prompt groups balanced by expected tokens) or hash.
-    #[arg(long, value_enum, default_value = "tokens")]
-    pub shard_by: ShardBy,
-    #[arg(long, required_unless_present = "k8s", conflicts_with = "k8s")]
-    pub slurm: bool,
-    /// Write Kubernetes manifests (Indexed Job + merge Job); implies --print.
-    #[arg(long)]
-    pub k8s: bool,
-    /// Write the scripts without submitting them.
-    #[arg(long)]
-    pub print: bool,
-    /// The pgate the tasks run (default: this one).
-    #[arg(long)]
-    pub pgate: Option<PathBuf>,
-    #[command(flatten)]
-    pub slurm_opts: SlurmOptions,
-    #[command(flatten)]
-    pub k8s_opts: K8sOptions,
+    Submit(cluster::SubmitFlags),
 }
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// The study file (TOML).
-    pub study: PathBuf,
-    /// Results database (created if missing).
-    #[arg(long, default_value = "results.sqlite")]
-    pub db: PathBuf,
-    /// Generate at most N items in this run.
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Only items of shard I of K (I/K, e.g. 0/4); merge the shards with `pgate study merge`.
-    #[arg(long)]
-    pub shard: Option<String>,
-    /// How --shard splits the items: hash (default) or tokens (balanced prompt groups).
-    #[arg(long, value_enum, default_value = "hash")]
-    pub shard_by: ShardBy,
-    /// One worker per device (0,1 = cuda:0,cuda:1; `cpu` entries run CPU workers), each a
-    /// token-balanced shard into DB.shards/, merged into --db at the end.
-    #[arg(long, conflicts_with_all = ["shard", "cuda"])]
-    pub gpus: Option<String>,
-    /// Items generated between stop checks (default: 4 batches).
-    #[arg(long)]
-    pub wave: Option<usize>,
-    /// Skip the judging phase.
-    #[arg(long)]
-    pub no_judge: bool,
-    /// Run on CUDA device N (needs a build with --features cuda).
-    #[arg(long)]
-    pub cuda: Option<usize>,
-    /// Endpoint studies: requests in flight (default: the study's endpoint `concurrency`).
-    #[arg(long)]
-    pub concurrency: Option<usize>,
+    #[command(flatten)]
+    pub flags: ops::RunFlags,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -203,19 +136,6 @@ pub struct TableArgs {
 }
 
 #[derive(clap::Args)]
-pub struct ExportArgs {
-    #[arg(long, default_value = "results.sqlite")]
-    pub db: PathBuf,
-    #[arg(long)]
-    pub study: Option<String>,
-    /// jsonl, csv or parquet.
-    #[arg(long, default_value = "jsonl")]
-    pub format: String,
-    #[arg(short, long)]
-    pub out: PathBuf,
-}
-
-#[derive(clap::Args)]
 pub struct JudgeArgs {
     #[arg(long, default_value = "results.sqlite")]
     pub db: PathBuf,
@@ -236,25 +156,22 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
         }
         StudyCmd::Status(a) if a.shards.is_some() => {
             let p = cluster::submission_progress(a.shards.as_deref().unwrap_or(&a.db))?;
-            if a.json {
-                return print_json(&p);
-            }
-            print!("{p}");
-            Ok(())
+            show_sorted(a.json, &p, || p.to_string())
         }
         StudyCmd::Status(a) => {
             let s = ops::status(&a.db, a.study.as_deref())?;
-            if a.json {
-                print_json(&s)
-            } else {
-                print!("{s}");
-                Ok(())
-            }
+            show_sorted(a.json, &s, || s.to_string())
         }
-        StudyCmd::Table(a) => table(a),
+        StudyCmd::Table(a) => {
+            let t = ops::table(&a.db, &a.opts)?;
+            let csv = a.opts.csv.as_ref();
+            let csv = csv.map(|p| format!("table written to {}\n", p.display()));
+            show(a.json, &t.rows, || {
+                format!("{t}{}", csv.unwrap_or_default())
+            })
+        }
         StudyCmd::Export(a) => {
-            let format = Format::parse(&a.format)?;
-            let e = ops::export(&a.db, a.study.as_deref(), format, &a.out)?;
+            let e = a.run()?;
             println!(
                 "{} rows of study {} -> {}",
                 e.rows,
@@ -266,67 +183,28 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
         StudyCmd::Judge(a) => judge(a),
         StudyCmd::Compare(a) => {
             let c = ops::compare(&a.db, &a.opts)?;
-            if a.json {
-                print_json(&c)
-            } else {
-                print!("{c}");
-                Ok(())
-            }
+            show_sorted(a.json, &c, || c.to_string())
         }
         StudyCmd::Relabel(a) => relabel(a),
-        StudyCmd::Merge { db, study, from } => match merge_op(&db, study.as_deref(), &from)? {
-            MergeOutcome::Shards(m) => {
-                print!("{m}");
-                if !m.complete() {
-                    bail!("{}: {} items missing", db.display(), m.missing.len());
-                }
-                Ok(())
+        StudyCmd::Merge(a) => {
+            let m = a.run()?;
+            print!("{}", m.to_text(&a.db));
+            if m.missing() > 0 {
+                bail!("{}: {} items missing", a.db.display(), m.missing());
             }
-            MergeOutcome::Plain(m) => {
-                for (f, added) in &m.sources {
-                    println!("{}: {added} new results", f.display());
-                }
-                println!("{}: {} results", db.display(), m.total);
-                Ok(())
-            }
-        },
-        StudyCmd::Submit(a) => submit(a),
+            Ok(())
+        }
+        StudyCmd::Submit(a) => {
+            print!("{}", cluster::submit(&a.spec())?);
+            Ok(())
+        }
     }
 }
 
-fn submit(a: SubmitArgs) -> Result<()> {
-    let spec = cluster::SubmitSpec {
-        study: a.study,
-        dir: a.dir,
-        db: a.db,
-        shards: a.shards,
-        by: a.shard_by,
-        pgate: a.pgate,
-        print_only: a.print || a.k8s,
-        scheduler: if a.k8s {
-            cluster::Scheduler::Kubernetes(a.k8s_opts)
-        } else {
-            cluster::Scheduler::Slurm(a.slurm_opts)
-        },
-    };
-    print!("{}", cluster::submit(&spec)?);
-    Ok(())
-}
-
 fn run(a: RunArgs) -> Result<()> {
-    let spec = ops::RunSpec {
-        shard: a.shard.as_deref().map(ops::parse_shard).transpose()?,
-        shard_by: a.shard_by,
-        study: a.study,
-        db: a.db,
-        limit: a.limit,
-        wave: a.wave,
-        judge: !a.no_judge,
-        device: parse_device(None, a.cuda)?,
-        concurrency: a.concurrency,
-    };
+    let spec = a.flags.spec()?;
     install_ctrlc();
-    if let Some(list) = &a.gpus {
+    if let Some(list) = &a.flags.gpus {
         let names = cluster::gpus::parse_devices(list)?;
         let r = cluster::gpus::run_on_devices(&spec, &names, &STOP, &mut progress(a.quiet))?;
         print!("{}", r.merge);
@@ -365,19 +243,6 @@ fn judge(a: JudgeArgs) -> Result<()> {
     Ok(())
 }
 
-fn table(a: TableArgs) -> Result<()> {
-    let t = ops::table(&a.db, &a.opts)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&t.rows)?);
-        return Ok(());
-    }
-    print!("{t}");
-    if let Some(p) = &a.opts.csv {
-        println!("table written to {}", p.display());
-    }
-    Ok(())
-}
-
 fn relabel(a: RelabelArgs) -> Result<()> {
     let spec = ops::RelabelSpec {
         device: parse_device(None, a.cuda)?,
@@ -385,26 +250,12 @@ fn relabel(a: RelabelArgs) -> Result<()> {
     };
     install_ctrlc();
     let s = ops::relabel(&a.db, &spec, &STOP, &mut progress(a.quiet || a.json))?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-    } else {
-        print!("{s}");
-    }
+    show(a.json, &s, || s.to_string())?;
     if s.interrupted {
         exit_interrupted(
             "interrupted: labeled rows are stored; run the same command again to continue",
         );
     }
-    Ok(())
-}
-
-/// JSON through `serde_json::Value`, whose maps are sorted: the key order these commands have
-/// always printed.
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&serde_json::to_value(v)?)?
-    );
     Ok(())
 }
 

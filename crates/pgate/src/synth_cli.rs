@@ -5,11 +5,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use persona_gate::bench::{self, BenchSuite};
+use persona_gate::bench::{self, BenchSuite, LogitsFlags};
 use persona_gate::events::Event;
 use persona_gate::model::synth::{write_synth_model, SynthOptions};
 
-use crate::args::write_json;
+use crate::args::WithModel;
+use crate::output::{show, write_json};
 use crate::ModelArgs;
 
 #[derive(clap::Args)]
@@ -31,38 +32,15 @@ pub(crate) struct SynthArgs {
 pub(crate) fn run_synth(a: SynthArgs) -> Result<()> {
     // An unknown shape's error lists the known ones.
     let r = write_synth_model(&a.like, &a.out, &a.opts)?;
-    match a.json {
-        true => println!("{}", serde_json::to_string_pretty(&r)?),
-        false => println!("{}", r.summary(&a.out)),
-    }
-    Ok(())
-}
-
-#[derive(clap::Args)]
-pub(crate) struct LogitsArgs {
-    #[command(flatten)]
-    m: ModelArgs,
-    /// Token ids of one prompt, comma-separated (repeatable: prompts run as one left-padded batch).
-    #[arg(long, required = true)]
-    tokens: Vec<String>,
-    /// Intervention plan (JSON or TOML) applied to every prompt.
-    #[arg(long)]
-    plan: Option<PathBuf>,
-    /// Also generate this many greedy tokens per prompt (batched, EOS ignored).
-    #[arg(long, default_value_t = 0)]
-    greedy: usize,
-    /// Write the JSON here instead of stdout.
-    #[arg(short = 'o', long)]
-    out: Option<PathBuf>,
+    show(a.json, &r, || format!("{}\n", r.summary(&a.out)))
 }
 
 /// `{"device", "dtype", "greedy": [[u32]; prompts], "logits": [[f32; vocab]; prompts]}`.
-pub(crate) fn run_logits(a: LogitsArgs) -> Result<()> {
-    let prompts = bench::parse_token_prompts(&a.tokens)?;
+pub(crate) fn run_logits(a: WithModel<LogitsFlags>) -> Result<()> {
+    let prompts = bench::parse_token_prompts(&a.job.tokens)?;
     let model = a.m.load()?;
-    let plan = crate::load_plan(a.plan.as_deref(), &model)?;
-    let r = bench::logits_report(&model, &prompts, plan, a.greedy, &a.m.dtype)?;
-    match &a.out {
+    let r = a.job.run(&model, &prompts, &a.m.dtype)?;
+    match &a.job.out {
         Some(p) => std::fs::write(p, serde_json::to_vec(&r)?)
             .with_context(|| format!("writing {}", p.display()))?,
         None => println!("{}", serde_json::to_string(&r)?),
@@ -88,7 +66,7 @@ pub(crate) fn run_bench(a: BenchArgs) -> Result<()> {
     let model = a.m.load()?;
     let suite = BenchSuite {
         dtype: a.m.dtype.clone(),
-        threads: crate::rayon_threads(),
+        threads: persona_gate::kernels::threads(),
         ..a.suite
     };
     let r = bench::run_suite(&model, &suite, &mut |e| {
@@ -99,9 +77,5 @@ pub(crate) fn run_bench(a: BenchArgs) -> Result<()> {
     if let Some(p) = &a.out {
         write_json(p, &r.json)?;
     }
-    match a.json {
-        true => println!("{}", serde_json::to_string_pretty(&r.rows)?),
-        false => print!("{}", r.table()),
-    }
-    Ok(())
+    show(a.json, &r.rows, || r.table())
 }

@@ -43,6 +43,36 @@ pub struct GeometryReport {
     pub across_layers: Option<Vec<Vec<Vec<Option<f64>>>>>,
 }
 
+/// The flags of `pgate geometry`: the direction files, and where the table and report also go.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct GeometryFlags {
+    /// Direction files (.safetensors) from the same model.
+    #[cfg_attr(feature = "cli", arg(required = true))]
+    pub files: Vec<std::path::PathBuf>,
+    /// Write the long-form table (kind,a,b,layer_a,layer_b,value) here.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub csv: Option<std::path::PathBuf>,
+    /// Write the report as JSON here.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub json: Option<std::path::PathBuf>,
+    /// Also compare each direction across all pairs of layers.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub all_layers: bool,
+}
+
+impl GeometryFlags {
+    /// The report over the files.
+    pub fn report(&self) -> Result<GeometryReport> {
+        let sets = self
+            .files
+            .iter()
+            .map(|p| DirectionSet::load(p))
+            .collect::<Result<Vec<_>>>()?;
+        GeometryReport::new(&sets.iter().collect::<Vec<_>>(), self.all_layers)
+    }
+}
+
 impl GeometryReport {
     /// Compare `sets` (same number of layers and width). `all_layers` adds each set's full
     /// layer-by-layer cosine matrix.

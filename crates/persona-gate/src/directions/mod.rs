@@ -28,6 +28,7 @@ pub mod geometry;
 pub mod gguf;
 pub mod ops;
 pub mod plan;
+pub mod plan_flags;
 pub mod random;
 pub mod set;
 pub mod spec;
@@ -39,7 +40,7 @@ pub use extract::{
     diff_in_means, diff_in_means_prompts, extract_trait, paired_pc1, prompt_set_sha256,
     refusal_candidates, Method, TraitExtraction, TraitFlags, TraitOptions,
 };
-pub use geometry::GeometryReport;
+pub use geometry::{GeometryFlags, GeometryReport};
 pub use gguf::{
     export_control_vector, import_control_vector, import_summary, ExportFlags, ExportOptions,
     ExportSummary,
@@ -50,6 +51,7 @@ pub use ops::{
 pub use plan::{
     compile_for, load_compiled_plan, load_plan, load_plan_with, PlanBuilder, PlanSource,
 };
+pub use plan_flags::PlanFlags;
 pub use random::{random_directions, RandomOptions};
 pub use set::{Direction, DirectionMeta, DirectionSet};
 pub use spec::DirectionSpec;

@@ -38,7 +38,7 @@ use crate::study::file::DirectionEntry;
 use crate::study::plan::Study;
 use crate::Result;
 
-pub use gate::{check, check_paths, Bound, GateOptions, GateReport, GateSources};
+pub use gate::{check, check_paths, Bound, GateFlags, GateOptions, GateReport, GateSources};
 pub use html::{render_html, CosineMap, ReportInput};
 pub use markdown::render_markdown;
 pub use receipt::{

@@ -253,6 +253,39 @@ impl ReportWritten {
     }
 }
 
+/// The flags of `pgate report`.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct ReportFlags {
+    /// A results database, or a receipts folder / bundle.json (its database is the one it names).
+    pub input: PathBuf,
+    /// Folder for report.html and summary.md.
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
+    /// Results database when INPUT is a receipts folder and the database moved.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub db: Option<PathBuf>,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub common: ReceiptOptions,
+    /// Also gate in the Markdown summary with this refusal-drop limit (points).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub max_refusal_drop: Option<f64>,
+}
+
+impl ReportFlags {
+    /// [`write_report`] of the flags.
+    pub fn write(&self) -> Result<ReportWritten> {
+        let db = self.db.as_deref();
+        write_report(
+            &self.input,
+            &self.out,
+            db,
+            &self.common,
+            self.max_refusal_drop,
+        )
+    }
+}
+
 /// Write `report.html` and `summary.md` into `out` for `input`: a results database, or a receipts
 /// folder / `bundle.json` (rows bundled, else from `db` or the database the bundle names when it
 /// lies in the bundle folder). With `max_refusal_drop`, the summary also gates on it.

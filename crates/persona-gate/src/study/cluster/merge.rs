@@ -293,6 +293,51 @@ pub enum MergeOutcome {
     Plain(crate::study::ops::Merged),
 }
 
+/// The flags of `pgate study merge`.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct MergeFlags {
+    #[cfg_attr(feature = "cli", arg(long, default_value = "results.sqlite"))]
+    pub db: PathBuf,
+    /// The study file the shards ran.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub study: Option<PathBuf>,
+    #[cfg_attr(feature = "cli", arg(required = true))]
+    pub from: Vec<PathBuf>,
+}
+
+impl MergeFlags {
+    /// [`merge_op`] of the flags.
+    pub fn run(&self) -> Result<MergeOutcome> {
+        merge_op(&self.db, self.study.as_deref(), &self.from)
+    }
+}
+
+impl MergeOutcome {
+    /// What `pgate study merge` prints: the shard merge's report, or the results each source
+    /// added and the total in `db`.
+    pub fn to_text(&self, db: &Path) -> String {
+        match self {
+            MergeOutcome::Shards(m) => m.to_string(),
+            MergeOutcome::Plain(m) => {
+                let mut o = String::new();
+                for (f, added) in &m.sources {
+                    o += &format!("{}: {added} new results\n", f.display());
+                }
+                o + &format!("{}: {} results\n", db.display(), m.total)
+            }
+        }
+    }
+
+    /// Items of the study no shard holds (0 for a plain merge).
+    pub fn missing(&self) -> usize {
+        match self {
+            MergeOutcome::Shards(m) => m.missing.len(),
+            MergeOutcome::Plain(_) => 0,
+        }
+    }
+}
+
 /// Merge `from` into `db`. With `study` (the study file), or when the first source holds exactly
 /// one study, every source must be a shard of that study ([`merge_shards`]); otherwise the
 /// databases are merged as they are.

@@ -70,6 +70,63 @@ pub struct SubmitSpec {
     pub scheduler: Scheduler,
 }
 
+/// The flags of `pgate study submit`: a [`SubmitSpec`] with the scheduler chosen by `--slurm` or
+/// `--k8s` (manifests are always only written).
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct SubmitFlags {
+    pub study: PathBuf,
+    /// Work folder on a filesystem every node sees: scripts, shard databases, logs.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub dir: PathBuf,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub shards: u64,
+    /// Merged database (default: DIR/results.sqlite).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub db: Option<PathBuf>,
+    /// How items are split: tokens (prompt groups balanced by expected tokens) or hash.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "tokens"))]
+    pub shard_by: ShardBy,
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, required_unless_present = "k8s", conflicts_with = "k8s")
+    )]
+    pub slurm: bool,
+    /// Write Kubernetes manifests (Indexed Job + merge Job); implies --print.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub k8s: bool,
+    /// Write the scripts without submitting them.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub print: bool,
+    /// The pgate the tasks run (default: this one).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub pgate: Option<PathBuf>,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub slurm_opts: SlurmOptions,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub k8s_opts: K8sOptions,
+}
+
+impl SubmitFlags {
+    /// The submission the flags ask for.
+    pub fn spec(self) -> SubmitSpec {
+        SubmitSpec {
+            study: self.study,
+            dir: self.dir,
+            db: self.db,
+            shards: self.shards,
+            by: self.shard_by,
+            pgate: self.pgate,
+            print_only: self.print || self.k8s,
+            scheduler: if self.k8s {
+                Scheduler::Kubernetes(self.k8s_opts)
+            } else {
+                Scheduler::Slurm(self.slurm_opts)
+            },
+        }
+    }
+}
+
 /// What a submission wrote down (`plan.json`): enough for `status`, a resubmission and the merge.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SubmitPlan {

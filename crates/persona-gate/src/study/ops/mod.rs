@@ -28,7 +28,7 @@ pub use check::{check, ConditionInfo, JudgeInfo, PromptSetInfo, StudyOverview, T
 pub use compare::{compare, CompareOptions, Comparison, ConditionPair, Disagreement};
 pub use judge::{judge, JudgeRun, JudgeSpec};
 pub use relabel::{relabel, RelabelSpec};
-pub use run::{parse_shard, run, RunSpec, Stopped, StudyRun};
+pub use run::{parse_shard, run, RunFlags, RunSpec, Stopped, StudyRun};
 pub use status::{status, ConditionUsage, EndpointStatus, StudyStatus};
 pub use table::{table, StudyTable, TableOptions};
 
@@ -72,6 +72,29 @@ pub fn export(db: &Path, which: Option<&str>, format: Format, out: &Path) -> OpR
         study: rec.name,
         rows: n,
     })
+}
+
+/// The flags of `pgate study export`.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct ExportFlags {
+    #[cfg_attr(feature = "cli", arg(long, default_value = "results.sqlite"))]
+    pub db: PathBuf,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub study: Option<String>,
+    /// jsonl, csv or parquet.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "jsonl"))]
+    pub format: String,
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
+}
+
+impl ExportFlags {
+    /// [`export`] with the format named as on the command line.
+    pub fn run(&self) -> OpResult<Exported> {
+        let format = Format::parse(&self.format)?;
+        export(&self.db, self.study.as_deref(), format, &self.out)
+    }
 }
 
 /// What [`merge`] did.

@@ -44,6 +44,62 @@ pub struct RunSpec {
     pub concurrency: Option<usize>,
 }
 
+/// The flags of `pgate study run`: a [`RunSpec`] in command-line form (the shard as `I/K`, the
+/// device as `--cuda N`), plus `--gpus` for one worker per device
+/// ([`crate::study::cluster::gpus::run_on_devices`]).
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct RunFlags {
+    /// The study file (TOML).
+    pub study: PathBuf,
+    /// Results database (created if missing).
+    #[cfg_attr(feature = "cli", arg(long, default_value = "results.sqlite"))]
+    pub db: PathBuf,
+    /// Generate at most N items in this run.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub limit: Option<usize>,
+    /// Only items of shard I of K (I/K, e.g. 0/4); merge the shards with `pgate study merge`.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub shard: Option<String>,
+    /// How --shard splits the items: hash (default) or tokens (balanced prompt groups).
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "hash"))]
+    pub shard_by: crate::study::cluster::ShardBy,
+    /// One worker per device (0,1 = cuda:0,cuda:1; `cpu` entries run CPU workers), each a
+    /// token-balanced shard into DB.shards/, merged into --db at the end.
+    #[cfg_attr(feature = "cli", arg(long, conflicts_with_all = ["shard", "cuda"]))]
+    pub gpus: Option<String>,
+    /// Items generated between stop checks (default: 4 batches).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub wave: Option<usize>,
+    /// Skip the judging phase.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub no_judge: bool,
+    /// Run on CUDA device N (needs a build with --features cuda).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub cuda: Option<usize>,
+    /// Endpoint studies: requests in flight (default: the study's endpoint `concurrency`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub concurrency: Option<usize>,
+}
+
+impl RunFlags {
+    /// The run the flags ask for (a malformed `--shard` or an unavailable device is refused here,
+    /// before anything runs).
+    pub fn spec(&self) -> OpResult<RunSpec> {
+        Ok(RunSpec {
+            shard: self.shard.as_deref().map(parse_shard).transpose()?,
+            shard_by: self.shard_by,
+            study: self.study.clone(),
+            db: self.db.clone(),
+            limit: self.limit,
+            wave: self.wave,
+            judge: !self.no_judge,
+            device: crate::model::args::parse_device(None, self.cuda)?,
+            concurrency: self.concurrency,
+        })
+    }
+}
+
 /// Where a run stopped early because the stop flag was set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
