@@ -151,6 +151,7 @@ pub fn refusal<'py>(
         kl_max,
         batch_size,
         layer_stride,
+        fallback_layer: None,
     };
     let m = &model.inner;
     let sel = detached(py, progress, |w| {

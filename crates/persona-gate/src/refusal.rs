@@ -77,6 +77,12 @@ pub struct SelectOptions {
     pub batch_size: usize,
     /// Consider every `layer_stride`-th layer (1 = all).
     pub layer_stride: usize,
+    /// When no candidate passes the filters, take the first position's candidate at this layer
+    /// instead of failing. Drift comparisons need it: a version that lost its refusal (the case
+    /// drift exists to catch) often has no candidate whose addition still induces refusal, and
+    /// its direction at the old version's layer is still the thing to compare.
+    #[serde(default)]
+    pub fallback_layer: Option<usize>,
 }
 
 impl Default for SelectOptions {
@@ -87,6 +93,7 @@ impl Default for SelectOptions {
             kl_max: 0.1,
             batch_size: 16,
             layer_stride: 1,
+            fallback_layer: None,
         }
     }
 }
@@ -311,18 +318,31 @@ pub fn select_refusal_direction(
             scores.push(s);
         }
     }
-    let (_, ci, layer) = best.ok_or_else(|| {
-        Error::InvalidValue("no refusal-direction candidate passed the filters (induce > 0, KL below the limit); try more prompts or a higher --kl-max".into())
-    })?;
+    let (ci, layer, selection) = match (best, opts.fallback_layer) {
+        (Some((_, ci, layer)), _) => (
+            ci,
+            layer,
+            "arditi2024: min bypass s.t. induce > 0, KL < max, layer < 80%".to_string(),
+        ),
+        (None, Some(l)) if l < n_layers => {
+            progress(&format!(
+                "no candidate passed the filters (induce > 0, KL below the limit); taking layer {l}, as asked"
+            ));
+            (0, l, format!("fallback: no candidate passed the filters; layer {l} as given"))
+        }
+        (None, Some(l)) => {
+            return Err(Error::InvalidValue(format!(
+                "fallback refusal layer {l} is out of range (the model has {n_layers} layers)"
+            )))
+        }
+        (None, None) => return Err(Error::InvalidValue("no refusal-direction candidate passed the filters (induce > 0, KL below the limit); try more prompts or a higher --kl-max".into())),
+    };
     let mut direction = cands[ci].clone();
     direction
         .meta
         .extra
         .insert("selected_layer".into(), layer.to_string());
-    direction.meta.extra.insert(
-        "selection".into(),
-        "arditi2024: min bypass s.t. induce > 0, KL < max, layer < 80%".into(),
-    );
+    direction.meta.extra.insert("selection".into(), selection);
     direction.meta.position = opts.positions[ci].name();
     Ok(Selection {
         direction,

@@ -294,3 +294,45 @@ fn models_without_a_chat_template_use_the_last_token() {
     .to_string();
     assert!(e.contains("-50"), "{e}");
 }
+
+/// A selection in which no candidate passes the filters (here forced with a KL limit below zero)
+/// fails with one line, unless a fallback layer is given: then the candidate at that layer is
+/// taken and its metadata says so (drift uses the old version's layer for a version that lost
+/// refusal). A fallback layer beyond the model is a one-line error.
+#[test]
+fn refusal_selection_falls_back_to_a_given_layer() {
+    use persona_gate::refusal::{select_refusal_direction, SelectOptions};
+    let model = load("smollm2");
+    let n_layers = model.config().n_layers;
+    let (harmful, harmless) = (split("harmful_train", 4), split("harmless_train", 4));
+    let (hv, sv) = (split("harmful_val", 2), split("harmless_val", 2));
+    let strict = SelectOptions {
+        kl_max: -1.0,
+        layer_stride: n_layers,
+        batch_size: 4,
+        ..Default::default()
+    };
+    let select = |o: &SelectOptions| {
+        select_refusal_direction(&model, &harmful, &harmless, &hv, &sv, o, |_| {})
+    };
+    let e = select(&strict).unwrap_err().to_string();
+    assert!(e.contains("no refusal-direction candidate passed"), "{e}");
+    let fb = SelectOptions {
+        fallback_layer: Some(5),
+        ..strict.clone()
+    };
+    let sel = select(&fb).expect("fallback");
+    assert_eq!(sel.layer, 5);
+    assert_eq!(sel.direction.meta.extra["selected_layer"], "5");
+    assert!(
+        sel.direction.meta.extra["selection"].starts_with("fallback"),
+        "{:?}",
+        sel.direction.meta.extra
+    );
+    let out = SelectOptions {
+        fallback_layer: Some(n_layers),
+        ..strict
+    };
+    let e = select(&out).unwrap_err().to_string();
+    assert!(e.contains("out of range") && !e.contains('\n'), "{e}");
+}

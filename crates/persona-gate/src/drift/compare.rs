@@ -87,6 +87,9 @@ pub struct DirectionDrift {
     /// Harmful prompts' projection on the old refusal direction at its layer: new - old.
     pub refusal_proj_shift: Option<f64>,
     pub persona_proj_shift_max: Option<(usize, f64)>,
+    /// The new version's refusal selection found no candidate whose addition induces refusal
+    /// (within the KL limit), so its direction is the candidate at the old version's layer.
+    pub new_selection_fell_back: bool,
 }
 
 /// `a[l]` of a flat `[n_layers * d]` vector.
@@ -170,6 +173,7 @@ pub fn direction_drift(
         geometry_drifted: gmax.1 > opts.geometry_threshold,
         refusal_proj_shift: shift(at.refusal_proj_old, at.refusal_proj_new),
         persona_proj_shift_max: persona_max,
+        new_selection_fell_back: new.refusal_selection.starts_with("fallback"),
     }
 }
 

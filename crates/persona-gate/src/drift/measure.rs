@@ -49,6 +49,10 @@ pub struct VersionMeasure {
     pub d_model: usize,
     pub vocab_sha256: String,
     pub refusal_layer: usize,
+    /// How the refusal direction was chosen (its `selection` metadata): the usual selection, or a
+    /// fallback to the old version's layer when no candidate passed the filters, itself a sign
+    /// that refusal changed.
+    pub refusal_selection: String,
     pub direction_files: [PathBuf; 2],
     pub directions_extracted: bool,
     /// Mode -> (prompt id, label) in prompt order.
@@ -129,11 +133,14 @@ pub fn read_directions(dir: &Path, model: &Model) -> Result<VersionDirections> {
     })
 }
 
-/// Extract a version's refusal and persona directions and write them to `dir`.
+/// Extract a version's refusal and persona directions and write them to `dir`. When no refusal
+/// candidate passes the selection's filters and `fallback_layer` is given (the old version's
+/// layer, for the new version), the candidate at that layer is taken and the failure noted.
 pub fn extract_directions(
     dir: &Path,
     model: &Model,
     opts: &DriftOptions,
+    fallback_layer: Option<usize>,
     sink: &mut dyn EventSink,
 ) -> Result<VersionDirections> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -143,6 +150,7 @@ pub fn extract_directions(
         select: SelectOptions {
             layer_stride: opts.layer_stride.max(1),
             batch_size: opts.batch_size,
+            fallback_layer,
             ..Default::default()
         },
         ..Default::default()
@@ -246,10 +254,12 @@ fn mode_labels(
 
 /// Measure one version: directions (read from `dirs_in`, else extracted into `dirs_out`),
 /// activations for cross-projection, labels per mode.
+#[allow(clippy::too_many_arguments)]
 pub fn measure_version(
     model: &Model,
     dirs_in: Option<&Path>,
     dirs_out: &Path,
+    fallback_layer: Option<usize>,
     set: &PromptSet,
     opts: &DriftOptions,
     sink: &mut dyn EventSink,
@@ -257,7 +267,7 @@ pub fn measure_version(
     let cfg = model.config();
     let dirs = match dirs_in {
         Some(d) => read_directions(d, model)?,
-        None => extract_directions(dirs_out, model, opts, sink)?,
+        None => extract_directions(dirs_out, model, opts, fallback_layer, sink)?,
     };
     sink.event(Event::Note(format!(
         "{}: activations of {} harmful and harmless prompts",
@@ -287,6 +297,13 @@ pub fn measure_version(
         d_model: cfg.d_model,
         vocab_sha256: model.tokenizer.vocab_sha256(),
         refusal_layer: dirs.refusal_layer,
+        refusal_selection: dirs
+            .refusal
+            .meta
+            .extra
+            .get("selection")
+            .cloned()
+            .unwrap_or_default(),
         direction_files: dirs.files.clone(),
         directions_extracted: dirs.extracted,
         labels,

@@ -214,10 +214,14 @@ pub fn run_drift(
         let model = Model::load(spec, &lopts)?;
         let dirs_in = opts.directions.as_ref().map(|d| d.join(side));
         let dirs_out = out.join("directions").join(side);
+        // The new version falls back to the old one's refusal layer if its own selection finds
+        // no candidate (a version that lost refusal); the old version must select one.
+        let fallback = measures.first().map(|m: &VersionMeasure| m.refusal_layer);
         measures.push(measure_version(
             &model,
             dirs_in.as_deref(),
             &dirs_out,
+            fallback,
             &set,
             opts,
             sink,

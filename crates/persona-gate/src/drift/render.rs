@@ -33,6 +33,12 @@ impl DriftReport {
                 self.options.geometry_threshold
             ),
         ];
+        if d.new_selection_fell_back {
+            out.push(format!(
+                "refusal selection: no candidate of the new version induces refusal within the KL limit (the old version's did); its direction is taken at layer {}",
+                d.refusal_layer_old
+            ));
+        }
         out.extend(self.modes.iter().map(|m| m.verdict_line()));
         out
     }
