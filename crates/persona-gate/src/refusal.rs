@@ -290,6 +290,11 @@ pub fn select_refusal_direction(
         ));
     }
     let n_layers = model.config().n_layers;
+    if let Some(l) = opts.fallback_layer.filter(|&l| l >= n_layers) {
+        return Err(Error::InvalidValue(format!(
+            "fallback refusal layer {l} is out of range (the model has {n_layers} layers)"
+        )));
+    }
     progress("extracting candidates (difference in means)");
     let cands = refusal_candidates(
         model,
@@ -324,16 +329,11 @@ pub fn select_refusal_direction(
             layer,
             "arditi2024: min bypass s.t. induce > 0, KL < max, layer < 80%".to_string(),
         ),
-        (None, Some(l)) if l < n_layers => {
+        (None, Some(l)) => {
             progress(&format!(
                 "no candidate passed the filters (induce > 0, KL below the limit); taking layer {l}, as asked"
             ));
             (0, l, format!("fallback: no candidate passed the filters; layer {l} as given"))
-        }
-        (None, Some(l)) => {
-            return Err(Error::InvalidValue(format!(
-                "fallback refusal layer {l} is out of range (the model has {n_layers} layers)"
-            )))
         }
         (None, None) => return Err(Error::InvalidValue("no refusal-direction candidate passed the filters (induce > 0, KL below the limit); try more prompts or a higher --kl-max".into())),
     };
