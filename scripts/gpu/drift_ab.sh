@@ -3,7 +3,8 @@
 # steered preset (add at 16, the bench's), 64 closed-loop clients x 128 new tokens, alternating
 #   off: no projection directions and PGATE_SERVE_DRIFT=0 (no last-token capture, no monitor), and
 #   on:  persona/refusal directions named (last-token projections per 4-layer window on every
-#        request) and the drift monitor on (PSI per preset, histograms),
+#        request) and the drift monitor on (a score per preset, histograms; measured 2026-11-30 with
+#        the PSI version of the score, since replaced by a rank-sum test of the same cost class),
 #   proj: directions named (projections), PGATE_SERVE_DRIFT=0 (MODES="off proj on" adds it),
 # ROUNDS times each (off, on, off, on, ...), each a fresh server with a 10 s warm-up. Prints both
 # medians and the cost in percent; JSON per run in OUT.
