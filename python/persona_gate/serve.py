@@ -17,7 +17,19 @@ from typing import List, Optional, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_CHILD = "import json, sys; from persona_gate import _native; _native.serve_forever(**json.loads(sys.argv[1]))"
+# The child reports a library error as one tab-separated line (class, message) instead of a
+# traceback, so :func:`start` raises the same class with the same one-line message as a call in
+# this process would.
+_ERR = "persona_gate error"
+_CHILD = f"""
+import json, sys
+from persona_gate import _native
+try:
+    _native.serve_forever(**json.loads(sys.argv[1]))
+except _native.Error as e:
+    print({_ERR!r}, type(e).__name__, " ".join(str(e).split("\\n")), sep="\\t", file=sys.stderr, flush=True)
+    sys.exit(1)
+"""
 
 
 class Server:
@@ -80,7 +92,8 @@ def start(
         text=True,
     )
     err: List[str] = []
-    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    err_reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    err_reader.start()
     url: List[str] = []
 
     def read() -> None:
@@ -96,9 +109,19 @@ def start(
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        last = [l.strip() for l in err if l.strip()]
-        msg = last[-1] if last else f"the server did not start within {timeout:g} s"
-        from . import Error
-
-        raise Error(msg)
+        err_reader.join(5.0)  # the child's last words, read to its end
+        raise _child_error(err, timeout)
     return Server(proc, url[0])
+
+
+def _child_error(err: List[str], timeout: float) -> Exception:
+    """The library error the child reported (same class and message), else its last stderr line."""
+    from . import _native
+
+    for line in reversed(err):
+        parts = line.rstrip("\n").split("\t", 2)
+        if len(parts) == 3 and parts[0] == _ERR:
+            cls = getattr(_native, parts[1], _native.Error)
+            return cls(parts[2]) if isinstance(cls, type) and issubclass(cls, _native.Error) else _native.Error(parts[2])
+    last = [l.strip() for l in err if l.strip()]
+    return _native.Error(last[-1] if last else f"the server did not start within {timeout:g} s")
