@@ -35,8 +35,9 @@ use measure::{measure_version, mode_system, VersionMeasure};
 #[derive(Debug, Clone, Serialize)]
 pub struct DriftOptions {
     /// Folder with each version's directions: old/ and new/, each holding refusal.safetensors
-    /// (with its selected_layer) and persona.safetensors. Without it both are extracted and
-    /// written under OUT/directions/.
+    /// (with its selected_layer) and persona.safetensors. A side whose folder is absent from it
+    /// is extracted (e.g. old/ from an earlier run's OUT/directions/, new/ measured now). Without
+    /// it both are extracted and written under OUT/directions/.
     #[cfg_attr(feature = "cli", arg(long))]
     pub directions: Option<PathBuf>,
     /// Persona trait whose direction is compared (built-in name or persona-vectors JSON file).
@@ -213,6 +214,18 @@ pub fn run_drift(
         sink.event(Event::Note(format!("loading {side} version {spec}")));
         let model = Model::load(spec, &lopts)?;
         let dirs_in = opts.directions.as_ref().map(|d| d.join(side));
+        // An existing --directions folder without this side's folder: extract this side (the
+        // old version's directions are often reused from an earlier run; the new one is new).
+        let dirs_in = dirs_in.filter(|d| {
+            let absent = d.parent().is_some_and(Path::is_dir) && !d.exists();
+            if absent {
+                sink.event(Event::Note(format!(
+                    "{} has no {side}/: extracting the {side} version's directions",
+                    d.parent().map(Path::display).expect("checked above")
+                )));
+            }
+            !absent
+        });
         let dirs_out = out.join("directions").join(side);
         // The new version falls back to the old one's refusal layer if its own selection finds
         // no candidate (a version that lost refusal); the old version must select one.
