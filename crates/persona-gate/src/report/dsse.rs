@@ -27,8 +27,7 @@ use super::rows::{plain_name, MAX_ROWS_BYTES};
 use crate::fsutil;
 use crate::{Error, Result};
 
-/// The envelope's file name in the bundle folder.
-pub const SIGNATURE_FILE: &str = "receipts.dsse.json";
+pub use super::rows::SIGNATURE_FILE;
 /// DSSE payload type of an in-toto Statement.
 pub const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
 /// in-toto Statement v1.

@@ -23,12 +23,14 @@ pub mod ops;
 pub mod provenance;
 pub mod receipt;
 pub mod recompute;
+pub mod records;
 pub mod rows;
 pub mod stats;
 pub mod svg;
 pub mod untrusted;
 pub mod verify;
 pub mod verify_files;
+mod verify_ctx;
 
 use std::path::Path;
 use std::sync::Arc;

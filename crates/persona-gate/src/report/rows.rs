@@ -23,6 +23,9 @@ use crate::{Error, Result};
 
 pub const ROWS_FILE: &str = "rows.jsonl";
 pub const LABELS_FILE: &str = "labels.jsonl";
+/// The signature envelope's file name in the bundle folder (`dsse`; here, with the other bundle
+/// file names, so writing receipts need not import the signer).
+pub const SIGNATURE_FILE: &str = "receipts.dsse.json";
 
 /// Largest bundled rows or labels file read (a study of 10^5 rows of 1,000 tokens fits).
 pub const MAX_ROWS_BYTES: u64 = 2 << 30;

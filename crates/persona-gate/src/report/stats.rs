@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use serde_json::json;
 
 use super::provenance::{label_provenance, RowLabels};
-use super::receipt::{
+use super::records::{
     labels_record, mean_ci, rows_sha256, CategoryRates, ControlSet, Controls, JudgedRate,
     JudgedScore, LabelsRecord, NeutralControl, OpRecord, RandomControl, SetResults,
 };

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::receipt::{prompt_source_path, selected_sha256, FileHash, Receipt};
 use super::untrusted::{Located, ReadPolicy};
-use super::verify::{Ctx, DbState, VerifyOptions};
+use super::verify_ctx::{Ctx, DbState, VerifyOptions};
 use crate::eval::PromptSet;
 use crate::study::file::{DirRef, DirectionEntry, StudyFile};
 use crate::study::plan::Study;
