@@ -175,10 +175,26 @@ fn main() {
         restore_sigpipe();
     }
     if let Err(e) = run(cli) {
-        let msg = format!("{e:#}").replace('\n', " ");
-        eprintln!("error: {msg}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text already ends the line
+/// (the library's messages include their source: "x.gguf: no such file" then "no such file").
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for c in e.chain() {
+        let s = c.to_string();
+        if out.ends_with(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out.replace('\n', " ")
 }
 
 /// Commands that talk to no network peer. Rust ignores SIGPIPE, so `pgate study table | head` would
