@@ -29,8 +29,8 @@ pub mod stats;
 pub mod svg;
 pub mod untrusted;
 pub mod verify;
-pub mod verify_files;
 mod verify_ctx;
+pub mod verify_files;
 
 use std::path::Path;
 use std::sync::Arc;
