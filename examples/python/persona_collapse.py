@@ -11,7 +11,10 @@ compliant direction first (`--questions` trait questions) and scales the layer w
 so a quick run is
 
     python examples/python/persona_collapse.py                      # q15, 20 prompts (the README's claim)
-    python examples/python/persona_collapse.py --model q05 --n 5    # a smoke run, about a minute
+    python examples/python/persona_collapse.py --model q05 --n 4 --questions 2 --max-tokens 12
+
+(the smoke run: about two minutes on a busy 2-core box, most of it extracting the direction; four
+prompts say nothing about rates).
 """
 
 import argparse
