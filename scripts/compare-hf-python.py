@@ -2,7 +2,7 @@
 """persona_gate side by side with HF transformers (and repeng) on the same GGUF model, CPU.
 
     python -m venv /tmp/hfenv && /tmp/hfenv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
-    /tmp/hfenv/bin/pip install transformers gguf numpy ./python [repeng]
+    /tmp/hfenv/bin/pip install transformers gguf accelerate numpy ./python [repeng]
     /tmp/hfenv/bin/python scripts/compare-hf-python.py [--model q05] [--n 16] [--repeng]
 
 1. capture: ``Model.capture(prompts, position="last")`` in f32 against transformers'
@@ -57,7 +57,7 @@ def capture_side_by_side(model, prompts):
     real = os.path.realpath(gguf)
     tok = AutoTokenizer.from_pretrained(os.path.dirname(real), gguf_file=os.path.basename(real))
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(real), gguf_file=os.path.basename(real),
-                                              torch_dtype=torch.float32)
+                                              dtype=torch.float32)
     hf.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     L = max(len(x) for x in ids)
@@ -100,8 +100,10 @@ def steering_side_by_side(m, tok, hf, pairs, prompts):
         for c in (0.5, 1.0, 2.0):
             cm.set_control(v, c)
             for p in prompts:
-                enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt")
-                outs.append(tok.decode(cm.generate(enc, max_new_tokens=32, do_sample=False)[0]))
+                enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)
+                out = cm.generate(**enc, max_new_tokens=32, do_sample=False)
+                outs.append(tok.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True))
             cm.reset()
         return outs
 
