@@ -73,6 +73,10 @@ impl ModeDrift {
     }
 }
 
+/// cos(persona_old, persona_new) at or above this counts as the same persona direction (a
+/// precision-only change stays above 0.98 on q15).
+pub const PERSONA_STABLE_COS: f64 = 0.9;
+
 /// Direction-level verdicts.
 #[derive(Debug, Clone, Serialize)]
 pub struct DirectionDrift {
@@ -87,6 +91,13 @@ pub struct DirectionDrift {
     /// Harmful prompts' projection on the old refusal direction at its layer: new - old.
     pub refusal_proj_shift: Option<f64>,
     pub persona_proj_shift_max: Option<(usize, f64)>,
+    /// Where the persona direction itself moved: the last layer up to which cos(old, new) stays
+    /// at or above [`PERSONA_STABLE_COS`] at every layer (None: not even layer 0), and the lowest
+    /// cosine with its layer. Reported, not a verdict: it separates a change that reaches the
+    /// layers where persona is read (a persona bake moves it from its layers on) from one that
+    /// moves only the late layers persona shares with refusal (removing refusal does that).
+    pub persona_stable_through: Option<usize>,
+    pub persona_cos_min: Option<(usize, f64)>,
     /// The new version's refusal selection found no candidate whose addition induces refusal
     /// (within the KL limit), so its direction is the candidate at the old version's layer.
     pub new_selection_fell_back: bool,
@@ -174,6 +185,15 @@ pub fn direction_drift(
         refusal_proj_shift: shift(at.refusal_proj_old, at.refusal_proj_new),
         persona_proj_shift_max: persona_max,
         new_selection_fell_back: new.refusal_selection.starts_with("fallback"),
+        persona_stable_through: rows
+            .iter()
+            .take_while(|r| r.persona_cos.is_some_and(|c| c >= PERSONA_STABLE_COS))
+            .last()
+            .map(|r| r.layer),
+        persona_cos_min: rows
+            .iter()
+            .filter_map(|r| Some((r.layer, r.persona_cos?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1)),
     }
 }
 

@@ -33,6 +33,16 @@ impl DriftReport {
                 self.options.geometry_threshold
             ),
         ];
+        if let Some((layer, c)) = d.persona_cos_min {
+            out.push(format!(
+                "persona direction: cos(old, new) >= {} {}, lowest {c:.2} at layer {layer}",
+                super::compare::PERSONA_STABLE_COS,
+                match d.persona_stable_through {
+                    Some(l) => format!("through layer {l}"),
+                    None => "at no layer from 0".into(),
+                }
+            ));
+        }
         if d.new_selection_fell_back {
             out.push(format!(
                 "refusal selection: no candidate of the new version induces refusal within the KL limit (the old version's did); its direction is taken at layer {}",
