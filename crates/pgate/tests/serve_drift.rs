@@ -19,8 +19,9 @@
 //! 8 is both the stated bound and the earliest possible. Measured on the same prompts, the
 //! default preset's score stayed under 0.9 over 64 requests.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+mod raw_http;
+
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -213,6 +214,7 @@ impl Drop for Server {
     }
 }
 
+/// (status, body) of one request ([`raw_http::http`]).
 fn http(
     addr: &str,
     method: &str,
@@ -220,45 +222,8 @@ fn http(
     body: Option<&str>,
     key: Option<&str>,
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    let body = body.unwrap_or("");
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    (status, if chunked { dechunk(rest) } else { rest.into() })
-}
-
-fn dechunk(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
+    let (status, _, body) = raw_http::http(addr, method, path, body, key);
+    (status, body)
 }
 
 /// A preset's entry in `/v1/drift`.

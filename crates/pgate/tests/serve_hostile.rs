@@ -5,6 +5,9 @@
 //! (non-ASCII text against stop strings, one failing sequence), the same HTTP layer in process
 //! over a stand-in engine that answers with fixed text, tokenized by SmolLM2's real tokenizer.
 
+mod raw_http;
+
+use raw_http::{exchange, http, read_response};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -40,75 +43,6 @@ fn smollm2() -> PathBuf {
 
 // ---------------------------------------------------------------------------------------------
 // Raw HTTP on a socket: hostile clients do not behave like an HTTP library.
-
-/// Send `head` (and `body`), read the whole answer: (status, lowercased head, body).
-fn exchange(addr: &str, head: &str, body: &[u8], timeout: Duration) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s.write_all(head.as_bytes()).unwrap();
-    // The server may answer and close before the body is sent (auth, declared length).
-    let _ = s.write_all(body);
-    read_response(&mut s)
-}
-
-fn read_response(s: &mut TcpStream) -> (u16, String, String) {
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(e) if raw.is_empty() => panic!("no response: {e}"),
-            Err(_) => break,
-        }
-    }
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    let head = head.to_ascii_lowercase();
-    let body = if head.contains("transfer-encoding: chunked") {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    (status, head, body)
-}
-
-fn dechunk(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    key: Option<&str>,
-) -> (u16, String, String) {
-    let body = body.unwrap_or("");
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    exchange(addr, &head, body.as_bytes(), Duration::from_secs(300))
-}
 
 fn chat_body(prompt: &str, max_tokens: usize, stream: bool, stop: Option<Value>) -> String {
     let mut b = json!({
