@@ -13,9 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::layout::ShardLayout;
+use super::record::{record_key, RecordBuilder, ShardRecord};
 use crate::study::plan::Study;
 use crate::study::store::Store;
 use crate::{Error, Result};
@@ -26,7 +27,7 @@ pub fn layout_key(study_hash: &str) -> String {
 }
 
 /// A result key, named for a person.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ItemName {
     pub condition: String,
     pub prompt_set: String,
@@ -71,6 +72,8 @@ pub struct ShardMerge {
     pub missing: Vec<ItemName>,
     /// The layout the shards were run with, when they recorded one and agree on it.
     pub layout: Option<ShardLayout>,
+    /// What the merged database now records about its shards (see [`super::record`]).
+    pub record: ShardRecord,
 }
 
 impl ShardMerge {
@@ -95,19 +98,28 @@ pub fn merge_shards(
     let mut collapsed = 0;
     let mut differing = Vec::new();
     let mut layouts: BTreeMap<String, ShardLayout> = BTreeMap::new();
+    let mut builder = RecordBuilder::default();
+    let mut earlier: Option<ShardRecord> = None;
     let mut sources: Vec<&Path> = Vec::new();
-    if db.exists() {
+    let into_existing = db.exists();
+    if into_existing {
         sources.push(db);
     }
     sources.extend(from.iter().map(PathBuf::as_path));
-    for src in sources {
+    for (i, src) in sources.into_iter().enumerate() {
         let store = Store::open_read(src)?;
         check_studies(&store, src, study)?;
         if let Some(text) = store.meta(&layout_key(&study.hash))? {
             let l: ShardLayout = serde_json::from_str(&text)?;
             layouts.insert(l.hash.clone(), l);
         }
-        for r in store.rows(&study.hash)? {
+        let rows = store.rows(&study.hash)?;
+        if into_existing && i == 0 {
+            earlier = read_record(&store, &study.hash)?;
+        } else {
+            builder.add_source(src, &rows);
+        }
+        for r in rows {
             match &labeler {
                 None => labeler = Some((r.labeler.clone(), src.to_path_buf())),
                 Some((l, first)) if *l != r.labeler => {
@@ -154,6 +166,12 @@ pub fn merge_shards(
     if let Some(l) = &layout {
         store.put_meta(&layout_key(&study.hash), &serde_json::to_string(l)?)?;
     }
+    let now = builder.finish(study, layout.as_ref());
+    let record = match earlier {
+        Some(e) => e.extended(now),
+        None => now,
+    };
+    store.put_meta(&record_key(&study.hash), &serde_json::to_string(&record)?)?;
     let done = store.done_keys(&study.hash)?;
     let items = study.items();
     let mut missing = Vec::new();
@@ -186,7 +204,30 @@ pub fn merge_shards(
         differing,
         missing,
         layout,
+        record,
     })
+}
+
+/// The shard record a database holds for `study_hash` (None: not a merged database, or one
+/// merged before records were kept). A record of a newer form is refused rather than misread.
+pub fn read_record(store: &Store, study_hash: &str) -> Result<Option<ShardRecord>> {
+    let Some(text) = store.meta(&record_key(study_hash))? else {
+        return Ok(None);
+    };
+    let r: ShardRecord = serde_json::from_str(&text).map_err(|e| {
+        Error::InvalidValue(format!(
+            "shard record of study {}: {e}",
+            &study_hash[..12.min(study_hash.len())]
+        ))
+    })?;
+    if r.version != super::record::SHARD_RECORD_VERSION {
+        return Err(Error::InvalidValue(format!(
+            "shard record version {} is not one this pgate reads ({})",
+            r.version,
+            super::record::SHARD_RECORD_VERSION
+        )));
+    }
+    Ok(Some(r))
 }
 
 /// Refuse a source that holds a study other than `study`, naming what differs.

@@ -18,6 +18,7 @@ mod k8s;
 pub mod layout;
 pub mod merge;
 pub mod progress;
+pub mod record;
 mod slurm;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ pub use k8s::{Job, K8sOptions};
 pub use layout::{ShardBy, ShardLayout};
 pub use merge::{merge_shards, ShardMerge};
 pub use progress::{shards_progress, ShardsProgress};
+pub use record::{ShardRecord, ShardSource};
 pub use slurm::SlurmOptions;
 
 use crate::study::plan::Study;
