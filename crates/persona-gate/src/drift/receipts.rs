@@ -186,6 +186,7 @@ fn diff_fields(name: &str, a: &Receipt, b: &Receipt, out: &mut Vec<FieldDiff>) -
             b.condition.system_prompt.clone().unwrap_or_default(),
         ),
         ("condition.ops", ops(a)?, ops(b)?),
+        ("shards", a.shards_line(), b.shards_line()),
     ];
     for (field, x, y) in fields {
         if x != y {
@@ -206,7 +207,8 @@ impl ReceiptDiff {
         let mut s = String::new();
         let mut seen = std::collections::BTreeSet::new();
         for f in &self.fields {
-            let wide = f.field.starts_with("model.") || f.field == "policy_version";
+            let wide = f.field.starts_with("model.")
+                || ["policy_version", "shards"].contains(&f.field.as_str());
             if wide && !seen.insert((f.field.clone(), f.old.clone(), f.new.clone())) {
                 continue;
             }

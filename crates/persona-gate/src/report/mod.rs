@@ -31,6 +31,7 @@ pub mod untrusted;
 pub mod verify;
 mod verify_ctx;
 pub mod verify_files;
+mod verify_shards;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -30,6 +30,7 @@ use crate::eval::{PromptSet, Rate};
 use crate::fsutil;
 use crate::label::accuracy;
 use crate::study::canon::hash_json;
+use crate::study::cluster::record::ShardRecord;
 use crate::study::file::{DirRef, DirectionEntry, StudyFile};
 use crate::study::plan::Study;
 use crate::study::store::{iso_utc, now_ms, RowView, StudyRecord};
@@ -157,6 +158,12 @@ pub struct Receipt {
     /// (absent in receipts written before labelers were recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<LabelsRecord>,
+    /// Receipts written from a merged database only (absent for a single run, and in receipts
+    /// written before merges were recorded): how the study was split into shards and merged, with
+    /// this condition's duplicates (see `study::cluster::record`). Every other field is what a
+    /// single run of the study would record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<ShardRecord>,
 }
 
 impl Receipt {
@@ -190,6 +197,14 @@ impl Receipt {
         }
         serde_json::from_value(v)
             .map_err(|e| Error::InvalidValue(format!("{}: malformed receipt: {e}", path.display())))
+    }
+
+    /// How the results were put together, in one line: the merge's summary (`2 shards by tokens
+    /// (layout 1b063870e203), 2 databases merged`) or `no merge recorded` (a single run).
+    pub fn shards_line(&self) -> String {
+        self.shards
+            .as_ref()
+            .map_or_else(|| "no merge recorded".into(), ShardRecord::summary)
     }
 
     /// The results of a prompt set.
@@ -599,6 +614,7 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
         })
         .collect::<Result<_>>()?;
     let status = store.status(&record.hash)?;
+    let shards = crate::study::cluster::merge::read_record(&store, &record.hash)?;
     let stats = &study.file.stats;
     let baseline_name = study.conditions[study.baseline].name.clone();
     let model = model_record(&study)?;
@@ -692,6 +708,7 @@ pub fn build_receipts(db: &Path, opts: &ReceiptOptions) -> Result<StudyReceipts>
                 .as_ref()
                 .map(|t| endpoint_record(&study, t, &usage, &c.hash)),
             labels: Some(cs.labels),
+            shards: shards.as_ref().map(|s| s.for_condition(&c.name)),
         };
         r.seal()?;
         receipts.push(r);

@@ -122,6 +122,7 @@ pub fn verify(
         }
         if let Some(db) = db {
             super::verify_files::work_checks(&mut cx, &group, db);
+            super::verify_shards::shard_checks(&mut cx, &group, db);
         }
     }
     if !opts.skip_files {
