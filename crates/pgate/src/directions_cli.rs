@@ -3,15 +3,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use persona_gate::directions::{
-    export_gguf_file, extract_trait_files, import_control_vector, import_summary, random_file,
-    random_references, DirectionSet, ExportFlags, GeometryFlags, RandomJob, TraitFlags,
-    TraitOutputs, TraitSpec,
+    export_gguf_file, extract_trait_files, random_file, random_references, DirectionSet,
+    ExportFlags, GeometryFlags, ImportFlags, RandomJob, TraitFiles, TraitSpec,
 };
 
-use crate::output::write_json;
+use crate::args::WithModel;
 use crate::progress::Progress;
 use crate::ModelArgs;
 
@@ -26,7 +25,7 @@ pub enum ExtractCmd {
     /// Seeded random control directions, optionally orthogonal to and norm-matched with a direction.
     ///
     /// Example: pgate extract random q05 --seed 7 --like refusal.safetensors --orthogonal-to refusal.safetensors -o rand7.safetensors
-    Random(RandomArgs),
+    Random(WithModel<RandomJob>),
     /// The refusal direction (Arditi et al. 2024): harmful-vs-harmless difference in means at every
     /// layer, selected by bypass / induce / KL scores on validation prompts.
     ///
@@ -42,28 +41,8 @@ pub struct TraitArgs {
     pub trait_name: String,
     #[command(flatten)]
     pub m: ModelArgs,
-    /// Output direction file (.safetensors).
-    #[arg(short, long)]
-    pub out: PathBuf,
     #[command(flatten)]
-    pub opts: TraitFlags,
-    /// Also write the activations: PREFIX.pos.safetensors and PREFIX.neg.safetensors ([layers, n, d]).
-    #[arg(long, value_name = "PREFIX")]
-    pub save_activations: Option<PathBuf>,
-    /// Write the answers (JSONL: side, system, question, answer) here.
-    #[arg(long)]
-    pub responses: Option<PathBuf>,
-}
-
-#[derive(Args)]
-pub struct RandomArgs {
-    #[command(flatten)]
-    pub m: ModelArgs,
-    #[command(flatten)]
-    pub job: RandomJob,
-    /// Output direction file (.safetensors).
-    #[arg(short, long)]
-    pub out: PathBuf,
+    pub files: TraitFiles,
 }
 
 #[derive(Subcommand)]
@@ -71,24 +50,11 @@ pub enum DirectionsCmd {
     /// Write a direction file as a llama.cpp control vector (direction.N = output of block N).
     ///
     /// Example: pgate directions export-gguf compliant.safetensors -o compliant.gguf --unit --coeff 4
-    ExportGguf {
-        input: PathBuf,
-        #[arg(short, long)]
-        out: PathBuf,
-        #[command(flatten)]
-        flags: ExportFlags,
-    },
+    ExportGguf(ExportFlags),
     /// Read a llama.cpp control vector into a direction file.
     ///
     /// Example: pgate directions import-gguf cv.gguf -o cv.safetensors --n-layers 24
-    ImportGguf {
-        input: PathBuf,
-        #[arg(short, long)]
-        out: PathBuf,
-        /// Number of model layers (default: from the file, else the highest direction.N + 1).
-        #[arg(long)]
-        n_layers: Option<usize>,
-    },
+    ImportGguf(ImportFlags),
     /// Print a direction file's metadata and per-layer norms.
     ///
     /// Example: pgate directions info compliant.safetensors
@@ -102,7 +68,7 @@ pub fn run_extract(cmd: ExtractCmd) -> Result<()> {
         ExtractCmd::Random(a) => {
             let refs = random_references(&a.job)?;
             let model = a.m.load()?;
-            println!("{}", random_file(&model, &a.job, &refs, &a.out)?.summary());
+            println!("{}", random_file(&model, &a.job, &refs)?.summary());
             Ok(())
         }
     }
@@ -110,13 +76,9 @@ pub fn run_extract(cmd: ExtractCmd) -> Result<()> {
 
 fn extract_trait_cmd(a: TraitArgs) -> Result<()> {
     let spec = TraitSpec::load(&a.trait_name)?;
-    let opts = a.opts.options()?;
+    let opts = a.files.opts.options()?;
     let model = a.m.load()?;
-    let outputs = TraitOutputs {
-        direction: a.out,
-        activations: a.save_activations,
-        responses: a.responses,
-    };
+    let outputs = a.files.outputs();
     let run = extract_trait_files(&model, &spec, &opts, &outputs, &mut Progress::new())?;
     print!("{}", run.summary());
     Ok(())
@@ -125,34 +87,20 @@ fn extract_trait_cmd(a: TraitArgs) -> Result<()> {
 pub fn run_geometry(a: GeometryFlags) -> Result<()> {
     let report = a.report()?;
     print!("{}", report.to_table());
-    if let Some(p) = &a.csv {
-        std::fs::write(p, report.to_csv()).with_context(|| format!("writing {}", p.display()))?;
-    }
-    if let Some(p) = &a.json {
-        write_json(p, &report)?;
-    }
-    Ok(())
+    Ok(a.write_files(&report)?)
 }
 
 pub fn run_directions(cmd: DirectionsCmd) -> Result<()> {
     match cmd {
-        DirectionsCmd::ExportGguf { input, out, flags } => {
+        DirectionsCmd::ExportGguf(flags) => {
             let opts = flags.options()?;
-            let e = export_gguf_file(&input, &out, &opts)?;
+            let e = export_gguf_file(&flags.input, &flags.out, &opts)?;
             for n in e.notes() {
                 eprintln!("[pgate] {n}");
             }
-            println!("{}", e.describe(&out, &opts));
+            println!("{}", e.describe(&flags.out, &opts));
         }
-        DirectionsCmd::ImportGguf {
-            input,
-            out,
-            n_layers,
-        } => {
-            let set = import_control_vector(&input, n_layers)?;
-            set.save(&out)?;
-            println!("{}", import_summary(&set, &out));
-        }
+        DirectionsCmd::ImportGguf(flags) => println!("{}", flags.run()?),
         DirectionsCmd::Info { file } => print!("{}", DirectionSet::load(&file)?.describe()),
     }
     Ok(())

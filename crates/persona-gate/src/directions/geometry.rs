@@ -71,6 +71,21 @@ impl GeometryFlags {
             .collect::<Result<Vec<_>>>()?;
         GeometryReport::new(&sets.iter().collect::<Vec<_>>(), self.all_layers)
     }
+
+    /// Write `report` to the `--csv` and `--json` files that are given (after the table is
+    /// printed, so a bad path loses nothing shown).
+    pub fn write_files(&self, report: &GeometryReport) -> Result<()> {
+        let write = |p: &std::path::Path, text: String| {
+            std::fs::write(p, text).map_err(|e| Error::io(format!("writing {}", p.display()), e))
+        };
+        if let Some(p) = &self.csv {
+            write(p, report.to_csv())?;
+        }
+        if let Some(p) = &self.json {
+            write(p, serde_json::to_string_pretty(report)?)?;
+        }
+        Ok(())
+    }
 }
 
 impl GeometryReport {

@@ -16,7 +16,7 @@
 //! `raw: true`, `coeff: s`, at layers `1..n_layers`, positions `all`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -47,11 +47,14 @@ impl Default for ExportOptions {
     }
 }
 
-/// [`ExportOptions`] as the flags of `pgate directions export-gguf` (layers as text, parsed by
-/// [`ExportFlags::options`]).
+/// The flags of `pgate directions export-gguf`: the direction file, the control vector file, and
+/// [`ExportOptions`] (layers as text, parsed by [`ExportFlags::options`]).
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ExportFlags {
+    pub input: PathBuf,
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
     /// Multiply the vectors by this.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 1.0))]
     pub coeff: f32,
@@ -70,6 +73,27 @@ impl ExportFlags {
             unit: self.unit,
             layers: self.layers.as_deref().map(LayerSet::parse).transpose()?,
         })
+    }
+}
+
+/// `pgate directions import-gguf`: a control vector read into a direction file.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct ImportFlags {
+    pub input: PathBuf,
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
+    /// Number of model layers (default: from the file, else the highest direction.N + 1).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub n_layers: Option<usize>,
+}
+
+impl ImportFlags {
+    /// Read the control vector, save it as a direction file, and say what was written.
+    pub fn run(&self) -> Result<String> {
+        let set = import_control_vector(&self.input, self.n_layers)?;
+        set.save(&self.out)?;
+        Ok(import_summary(&set, &self.out))
     }
 }
 

@@ -43,10 +43,11 @@ pub use extract::{
 pub use geometry::{GeometryFlags, GeometryReport};
 pub use gguf::{
     export_control_vector, import_control_vector, import_summary, ExportFlags, ExportOptions,
-    ExportSummary,
+    ExportSummary, ImportFlags,
 };
 pub use ops::{
-    export_gguf_file, extract_trait_files, random_file, random_references, RandomJob, TraitOutputs,
+    export_gguf_file, extract_trait_files, random_file, random_references, RandomJob, TraitFiles,
+    TraitOutputs,
 };
 pub use plan::{
     compile_for, load_compiled_plan, load_plan, load_plan_with, PlanBuilder, PlanSource,

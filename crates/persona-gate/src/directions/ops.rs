@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::capture::Position;
-use super::extract::{extract_trait, TraitExtraction, TraitOptions};
+use super::extract::{extract_trait, TraitExtraction, TraitFlags, TraitOptions};
 use super::gguf::{export_control_vector, ExportOptions, ExportSummary};
 use super::random::{random_directions, RandomOptions};
 use super::set::DirectionSet;
@@ -26,6 +26,35 @@ pub struct TraitOutputs {
     pub direction: PathBuf,
     pub activations: Option<PathBuf>,
     pub responses: Option<PathBuf>,
+}
+
+/// The flags of `pgate extract trait` after the trait and the model: the direction file, the
+/// extraction ([`TraitFlags`]) and the side files.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct TraitFiles {
+    /// Output direction file (.safetensors).
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub opts: TraitFlags,
+    /// Also write the activations: PREFIX.pos.safetensors and PREFIX.neg.safetensors ([layers, n, d]).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "PREFIX"))]
+    pub save_activations: Option<PathBuf>,
+    /// Write the answers (JSONL: side, system, question, answer) here.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub responses: Option<PathBuf>,
+}
+
+impl TraitFiles {
+    /// Where [`extract_trait_files`] writes.
+    pub fn outputs(&self) -> TraitOutputs {
+        TraitOutputs {
+            direction: self.out.clone(),
+            activations: self.save_activations.clone(),
+            responses: self.responses.clone(),
+        }
+    }
 }
 
 /// A finished trait extraction and what it wrote.
@@ -149,7 +178,7 @@ impl TraitExtraction {
     }
 }
 
-/// Where a random control comes from.
+/// Where a random control comes from, and the file it goes to.
 #[derive(Debug, Clone, Default)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct RandomJob {
@@ -161,6 +190,9 @@ pub struct RandomJob {
     /// Make every layer's vector orthogonal to this direction's vector at that layer.
     #[cfg_attr(feature = "cli", arg(long))]
     pub orthogonal_to: Option<PathBuf>,
+    /// Output direction file (.safetensors).
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
 }
 
 /// A random control written to a file.
@@ -202,12 +234,11 @@ pub fn random_references(job: &RandomJob) -> Result<(Option<DirectionSet>, Optio
     Ok((load(&job.like)?, load(&job.orthogonal_to)?))
 }
 
-/// A seeded random control for `model` (its shape and identity), written to `out`.
+/// A seeded random control for `model` (its shape and identity), written to `job.out`.
 pub fn random_file(
     model: &Model,
     job: &RandomJob,
     references: &(Option<DirectionSet>, Option<DirectionSet>),
-    out: &Path,
 ) -> Result<RandomRun> {
     let (like, orth) = references;
     let cfg = model.config();
@@ -221,11 +252,11 @@ pub fn random_file(
         },
     )?;
     set.meta = set.meta.clone().with_model(model, false);
-    set.save(out)?;
+    set.save(&job.out)?;
     Ok(RandomRun {
         set,
         seed: job.seed,
-        out: out.to_path_buf(),
+        out: job.out.clone(),
         like: like.as_ref().map(|s| s.name().to_string()),
         orthogonal_to: orth.as_ref().map(|s| s.name().to_string()),
     })
