@@ -3,6 +3,10 @@
 //! written with `--print`, and the checks of a shard merge (another study, another labeler,
 //! identical and differing duplicates, missing items). Rows are written straight into shard
 //! databases, so this runs in a second; the real-Slurm run is `crates/pgate/tests/study_slurm.rs`.
+//! One test runs a model (SmolLM2, a few seconds): receipts of a merged study against a single
+//! run's.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -304,5 +308,241 @@ fn merge_checks_study_labeler_duplicates_and_missing() {
     assert!(
         e.contains("model q15, not q05") && e.contains("not a shard of this study"),
         "{e}"
+    );
+}
+
+/// Fields of a receipt that say where and when it was made rather than what was measured: the
+/// database path, registration and result timestamps, the rows hashes (each row's bytes carry its
+/// start and finish times), the seal over all of them, and the merge record itself.
+fn measured_fields(r: &persona_gate::report::receipt::Receipt) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap();
+    let o = v.as_object_mut().unwrap();
+    for k in ["receipt_sha256", "timestamps", "shards"] {
+        o.remove(k);
+    }
+    let study = o["study"].as_object_mut().unwrap();
+    for k in ["results_db", "created_at", "last_run_at"] {
+        study.remove(k);
+    }
+    for set in o["results"].as_array_mut().unwrap() {
+        let set = set.as_object_mut().unwrap();
+        for k in ["first_result_at", "last_result_at", "rows_sha256"] {
+            set.remove(k);
+        }
+    }
+    v
+}
+
+/// A SmolLM2 study run once whole and once as two token-balanced shards (one shard's database
+/// handed over twice, as a task that ran again would) merged: the merged database records the
+/// layout, each source and the collapsed duplicates; receipts written from it equal the single
+/// run's in everything measured and carry that record; both verify, and `receipt diff` between
+/// them differs only in its `shards` line.
+#[test]
+fn merged_receipts_equal_a_single_runs_and_record_the_layout() {
+    use persona_gate::drift::receipts::receipt_diff;
+    use persona_gate::report::ops::verify_path;
+    use persona_gate::report::receipt::{build_receipts, write_receipts, Receipt};
+    use persona_gate::report::{ReceiptOptions, VerifyOptions};
+    use persona_gate::study::ops::{run, RunSpec};
+
+    let t0 = std::time::Instant::now();
+    let dir = tmpdir("receipts");
+    let path = dir.join("study.toml");
+    let model = common::model_path("smollm2");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+version = 1
+name = "merged-receipts"
+[model]
+spec = "{}"
+dtype = "q"
+[directions]
+ctl = {{ random = 5 }}
+[prompts]
+harmful = {{ source = "demo_harmful", n = 2 }}
+harmless = {{ source = "demo_harmless", n = 1 }}
+[generation]
+max_new_tokens = 6
+# One sequence per batch: in q mode a near-tie can go either way with the batch composition, and
+# the two runs batch different items together.
+batch_size = 1
+[[condition]]
+name = "baseline"
+[[condition]]
+name = "friendly"
+persona = "friendly"
+[[condition]]
+name = "steer"
+add = ["ctl:6@15"]
+prompts = ["harmful"]
+"#,
+            model.display()
+        ),
+    )
+    .unwrap();
+    let study = Study::load(&path).unwrap();
+    let go = std::sync::atomic::AtomicBool::new(false);
+    let run_into = |db: &Path, shard: Option<(u64, u64)>| {
+        let spec = RunSpec {
+            study: path.clone(),
+            db: db.to_path_buf(),
+            limit: None,
+            shard,
+            shard_by: ShardBy::Tokens,
+            wave: None,
+            judge: false,
+            device: persona_gate::device::Device::Cpu,
+            concurrency: None,
+        };
+        run(&spec, &go, &mut |_: persona_gate::events::Event| {}).unwrap()
+    };
+    let single = dir.join("single.sqlite");
+    run_into(&single, None);
+    let shards: Vec<PathBuf> = (0..2u64)
+        .map(|i| {
+            let p = dir.join(format!("shard-{i}.sqlite"));
+            run_into(&p, Some((i, 2)));
+            p
+        })
+        .collect();
+    let again = dir.join("shard-1-again.sqlite");
+    std::fs::copy(&shards[1], &again).unwrap();
+    let merged = dir.join("merged.sqlite");
+    let from = [shards[0].clone(), shards[1].clone(), again.clone()];
+    let m = merge_shards(&merged, &study, Some(&path), &from).unwrap();
+    assert!(m.complete() && m.differing.is_empty(), "{m}");
+
+    // The record: layout, sources with the shard each holds, the duplicates of the copy.
+    let rec = &m.record;
+    let l = rec
+        .layout
+        .as_ref()
+        .expect("the shards recorded their layout");
+    assert_eq!((l.count, l.by), (2, ShardBy::Tokens));
+    assert_eq!(l, &layout::layout(&study, ShardBy::Tokens, 2));
+    let held: Vec<(Vec<u64>, usize)> = rec
+        .sources
+        .iter()
+        .map(|s| (s.shards.clone(), s.results))
+        .collect();
+    let n1 = l.shards[1].items;
+    assert_eq!(
+        held,
+        vec![(vec![0], l.shards[0].items), (vec![1], n1), (vec![1], n1)]
+    );
+    assert_eq!(rec.sources[1].results_sha256, rec.sources[2].results_sha256);
+    assert_ne!(rec.sources[0].results_sha256, rec.sources[1].results_sha256);
+    assert_eq!(
+        rec.collapsed.len(),
+        n1,
+        "every result of the copy collapses"
+    );
+    assert!(rec.differing.is_empty());
+    let stored = persona_gate::study::cluster::merge::read_record(
+        &Store::open_read(&merged).unwrap(),
+        &study.hash,
+    )
+    .unwrap();
+    assert_eq!(
+        stored.as_ref(),
+        Some(rec),
+        "the merged database keeps the record"
+    );
+
+    // Receipts from both databases.
+    let opts = ReceiptOptions {
+        policy_version: Some("merge-test".into()),
+        ..Default::default()
+    };
+    let (rs, rm) = (dir.join("r-single"), dir.join("r-merged"));
+    write_receipts(&build_receipts(&single, &opts).unwrap(), &rs).unwrap();
+    write_receipts(&build_receipts(&merged, &opts).unwrap(), &rm).unwrap();
+    let load = |d: &Path| -> Vec<Receipt> {
+        let (_, v) = persona_gate::report::receipt::load_receipts(d).unwrap();
+        v.into_iter().map(|(_, r)| r).collect()
+    };
+    let (a, b) = (load(&rs), load(&rm));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(x.shards.is_none(), "a single run records no merge");
+        let s = y
+            .shards
+            .as_ref()
+            .expect("the merged receipt records the merge");
+        assert_eq!(s, &rec.for_condition(&y.condition.name));
+        assert!(s.collapsed.iter().all(|i| i.condition == y.condition.name));
+        assert_eq!(
+            measured_fields(x),
+            measured_fields(y),
+            "condition {}: the merged receipt says what the single run's says",
+            x.condition.name
+        );
+    }
+    let collapsed: usize = b
+        .iter()
+        .map(|r| r.shards.as_ref().unwrap().collapsed.len())
+        .sum();
+    assert_eq!(
+        collapsed, n1,
+        "each collapsed result is in its condition's receipt"
+    );
+
+    // Both verify (the merged one also against its database's record).
+    let vopts = VerifyOptions {
+        roots: vec![dir.clone()],
+        ..Default::default()
+    };
+    for d in [&rs, &rm] {
+        let v = verify_path(d, &vopts).unwrap();
+        assert!(v.report.ok(), "{}: {}", d.display(), v.to_text(false));
+    }
+    let v = verify_path(&rm, &vopts).unwrap();
+    let shard_checks = v
+        .report
+        .checks
+        .iter()
+        .filter(|c| c.what.contains("shard layout"))
+        .count();
+    assert_eq!(shard_checks, 3, "one shard check per merged receipt");
+
+    // The diff: one bundle-wide `shards` line, no rate moves.
+    let d = receipt_diff(&rs, &rm).unwrap();
+    assert_eq!(d.fields.len(), 3, "{}", d.to_text());
+    let want = format!(
+        "2 shards by tokens (layout {}), 3 databases merged",
+        &l.hash[..12]
+    );
+    assert!(d
+        .fields
+        .iter()
+        .all(|f| f.field == "shards" && f.old == "no merge recorded" && f.new == want));
+    assert!(d.rates.iter().all(|r| r.drop == 0.0 && r.old.k == r.new.k));
+    let text = d.to_text();
+    assert_eq!(
+        text.lines().filter(|l| l.contains("shards")).count(),
+        1,
+        "{text}"
+    );
+
+    // A merged receipt that hides its merge (field removed, resealed) fails the shard check.
+    let file = rm.join("00-baseline.json");
+    let mut r = Receipt::load(&file).unwrap();
+    r.shards = None;
+    r.seal().unwrap();
+    std::fs::write(&file, serde_json::to_string_pretty(&r).unwrap()).unwrap();
+    let v = verify_path(&rm, &vopts).unwrap();
+    assert!(v
+        .report
+        .failures()
+        .iter()
+        .any(|c| c.what.contains("shard layout") && c.expected == "none"));
+    eprintln!(
+        "merged receipts: {:.1} s\n{}",
+        t0.elapsed().as_secs_f64(),
+        text
     );
 }
