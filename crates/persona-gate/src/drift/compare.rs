@@ -2,11 +2,11 @@
 //! persona-refusal geometry, cross-projections, and per-mode label rates with paired statistics
 //! (the same prompts answered by both versions).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::measure::{VersionDirections, VersionMeasure};
+use super::geometry::direction_rows;
+use super::measure::VersionMeasure;
 use super::DriftOptions;
-use crate::directions::cosine;
 use crate::eval::paired::{mcnemar_pairs, paired_bootstrap_bool, McNemar, PairedDiff};
 use crate::eval::stats::{wilson, Rate};
 use crate::eval::Label;
@@ -17,16 +17,23 @@ pub const BOOT_REPS: usize = 2000;
 pub const BOOT_SEED: u64 = 20;
 
 /// One layer of the direction comparison.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerRow {
     pub layer: usize,
     /// cos(refusal_old[l], refusal_new[l]).
     pub refusal_cos: Option<f64>,
     /// cos(persona_old[l], persona_new[l]).
     pub persona_cos: Option<f64>,
-    /// cos(persona, refusal) within each version.
+    /// cos(persona, refusal) within each version: the persona-refusal coupling.
     pub geometry_old: Option<f64>,
     pub geometry_new: Option<f64>,
+    /// cos(persona_old, persona_new) with the span of both refusal directions removed from both
+    /// (see [`super::geometry`]): the persona itself. Absent in reports written before it existed.
+    #[serde(default)]
+    pub persona_off_refusal_cos: Option<f64>,
+    /// Share of the unit persona change that lies in the span of both refusal directions.
+    #[serde(default)]
+    pub persona_change_along_refusal: Option<f64>,
     /// Mean harmful last-token activation projected on the old version's unit refusal direction
     /// at this layer: old activations, new activations.
     pub refusal_proj_old: Option<f64>,
@@ -37,7 +44,7 @@ pub struct LayerRow {
 }
 
 /// Label rates of one mode in both versions, with the paired change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModeDrift {
     pub mode: String,
     pub n: usize,
@@ -78,16 +85,27 @@ impl ModeDrift {
 pub const PERSONA_STABLE_COS: f64 = 0.9;
 
 /// Direction-level verdicts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DirectionDrift {
     pub refusal_layer_old: usize,
     pub refusal_layer_new: usize,
     /// cos(refusal_old, refusal_new) at the old version's refusal layer.
     pub refusal_cos_at_layer: Option<f64>,
-    /// Largest |geometry_new - geometry_old| over layers, and where.
+    /// The persona-refusal coupling: largest |geometry_new - geometry_old| over layers, where,
+    /// and whether it exceeds `geometry_threshold`. (Before the persona split this was the
+    /// "persona geometry" verdict; the field names are kept so older reports read.)
     pub geometry_max_change: f64,
     pub geometry_max_layer: usize,
     pub geometry_drifted: bool,
+    /// The persona geometry verdict: lowest persona-off-refusal cosine over layers and where,
+    /// the first layer below `persona_min_cos`, and whether there is one. Reports written before
+    /// the split read these as absent / false; `pgate drift --from-report` recomputes them.
+    #[serde(default)]
+    pub persona_off_refusal_min: Option<(usize, f64)>,
+    #[serde(default)]
+    pub persona_off_refusal_below_from: Option<usize>,
+    #[serde(default)]
+    pub persona_drifted: bool,
     /// Harmful prompts' projection on the old refusal direction at its layer: new - old.
     pub refusal_proj_shift: Option<f64>,
     pub persona_proj_shift_max: Option<(usize, f64)>,
@@ -96,10 +114,13 @@ pub struct DirectionDrift {
     /// cosine with its layer. Reported, not a verdict: it separates a change that reaches the
     /// layers where persona is read (a persona bake moves it from its layers on) from one that
     /// moves only the late layers persona shares with refusal (removing refusal does that).
+    #[serde(default)]
     pub persona_stable_through: Option<usize>,
+    #[serde(default)]
     pub persona_cos_min: Option<(usize, f64)>,
     /// The new version's refusal selection found no candidate whose addition induces refusal
     /// (within the KL limit), so its direction is the candidate at the old version's layer.
+    #[serde(default)]
     pub new_selection_fell_back: bool,
 }
 
@@ -128,30 +149,16 @@ pub fn layer_rows(old: &VersionMeasure, new: &VersionMeasure) -> Result<Vec<Laye
         ));
     };
     let d = old.d_model;
-    let mut out = Vec::with_capacity(old.n_layers);
-    for l in 0..old.n_layers {
-        let dir = |s: &VersionDirections, p: bool| -> Result<Vec<f32>> {
-            Ok(if p {
-                s.persona.layer(l)?
-            } else {
-                s.refusal.layer(l)?
-            }
-            .to_vec())
-        };
-        let (ra, rb, pa, pb) = (dir(a, false)?, dir(b, false)?, dir(a, true)?, dir(b, true)?);
-        out.push(LayerRow {
-            layer: l,
-            refusal_cos: cosine(&ra, &rb),
-            persona_cos: cosine(&pa, &pb),
-            geometry_old: cosine(&pa, &ra),
-            geometry_new: cosine(&pb, &rb),
-            refusal_proj_old: proj(row(&old.harmful_mean, l, d), &ra),
-            refusal_proj_new: proj(row(&new.harmful_mean, l, d), &ra),
-            persona_proj_old: proj(row(&old.harmful_mean, l, d), &pa),
-            persona_proj_new: proj(row(&new.harmful_mean, l, d), &pa),
-        });
+    let mut rows = direction_rows(a, b)?;
+    for r in &mut rows {
+        let l = r.layer;
+        let (ra, pa) = (a.refusal.layer(l)?, a.persona.layer(l)?);
+        r.refusal_proj_old = proj(row(&old.harmful_mean, l, d), ra);
+        r.refusal_proj_new = proj(row(&new.harmful_mean, l, d), ra);
+        r.persona_proj_old = proj(row(&old.harmful_mean, l, d), pa);
+        r.persona_proj_new = proj(row(&new.harmful_mean, l, d), pa);
     }
-    Ok(out)
+    Ok(rows)
 }
 
 /// Direction verdicts from the per-layer rows.
@@ -169,6 +176,18 @@ pub fn direction_drift(
             }
         }
     }
+    // The persona itself: where its part off refusal stops being the same direction.
+    let persona_min = rows
+        .iter()
+        .filter_map(|r| Some((r.layer, r.persona_off_refusal_cos?)))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    let below_from = rows
+        .iter()
+        .find(|r| {
+            r.persona_off_refusal_cos
+                .is_some_and(|c| c < opts.persona_min_cos)
+        })
+        .map(|r| r.layer);
     let at = &rows[old.refusal_layer.min(rows.len() - 1)];
     let shift = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
     let persona_max = rows
@@ -194,6 +213,9 @@ pub fn direction_drift(
             .iter()
             .filter_map(|r| Some((r.layer, r.persona_cos?)))
             .min_by(|a, b| a.1.total_cmp(&b.1)),
+        persona_off_refusal_min: persona_min,
+        persona_off_refusal_below_from: below_from,
+        persona_drifted: below_from.is_some(),
     }
 }
 

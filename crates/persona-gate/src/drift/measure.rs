@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::DriftOptions;
 use crate::directions::{
@@ -41,7 +41,7 @@ pub struct VersionDirections {
 }
 
 /// What one version measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VersionMeasure {
     pub model: String,
     pub source: String,
@@ -51,7 +51,8 @@ pub struct VersionMeasure {
     pub refusal_layer: usize,
     /// How the refusal direction was chosen (its `selection` metadata): the usual selection, or a
     /// fallback to the old version's layer when no candidate passed the filters, itself a sign
-    /// that refusal changed.
+    /// that refusal changed. (Absent in the first reports: read as empty.)
+    #[serde(default)]
     pub refusal_selection: String,
     pub direction_files: [PathBuf; 2],
     pub directions_extracted: bool,
@@ -88,6 +89,17 @@ pub fn read_directions(dir: &Path, model: &Model) -> Result<VersionDirections> {
         dir.join("refusal.safetensors"),
         dir.join("persona.safetensors"),
     ];
+    let cfg = model.config();
+    read_direction_files(files, (cfg.n_layers, cfg.d_model), &model.info.name)
+}
+
+/// Read a version's `[refusal, persona]` direction files, checked against `shape` (layers,
+/// width) of the model called `name`.
+pub fn read_direction_files(
+    files: [PathBuf; 2],
+    shape: (usize, usize),
+    name: &str,
+) -> Result<VersionDirections> {
     for f in &files {
         if !f.is_file() {
             return Err(Error::InvalidValue(format!(
@@ -98,17 +110,15 @@ pub fn read_directions(dir: &Path, model: &Model) -> Result<VersionDirections> {
     }
     let refusal = DirectionSet::load(&files[0])?;
     let persona = DirectionSet::load(&files[1])?;
-    let cfg = model.config();
     for (set, f) in [(&refusal, &files[0]), (&persona, &files[1])] {
-        if set.d_model() != cfg.d_model || set.n_layers() != cfg.n_layers {
+        if (set.n_layers(), set.d_model()) != shape {
             return Err(Error::InvalidValue(format!(
-                "{}: directions of {} layers x {} do not fit {} ({} layers x {})",
+                "{}: directions of {} layers x {} do not fit {name} ({} layers x {})",
                 f.display(),
                 set.n_layers(),
                 set.d_model(),
-                model.info.name,
-                cfg.n_layers,
-                cfg.d_model
+                shape.0,
+                shape.1
             )));
         }
     }
@@ -123,7 +133,12 @@ pub fn read_directions(dir: &Path, model: &Model) -> Result<VersionDirections> {
                 files[0].display()
             ))
         })?;
-    model.check_layer(refusal_layer)?;
+    if refusal_layer >= shape.0 {
+        return Err(Error::LayerOutOfRange {
+            layer: refusal_layer,
+            n_layers: shape.0,
+        });
+    }
     Ok(VersionDirections {
         refusal,
         refusal_layer,

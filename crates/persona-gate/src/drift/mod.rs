@@ -8,20 +8,24 @@
 //!
 //! - [`versions`]: making versions to compare (baked persona, orthogonalized, re-quantized).
 //! - [`measure`]: what one version gives; [`compare`]: the comparison and verdicts;
+//!   [`geometry`]: the persona split against refusal (the persona itself vs its coupling);
+//!   [`regeometry`]: the direction verdicts of a saved report recomputed without the models;
 //!   [`render`]: Markdown and HTML.
 //! - [`receipts`]: `pgate receipt diff` and `pgate check --against`.
 //! - [`warn`]: the steering warning (added directions against the known refusal direction).
 
 pub mod compare;
+pub mod geometry;
 pub mod measure;
 pub mod receipts;
+pub mod regeometry;
 pub mod render;
 pub mod versions;
 pub mod warn;
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, EventSink};
 use crate::model::{open, DTypeMode, LoadOptions, Model, ModelSource};
@@ -30,9 +34,10 @@ use crate::{Error, Result};
 use compare::{direction_drift, layer_rows, mode_drifts, DirectionDrift, LayerRow, ModeDrift};
 use measure::{measure_version, mode_system, VersionMeasure};
 
-/// Settings of `pgate drift`.
+/// Settings of `pgate drift`. Reports keep them; fields added later read as their defaults.
 #[cfg_attr(feature = "cli", derive(clap::Args))]
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DriftOptions {
     /// Folder with each version's directions: old/ and new/, each holding refusal.safetensors
     /// (with its selected_layer) and persona.safetensors. A side whose folder is absent from it
@@ -85,9 +90,19 @@ pub struct DriftOptions {
     /// change is at least this many percentage points.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.0))]
     pub min_change_pp: f64,
-    /// Persona geometry drifted when cos(persona, refusal) moves by more than this at any layer.
+    /// The persona-refusal coupling changed when cos(persona, refusal) moves by more than this
+    /// at any layer.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.1))]
     pub geometry_threshold: f64,
+    /// Persona geometry drifted when, with both versions' refusal directions removed, the
+    /// persona directions' cos(old, new) falls below this at any layer.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = compare::PERSONA_STABLE_COS))]
+    pub persona_min_cos: f64,
+    /// Recompute the direction verdicts of an earlier run's output folder (its drift.json and
+    /// the direction files it names, or --directions) without loading or running the models;
+    /// rates and projections are kept from that run. OLD and NEW must be the models it compared.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DIR"))]
+    pub from_report: Option<PathBuf>,
     /// Remember each extracted refusal direction under the model file's sha256
     /// ($PGATE_CACHE/refusal/), so later steering of that file warns without --refusal.
     #[cfg_attr(feature = "cli", arg(long))]
@@ -115,14 +130,16 @@ impl Default for DriftOptions {
             batch_size: 8,
             min_change_pp: 0.0,
             geometry_threshold: 0.1,
+            persona_min_cos: compare::PERSONA_STABLE_COS,
+            from_report: None,
             cache_refusal: false,
             dtype: "q".into(),
         }
     }
 }
 
-/// Everything `pgate drift` found.
-#[derive(Debug, Clone, Serialize)]
+/// Everything `pgate drift` found (`drift.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DriftReport {
     pub schema: String,
     pub old: VersionMeasure,
@@ -191,6 +208,12 @@ fn check_options(opts: &DriftOptions) -> Result<()> {
     if !opts.min_change_pp.is_finite() || !opts.geometry_threshold.is_finite() {
         return Err(Error::InvalidValue("thresholds must be finite".into()));
     }
+    if !(-1.0..=1.0).contains(&opts.persona_min_cos) {
+        return Err(Error::InvalidValue(format!(
+            "--persona-min-cos {} is not a cosine (-1 to 1)",
+            opts.persona_min_cos
+        )));
+    }
     Ok(())
 }
 
@@ -203,6 +226,9 @@ pub fn run_drift(
     sink: &mut dyn EventSink,
 ) -> Result<DriftReport> {
     check_options(opts)?;
+    if let Some(dir) = &opts.from_report {
+        return regeometry::regeometry(old, new, dir, opts);
+    }
     check_comparable(old, new)?;
     let set = select_prompts(&opts.prompts, 0, Some(opts.n))?;
     let lopts = LoadOptions {

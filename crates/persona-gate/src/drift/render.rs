@@ -13,7 +13,8 @@ fn f(x: Option<f64>, prec: usize) -> String {
 }
 
 impl DriftReport {
-    /// Verdict lines: one for the directions, one for the geometry, one per mode.
+    /// Verdict lines: the directions, the persona geometry, the persona-refusal coupling, the
+    /// persona direction, the refusal selection when it fell back, one per mode.
     pub fn verdict_lines(&self) -> Vec<String> {
         let d = &self.directions;
         let mut out = vec![
@@ -25,13 +26,8 @@ impl DriftReport {
                 f(d.refusal_cos_at_layer, 3),
                 f(d.refusal_proj_shift, 2)
             ),
-            format!(
-                "persona geometry: {}, largest change of cos(persona, refusal) {:.3} at layer {} (threshold {})",
-                if d.geometry_drifted { "drifted" } else { "no drift" },
-                d.geometry_max_change,
-                d.geometry_max_layer,
-                self.options.geometry_threshold
-            ),
+            self.persona_line(),
+            self.coupling_line(),
         ];
         if let Some((layer, c)) = d.persona_cos_min {
             out.push(format!(
@@ -51,6 +47,49 @@ impl DriftReport {
         }
         out.extend(self.modes.iter().map(|m| m.verdict_line()));
         out
+    }
+
+    /// The persona geometry verdict: the persona directions with both versions' refusal
+    /// directions removed (see [`super::geometry`]).
+    fn persona_line(&self) -> String {
+        let d = &self.directions;
+        let Some((layer, c)) = d.persona_off_refusal_min else {
+            return "persona geometry: not measured (a report written before the persona split; recompute it with --from-report)".into();
+        };
+        let along = self
+            .layers
+            .get(layer)
+            .and_then(|r| r.persona_change_along_refusal)
+            .map(|s| {
+                format!(
+                    "; {:.0}% of the persona change there lies along refusal",
+                    100.0 * s
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "persona geometry: {}, persona off refusal cos(old, new) lowest {c:.3} at layer {layer}{} (threshold {}; both versions' refusal directions removed{along})",
+            if d.persona_drifted { "drifted" } else { "no drift" },
+            d.persona_off_refusal_below_from
+                .map(|l| format!(", under the threshold from layer {l}"))
+                .unwrap_or_default(),
+            self.options.persona_min_cos,
+        )
+    }
+
+    /// The persona-refusal coupling: cos(persona, refusal) within each version, its largest change.
+    fn coupling_line(&self) -> String {
+        let d = &self.directions;
+        let at = self.layers.get(d.geometry_max_layer);
+        format!(
+            "persona-refusal coupling: {}, cos(persona, refusal) {} -> {} at layer {} (largest change {:.3}, threshold {})",
+            if d.geometry_drifted { "drifted" } else { "no drift" },
+            f(at.and_then(|r| r.geometry_old), 3),
+            f(at.and_then(|r| r.geometry_new), 3),
+            d.geometry_max_layer,
+            d.geometry_max_change,
+            self.options.geometry_threshold
+        )
     }
 
     /// Plain text: what was compared, then the verdicts.
@@ -105,11 +144,13 @@ impl DriftReport {
             );
         }
         s += &format!(
-            "\n## Directions per layer\n\nRefusal layer: old {}, new {}. Projections: mean last-token \
-             activation of harmful prompts on the **old** version's unit directions.\n\n",
+            "\n## Directions per layer\n\nRefusal layer: old {}, new {}. Persona off refusal: cos(old, \
+             new) of the persona directions with both versions' refusal directions at that layer \
+             removed; along refusal: share of the persona change inside that span. Projections: mean \
+             last-token activation of harmful prompts on the **old** version's unit directions.\n\n",
             self.old.refusal_layer, self.new.refusal_layer
         );
-        s += "| layer | cos refusal old/new | cos persona old/new | cos(persona, refusal) old | new | refusal proj old | new | persona proj old | new |\n|---|---|---|---|---|---|---|---|---|\n";
+        s += "| layer | cos refusal old/new | cos persona old/new | persona off refusal | along refusal | cos(persona, refusal) old | new | refusal proj old | new | persona proj old | new |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
         for r in &self.layers {
             s += &layer_md(r);
         }
@@ -193,10 +234,12 @@ impl DriftReport {
 
 fn layer_md(r: &LayerRow) -> String {
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         r.layer,
         f(r.refusal_cos, 3),
         f(r.persona_cos, 3),
+        f(r.persona_off_refusal_cos, 3),
+        f(r.persona_change_along_refusal, 2),
         f(r.geometry_old, 3),
         f(r.geometry_new, 3),
         f(r.refusal_proj_old, 2),
