@@ -371,10 +371,13 @@ pub struct RefusalJob {
     pub select: SelectOptions,
 }
 
-/// [`RefusalJob`] as flags (`pgate extract refusal`): positions by name, the selection's knobs.
+/// [`RefusalJob`] as flags (`pgate extract refusal`): positions by name, the selection's knobs,
+/// and the files the selection goes to ([`RefusalFlags::write`]).
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct RefusalFlags {
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: std::path::PathBuf,
     /// Harmful instructions for the means (file or name).
     #[cfg_attr(feature = "cli", arg(long, default_value = "harmful_train"))]
     pub harmful: String,
@@ -403,9 +406,22 @@ pub struct RefusalFlags {
     pub layer_stride: usize,
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 16))]
     pub batch_size: usize,
+    /// Write the candidate scores as JSON here.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub scores: Option<std::path::PathBuf>,
 }
 
 impl RefusalFlags {
+    /// Save the selected candidate set to `out` and the scores to `scores` (when given).
+    pub fn write(&self, sel: &Selection) -> Result<()> {
+        sel.direction.save(&self.out)?;
+        if let Some(p) = &self.scores {
+            std::fs::write(p, serde_json::to_string_pretty(sel)?)
+                .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+        }
+        Ok(())
+    }
+
     /// The job, positions parsed (other selection options at their defaults).
     pub fn job(&self) -> Result<RefusalJob> {
         let positions = self
@@ -466,6 +482,16 @@ pub fn extract_refusal(
 }
 
 impl Selection {
+    /// The closing line of `pgate extract refusal`: what was selected, where it went, how long.
+    pub fn selected_line(&self, out: &std::path::Path, seconds: f64) -> String {
+        format!(
+            "selected layer {} position {} -> {} ({seconds:.0} s)",
+            self.layer,
+            self.position,
+            out.display()
+        )
+    }
+
     /// The baseline scores and every candidate's scores with the chosen one marked, as a text table.
     pub fn to_table(&self) -> String {
         let mut out = format!(

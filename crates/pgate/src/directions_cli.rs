@@ -30,7 +30,7 @@ pub enum ExtractCmd {
     /// layer, selected by bypass / induce / KL scores on validation prompts.
     ///
     /// Example: pgate extract refusal q15 -o refusal.safetensors --n-train 64 --n-val 16
-    Refusal(crate::refusal_cli::RefusalArgs),
+    Refusal(WithModel<persona_gate::refusal::RefusalFlags>),
 }
 
 #[derive(Args)]

@@ -75,7 +75,7 @@ enum Cmd {
     /// optional persona (system prompt) and intervention plan.
     ///
     /// Example: pgate eval q15 --prompts harmful_val -n 50 --ablate refusal.safetensors[12]@0-27
-    Eval(refusal_cli::EvalArgs),
+    Eval(args::WithModel<persona_gate::refusal::rates::RateFlags>),
     /// OpenAI-compatible chat server: persona presets (system prompt + steering), continuous
     /// batching, residual projections and the refusal guard on every response.
     ///

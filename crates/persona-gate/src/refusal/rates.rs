@@ -48,8 +48,8 @@ pub struct RateOptions {
     pub out: Option<PathBuf>,
 }
 
-/// The flags of `pgate eval` besides the model, the plan and `--out`: which prompts, under which
-/// system prompt, how long the answers.
+/// The flags of `pgate eval` besides the model: which prompts, under which system prompt and
+/// intervention plan, how long the answers, where the labeled rows go.
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct RateFlags {
@@ -69,6 +69,11 @@ pub struct RateFlags {
     pub max_tokens: usize,
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 16))]
     pub batch_size: usize,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub plan: crate::directions::PlanFlags,
+    /// Write every output with its label as JSONL.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: Option<PathBuf>,
 }
 
 impl RateFlags {
@@ -77,14 +82,14 @@ impl RateFlags {
         select_prompts(&self.prompts, self.skip, self.n)
     }
 
-    /// The options with `plan` compiled by the caller and the rows going to `out`.
-    pub fn options(&self, plan: Option<Arc<CompiledPlan>>, out: Option<PathBuf>) -> RateOptions {
+    /// The options with `plan` (from [`RateFlags::plan`]) compiled by the caller.
+    pub fn options(&self, plan: Option<Arc<CompiledPlan>>) -> RateOptions {
         RateOptions {
             system: self.system.clone(),
             max_tokens: self.max_tokens,
             batch_size: self.batch_size,
             plan,
-            out,
+            out: self.out.clone(),
         }
     }
 }
