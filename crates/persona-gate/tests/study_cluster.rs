@@ -416,7 +416,7 @@ prompts = ["harmful"]
     assert!(m.complete() && m.differing.is_empty(), "{m}");
 
     // The record: layout, sources with the shard each holds, the duplicates of the copy.
-    let rec = &m.record;
+    let rec: &persona_gate::study::cluster::ShardRecord = &m.record;
     let l = rec
         .layout
         .as_ref()

@@ -72,8 +72,9 @@ pub struct ShardMerge {
     pub missing: Vec<ItemName>,
     /// The layout the shards were run with, when they recorded one and agree on it.
     pub layout: Option<ShardLayout>,
-    /// What the merged database now records about its shards (see [`super::record`]).
-    pub record: ShardRecord,
+    /// What the merged database now records about its shards (see [`super::record`]); boxed to
+    /// keep [`MergeOutcome`]'s variants of similar size.
+    pub record: Box<ShardRecord>,
 }
 
 impl ShardMerge {
@@ -204,7 +205,7 @@ pub fn merge_shards(
         differing,
         missing,
         layout,
-        record,
+        record: Box::new(record),
     })
 }
 
