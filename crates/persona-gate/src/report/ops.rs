@@ -89,9 +89,27 @@ impl ReceiptsWritten {
     }
 
     /// What a person should know (stderr): labels changed after generation, labels backed by no
-    /// labeler, no policy given, a signature removed, the files written.
+    /// labeler, the shards a merged study came from, no policy given, a signature removed, the
+    /// files written.
     pub fn notes(&self) -> Vec<String> {
         let mut v = label_notes(&self.receipts);
+        if let Some(s) = self.receipts.iter().find_map(|r| r.shards.as_ref()) {
+            let differing: usize = self
+                .receipts
+                .iter()
+                .filter_map(|r| r.shards.as_ref())
+                .map(|s| s.differing.len())
+                .sum();
+            v.push(format!(
+                "merged study: {}; recorded in each receipt's `shards`{}",
+                s.summary(),
+                if differing > 0 {
+                    format!(" ({differing} results differed between shard databases: the first was kept)")
+                } else {
+                    String::new()
+                }
+            ));
+        }
         if self.bundle.policy_version == "unspecified" {
             v.push("no --policy given: receipts record policy_version \"unspecified\"".into());
         }
