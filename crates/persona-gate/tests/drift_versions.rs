@@ -97,6 +97,7 @@ fn q05_against_itself_no_drift_and_against_a_baked_version_drifted() {
     print!("{}", same.to_text());
     assert!(same.drifted_modes().is_empty(), "{}", same.to_text());
     assert!(!same.directions.geometry_drifted);
+    assert!(!same.directions.persona_drifted);
     assert_eq!(
         same.directions.refusal_layer_old,
         same.directions.refusal_layer_new

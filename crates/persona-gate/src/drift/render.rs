@@ -98,11 +98,25 @@ impl DriftReport {
             "drift {} -> {} on {} ({} labels)\n",
             self.old.model, self.new.model, self.prompt_set, self.labeler
         );
+        if let Some(l) = self.recomputed_line() {
+            s += &l;
+            s.push('\n');
+        }
         for l in self.verdict_lines() {
             s += &l;
             s.push('\n');
         }
         s
+    }
+
+    /// Says where the numbers of a `--from-report` run come from.
+    fn recomputed_line(&self) -> Option<String> {
+        self.options.from_report.as_ref().map(|d| {
+            format!(
+                "direction verdicts recomputed from the saved run in {} (directions re-read; answers, labels and projections are that run's)",
+                d.display()
+            )
+        })
     }
 
     /// Markdown summary: verdicts, the rate table, the per-layer table.
@@ -120,6 +134,9 @@ impl DriftReport {
             super::compare::BOOT_REPS,
             super::compare::BOOT_SEED
         );
+        if let Some(l) = self.recomputed_line() {
+            s += &format!("{l}.\n\n");
+        }
         for l in self.verdict_lines() {
             s += &format!("- {l}\n");
         }
