@@ -237,10 +237,12 @@ impl LabelJob {
     }
 }
 
-/// How to train the probe (`pgate label train`).
+/// How to train the probe and where it and its measurements go (`pgate label train`).
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct TrainJob {
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
     #[cfg_attr(feature = "cli", arg(long, default_value = "data/labels/devset.jsonl"))]
     pub devset: PathBuf,
     /// Refusal direction file (per-layer vectors): adds its projection as a probe feature.
@@ -264,6 +266,13 @@ pub struct TrainJob {
     /// labeling reads no losses and stops the forward at the refusal layer.
     #[cfg_attr(feature = "cli", arg(long))]
     pub fast: bool,
+    /// Write the measurements (JSON) here.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub report: Option<PathBuf>,
+    /// Write the measured accuracies in the format of data/labels/accuracy.json here (what
+    /// receipts quote and `pgate check --min-labeler-accuracy` reads).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub accuracy: Option<PathBuf>,
 }
 
 /// A trained probe and its measurements.
@@ -344,6 +353,19 @@ impl TrainJob {
             devset_sha256: crate::hash::sha256_file(&self.devset)?,
         })
     }
+
+    /// Write the measurements to `--report` and the accuracies to `--accuracy` (those given).
+    pub fn write_reports(&self, run: &TrainRun) -> Result<()> {
+        if let Some(f) = &self.report {
+            std::fs::write(f, serde_json::to_string_pretty(&run.report)?)
+                .map_err(|e| Error::io(format!("writing {}", f.display()), e))?;
+        }
+        if let Some(f) = &self.accuracy {
+            let text = serde_json::to_string_pretty(&run.accuracy_entries())? + "\n";
+            std::fs::write(f, text).map_err(|e| Error::io(f, e))?;
+        }
+        Ok(())
+    }
 }
 
 impl TrainRun {
@@ -416,6 +438,9 @@ pub struct DevsetEval {
     pub split: String,
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
     pub batch_size: usize,
+    /// Write the measurements as JSON here.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub json: Option<PathBuf>,
 }
 
 impl DevsetEval {
@@ -528,6 +553,30 @@ pub fn length_study_file(
         batch_size,
         &mut phase_progress("reading", sink),
     )
+}
+
+/// `pgate label cut`: which rows, how many tokens, where the cut rows go.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct CutJob {
+    #[cfg_attr(feature = "cli", arg(long = "in"))]
+    pub input: PathBuf,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub tokens: usize,
+    #[cfg_attr(feature = "cli", arg(short, long))]
+    pub out: PathBuf,
+}
+
+impl CutJob {
+    /// [`cut_file`], and the line saying what it wrote.
+    pub fn run(&self, model: &Model) -> Result<String> {
+        let n = cut_file(model, &self.input, self.tokens, &self.out)?;
+        Ok(format!(
+            "{n} rows cut to {} tokens -> {}",
+            self.tokens,
+            self.out.display()
+        ))
+    }
 }
 
 /// Cut each row of `input` to its first `tokens` tokens and write them to `out`: `output` cut,
