@@ -715,7 +715,8 @@ impl Decoder {
                 } else {
                     &s.mask_global
                 };
-                self.tiled_attention(&q, &k_all, &v_all, mask.as_ref(), b, l)?
+                let chunk_at_end = matches!(s.kv, KvWrite::Append);
+                self.blocked_attention(&q, &k_all, &v_all, mask.as_ref(), b, l, chunk_at_end)?
             }
         };
         let attn = attn
@@ -759,6 +760,61 @@ impl Decoder {
             m = n.forward(&m)?;
         }
         Ok((h + m)?)
+    }
+
+    /// [`Self::tiled_attention`] over blocks of query positions, so that a long prompt never holds
+    /// a `chunk x total` score tensor per head: each block's scores stay under
+    /// a per-device budget of bytes ([`attention_score_budget`]), which makes prefill memory linear in the prompt (the cache)
+    /// instead of growing with `chunk x prompt` (a 4k-token prompt on SmolLM2 held ~0.5 GB of
+    /// scores). When the chunk's queries are the cache's last `l` slots (`chunk_at_end`, every
+    /// append), a block also skips the keys after its last query, which causality masks anyway:
+    /// inside a chunk that halves the score work. Rows are independent in both matmuls and the
+    /// softmax, and dropped keys are exactly masked ones, so blocking changes no result's meaning.
+    #[allow(clippy::too_many_arguments)]
+    fn blocked_attention(
+        &self,
+        q: &Tensor,
+        k_all: &Tensor,
+        v_all: &Tensor,
+        mask: Option<&Tensor>,
+        b: usize,
+        l: usize,
+        chunk_at_end: bool,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let total = k_all.dim(2)?;
+        // f32 scores (the softmax runs in f32 whatever the activation dtype).
+        let row_bytes = b * cfg.n_heads * total * 4;
+        let budget = attention_score_budget(&self.device);
+        let rows = (budget / row_bytes.max(1)).max(16);
+        if rows >= l {
+            return self.tiled_attention(q, k_all, v_all, mask, b, l);
+        }
+        let (nkv, n_rep, hd) = (cfg.n_kv_heads, cfg.n_heads / cfg.n_kv_heads, cfg.head_dim);
+        let q5 = q.reshape((b, nkv, n_rep, l, hd))?;
+        let mut outs = Vec::with_capacity(l.div_ceil(rows));
+        let mut p0 = 0;
+        while p0 < l {
+            let n = rows.min(l - p0);
+            let keys = if chunk_at_end {
+                total - l + p0 + n
+            } else {
+                total
+            };
+            let qb = q5
+                .narrow(3, p0, n)?
+                .contiguous()?
+                .reshape((b, nkv, n_rep * n, hd))?;
+            let (kb, vb) = (k_all.narrow(2, 0, keys)?, v_all.narrow(2, 0, keys)?);
+            let mb = match mask {
+                Some(m) => Some(m.narrow(3, p0, n)?.narrow(4, 0, keys)?.contiguous()?),
+                None => None,
+            };
+            let ob = self.tiled_attention(&qb, &kb, &vb, mb.as_ref(), b, n)?;
+            outs.push(ob.reshape((b, nkv, n_rep, n, hd))?);
+            p0 += n;
+        }
+        Ok(Tensor::cat(&outs, 3)?.reshape((b, nkv, n_rep * l, hd))?)
     }
 
     /// Batched matmuls and softmax (tiled kernels; fast, rounding depends on the batch shape).
@@ -843,6 +899,28 @@ impl Decoder {
 /// projections are too small to reach full bandwidth alone), fusing gate/up *slows* batch 16 and 64
 /// by ~6% (cuBLAS picks a worse kernel for the 2x wider GEMM), hence the default. Outputs are the same
 /// either way.
+/// Bytes of attention scores one query block may hold per step ([`Decoder::blocked_attention`]):
+/// 16 MiB on the CPU (a few L2-sized GEMMs per block; the blocks' scores plus their softmax stay
+/// well under the cache of a long prompt), 256 MiB on a GPU, where fewer, larger matmuls keep
+/// launches few. `PGATE_ATTN_BLOCK_MB` overrides both (for measuring the trade-off).
+const CPU_SCORE_BUDGET: usize = 16 << 20;
+const GPU_SCORE_BUDGET: usize = 256 << 20;
+
+fn attention_score_budget(device: &Device) -> usize {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let o = OVERRIDE.get_or_init(|| {
+        std::env::var("PGATE_ATTN_BLOCK_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map(|mb| mb << 20)
+    });
+    o.unwrap_or(if device.is_cpu() {
+        CPU_SCORE_BUDGET
+    } else {
+        GPU_SCORE_BUDGET
+    })
+}
+
 fn fusion_from_env() -> (bool, bool) {
     match std::env::var("PGATE_FUSE").as_deref() {
         Ok("none") => (false, false),

@@ -19,6 +19,9 @@ pub struct KvCache {
     /// Bumped whenever storage is reallocated (growth, [`KvCache::select`], [`KvCache::merge`]):
     /// a captured CUDA graph holds raw pointers into the storage and is valid for one generation.
     generation: u64,
+    /// The most slots the rows can still need ([`KvCache::limit_growth`]): growth stops there
+    /// instead of doubling past it.
+    growth_limit: Option<usize>,
 }
 
 impl KvCache {
@@ -28,7 +31,17 @@ impl KvCache {
             len: 0,
             pads: Vec::new(),
             generation: 0,
+            growth_limit: None,
         }
+    }
+
+    /// Tell the cache that its rows end within `slots` time slots (the engine knows each row's
+    /// token budget), so growth allocates at most that many instead of doubling: a 4,096-token
+    /// prompt with 2 new tokens otherwise grows the cache to 8,192 slots on its first decode step,
+    /// twice the memory it will ever use. Growth past the limit (a limit that was too low) doubles
+    /// as before.
+    pub fn limit_growth(&mut self, slots: usize) {
+        self.growth_limit = Some(slots);
     }
 
     /// Layers the cache holds storage for.
@@ -147,7 +160,11 @@ impl KvCache {
         let need = self.len + l;
         let have = self.capacity_of(layer);
         if self.layers[layer].is_none() || need > have {
-            let cap = need.max(have * 2).max(64).next_multiple_of(64);
+            let mut cap = need.max(have * 2).max(64);
+            if let Some(limit) = self.growth_limit.filter(|&lim| need <= lim) {
+                cap = cap.min(limit);
+            }
+            let cap = cap.next_multiple_of(64);
             // The first chunk allocates (shaped like `k` / `v`); later growth keeps what is there.
             let grow = |old: Option<&Tensor>, like: &Tensor| match old {
                 Some(o) => with_capacity(o, 0, self.len, cap),

@@ -378,6 +378,8 @@ impl Engine<'_> {
         let mut merged = std::mem::replace(&mut lane.cache, KvCache::new(n_layers));
         merged.merge(new_cache)?;
         lane.cache = merged;
+        let limit = lane.cache.len() + lane.tokens_left() + 1;
+        lane.cache.limit_growth(limit);
         Ok(())
     }
 

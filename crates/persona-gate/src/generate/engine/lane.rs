@@ -73,7 +73,7 @@ impl Lane {
     }
 
     /// Most tokens any running sequence may still produce: how far a fixed batch can run.
-    fn tokens_left(&self) -> usize {
+    pub(super) fn tokens_left(&self) -> usize {
         self.running
             .iter()
             .map(|r| r.spec.max_new_tokens.saturating_sub(r.out))
