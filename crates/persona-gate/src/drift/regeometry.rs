@@ -57,15 +57,16 @@ fn same_model(spec: &str, saved: &str) -> Result<bool> {
     })
 }
 
-/// Re-read one side's directions (from `--directions DIR/side/` when given, else the files the
-/// report names) and put them on its measure.
+/// Re-read one side's directions (from `--directions DIR/side/` when given and present, else the
+/// files the report names, as `pgate drift` takes a side absent from `--directions` from
+/// elsewhere) and put them on its measure.
 fn reload_side(
     m: &mut VersionMeasure,
     side: &str,
     directions: Option<&Path>,
     report: &Path,
 ) -> Result<()> {
-    let files = match directions {
+    let files = match directions.filter(|d| !d.is_dir() || d.join(side).exists()) {
         Some(d) => [
             d.join(side).join("refusal.safetensors"),
             d.join(side).join("persona.safetensors"),
@@ -236,6 +237,31 @@ mod tests {
         assert!(
             lines.contains("persona-refusal coupling: drifted"),
             "{lines}"
+        );
+
+        // --directions with only old/: the new side comes from the files the report names
+        let only_old = dir.join("only-old");
+        std::fs::create_dir_all(only_old.join("old")).unwrap();
+        for f in ["refusal.safetensors", "persona.safetensors"] {
+            std::fs::copy(
+                dir.join("directions/old").join(f),
+                only_old.join("old").join(f),
+            )
+            .unwrap();
+        }
+        let opts = DriftOptions {
+            directions: Some(only_old.clone()),
+            ..Default::default()
+        };
+        let again = regeometry(o, n, &dir, &opts).unwrap();
+        assert_eq!(
+            again.old.direction_files[0],
+            only_old.join("old/refusal.safetensors")
+        );
+        assert_eq!(again.new.direction_files, rep.new.direction_files);
+        assert_eq!(
+            again.directions.persona_off_refusal_min,
+            d.persona_off_refusal_min
         );
 
         // the models must be the ones the report compared
