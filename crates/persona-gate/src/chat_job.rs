@@ -11,7 +11,8 @@ use crate::eval::prompts::read_chat_prompts;
 use crate::generate::{ChatPrompt, GenSettings, GenStats, Sampling};
 use crate::Result;
 
-/// Prompts and settings of one batch of chat generations.
+/// Prompts, settings and intervention plan of one batch of chat generations, and where the
+/// completions go.
 #[derive(Debug, Clone, Default)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ChatJob {
@@ -35,6 +36,11 @@ pub struct ChatJob {
     pub top_p: f32,
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub plan: crate::directions::PlanFlags,
+    /// Write one JSON line per completion here (as each finishes).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: Option<PathBuf>,
 }
 
 impl ChatJob {
@@ -50,6 +56,15 @@ impl ChatJob {
             list.extend(read_chat_prompts(f, self.system.as_deref())?);
         }
         Ok(list)
+    }
+
+    /// The `--out` file, created (truncated) before any generation so a bad path fails first.
+    pub fn out_file(&self) -> Result<Option<CompletionFile>> {
+        let create = |p: &PathBuf| {
+            CompletionFile::create(p)
+                .map_err(|e| crate::Error::io(format!("creating {}", p.display()), e))
+        };
+        self.out.as_ref().map(create).transpose()
     }
 
     /// The generation settings.

@@ -78,6 +78,25 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An error and its causes on one line (`a: b: c`), leaving out a cause whose text already ends
+/// the line: a library message includes its source ("x.gguf: no such file"), so printing the
+/// source again would repeat it. What `pgate` prints after `error: `.
+pub fn chain_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next = Some(e);
+    while let Some(c) = next {
+        let s = c.to_string();
+        if !out.ends_with(&s) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&s);
+        }
+        next = c.source();
+    }
+    out.replace('\n', " ")
+}
+
 impl Error {
     /// Attach a path to an I/O error.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -1,11 +1,9 @@
 //! `pgate`: the persona-gate command line. Parses arguments, calls the library, prints results.
 //! Errors print as one line (`error: ...`) with a non-zero exit code.
 
-use std::path::PathBuf;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use persona_gate::chat_job::{stats_line, ChatJob, CompletionFile};
+use persona_gate::chat_job::{stats_line, ChatJob};
 use persona_gate::generate::generate_chat;
 use progress::Progress;
 
@@ -56,7 +54,7 @@ enum Cmd {
     /// Chat-generate for one or more prompts, in batches.
     ///
     /// Example: pgate generate q15 --prompt "How do I bake cookies?" --max-tokens 64
-    Generate(GenerateArgs),
+    Generate(args::WithModel<ChatJob>),
     /// Prefill and decode throughput at several batch sizes.
     ///
     /// Example: pgate bench q15 --dtype q --batches 1,16
@@ -150,20 +148,6 @@ enum Cmd {
     },
 }
 
-/// `pgate generate`.
-#[derive(clap::Args)]
-struct GenerateArgs {
-    #[command(flatten)]
-    m: ModelArgs,
-    #[command(flatten)]
-    job: ChatJob,
-    #[command(flatten)]
-    plan: persona_gate::directions::PlanFlags,
-    /// Write one JSON line per completion here (as each finishes).
-    #[arg(long)]
-    out: Option<PathBuf>,
-}
-
 fn main() {
     let cli = Cli::parse();
     // SAFETY: at startup, before any thread exists (it sets the thread-count environment variables).
@@ -175,26 +159,9 @@ fn main() {
         restore_sigpipe();
     }
     if let Err(e) = run(cli) {
-        eprintln!("error: {}", one_line(&e));
+        eprintln!("error: {}", persona_gate::error::chain_line(e.as_ref()));
         std::process::exit(1);
     }
-}
-
-/// The error and its causes on one line, leaving out a cause whose text already ends the line
-/// (the library's messages include their source: "x.gguf: no such file" then "no such file").
-fn one_line(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for c in e.chain() {
-        let s = c.to_string();
-        if out.ends_with(&s) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&s);
-    }
-    out.replace('\n', " ")
 }
 
 /// Commands that talk to no network peer. Rust ignores SIGPIPE, so `pgate study table | head` would
@@ -258,18 +225,15 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// Generate for every prompt, writing each completion to `--out` (JSONL) or stdout as it finishes.
-fn run_generate(a: GenerateArgs) -> Result<()> {
+fn run_generate(a: args::WithModel<ChatJob>) -> Result<()> {
     let list = a.job.conversations()?;
     if list.is_empty() {
         bail!("no prompts: give --prompt TEXT or --prompts FILE.jsonl");
     }
-    a.plan.check()?;
+    a.job.plan.check()?;
     let model = a.m.load()?;
-    let plan = args::load_plan(&a.plan, &model)?;
-    let create = |p: &PathBuf| {
-        CompletionFile::create(p).with_context(|| format!("creating {}", p.display()))
-    };
-    let mut out = a.out.as_ref().map(create).transpose()?;
+    let plan = args::load_plan(&a.job.plan, &model)?;
+    let mut out = a.job.out_file()?;
     let many = a.job.prompts.is_some() || list.len() > 4;
     let bar = many.then(|| Progress::bar(list.len(), "prompts"));
     let (_, stats) = generate_chat(&model, &list, &a.job.settings(), plan, |_, c| {
