@@ -491,6 +491,8 @@ impl PlanHook<'_> {
         let mut changed = false;
         for plan in groups {
             for op in plan.ops.iter().filter(|o| selected(o)) {
+                let moved = op.on_device(h.device())?;
+                let op = moved.as_ref().unwrap_or(op);
                 // Mask [b, l, 1]: 1 where this row carries `plan` and the position kind matches.
                 let mut mask = vec![0f32; b * l];
                 let mut all = true;
@@ -545,6 +547,24 @@ impl PlanHook<'_> {
 /// `h · v` per row (`[b, l, 1]`). A batched matmul is fastest, but its summation order can depend
 /// on how many rows there are; in batch-invariant mode each row is an elementwise product and a
 /// last-axis sum, which reads only that row.
+impl CompiledOp {
+    /// A copy with its vectors on `dev` when they live elsewhere (a layer of a model split over
+    /// devices; plans are compiled on the embedding's device), else `None`.
+    fn on_device(&self, dev: &Device) -> Result<Option<CompiledOp>> {
+        if self.row.device().same_device(dev) {
+            return Ok(None);
+        }
+        Ok(Some(CompiledOp {
+            kind: self.kind.clone(),
+            layers: self.layers.clone(),
+            positions: self.positions,
+            sites: self.sites,
+            col: self.col.to_device(dev)?,
+            row: self.row.to_device(dev)?,
+        }))
+    }
+}
+
 fn project(h: &Tensor, op: &CompiledOp, batch_invariant: bool) -> Result<Tensor> {
     Ok(if batch_invariant {
         h.broadcast_mul(&op.row)?

@@ -23,7 +23,8 @@ pub struct ModelArgs {
     /// Run on CUDA device N (needs a build with --features cuda).
     #[cfg_attr(feature = "cli", arg(long))]
     pub cuda: Option<usize>,
-    /// Device: cpu, cuda or cuda:N (same as --cuda N).
+    /// Device: cpu, cuda or cuda:N (same as --cuda N). A comma-separated list (cuda:0,cuda:1)
+    /// splits the layers over those devices in order, for a model larger than one GPU.
     #[cfg_attr(feature = "cli", arg(long, conflicts_with = "cuda"))]
     pub device: Option<String>,
     /// Compute each sequence the same way whatever else is in its batch (CPU): the same prompt
@@ -56,9 +57,20 @@ impl ModelArgs {
         }
     }
 
-    /// The device named by `--device` or `--cuda` (CPU when neither is given).
+    /// The device named by `--device` or `--cuda` (CPU when neither is given); the first of a
+    /// `--device` list.
     pub fn device(&self) -> Result<Device> {
-        parse_device(self.device.as_deref(), self.cuda)
+        Ok(self.devices()?.remove(0))
+    }
+
+    /// Every device `--device` names (a list splits the layers), or the one of `--cuda` / CPU.
+    pub fn devices(&self) -> Result<Vec<Device>> {
+        match self.device.as_deref() {
+            Some(list) if list.contains(',') => {
+                list.split(',').map(|d| device::parse(d.trim())).collect()
+            }
+            d => Ok(vec![parse_device(d, self.cuda)?]),
+        }
     }
 
     /// The numeric mode named by `--dtype`.
@@ -68,11 +80,13 @@ impl ModelArgs {
 
     /// Load the model on its device in its numeric mode, batch-invariant kernels set as asked.
     pub fn load(&self) -> Result<Model> {
+        let mut devices = self.devices()?;
         let opts = LoadOptions {
             dtype: self.dtype_mode()?,
-            device: self.device()?,
+            device: devices.remove(0),
         };
-        let mut model = Model::load(&self.model, &opts)?;
+        let src = crate::model::ModelSource::resolve(&self.model)?;
+        let mut model = Model::load_split(&src, &opts, &devices)?;
         model.decoder.set_batch_invariant(self.batch_invariant)?;
         Ok(model)
     }

@@ -155,7 +155,30 @@ struct StepInputs<'a> {
     kv: KvWrite<'a>,
 }
 
+impl<'a> StepInputs<'a> {
+    /// The same inputs with their tensors on `dev`: what the blocks of a later device segment of a
+    /// split model read (prefill and plain decode only; the fixed-slot step never runs split).
+    fn on_device(&self, dev: &Device) -> Result<StepInputs<'a>> {
+        let mv = |t: &Tensor| t.to_device(dev);
+        let pair = |(c, s): &(Tensor, Tensor)| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((mv(c)?, mv(s)?))
+        };
+        Ok(StepInputs {
+            rope_global: pair(&self.rope_global)?,
+            rope_local: self.rope_local.as_ref().map(pair).transpose()?,
+            mask_global: self.mask_global.as_ref().map(mv).transpose()?,
+            mask_local: self.mask_local.as_ref().map(mv).transpose()?,
+            host_masks: self.host_masks.clone(),
+            b: self.b,
+            l: self.l,
+            cfg: self.cfg,
+            kv: self.kv,
+        })
+    }
+}
+
 /// Host copies of a step's additive masks, shared by every layer.
+#[derive(Clone)]
 struct HostMasks {
     global: Option<Arc<Vec<f32>>>,
     local: Option<Arc<Vec<f32>>>,
@@ -230,25 +253,35 @@ pub struct Decoder {
     rope_local: Option<Rope>,
     dtype: DType,
     device: Device,
+    /// The device of each block when the layers are split over several devices (empty when the
+    /// whole model is on `device`): see [`Decoder::load`].
+    block_devices: Vec<Device>,
     /// Compute every row the same way whatever else is in the batch (see
     /// [`Decoder::set_batch_invariant`]).
     batch_invariant: bool,
 }
 
 impl Decoder {
-    pub fn load(cfg: ModelConfig, w: &WeightLoader) -> Result<Self> {
+    /// Build the decoder from `w`'s tensors. With `more_devices`, the layers are split in
+    /// contiguous, equal runs over `w.device` and then each of `more_devices` (the way
+    /// `device_map="auto"` places a model too large for one GPU): the embedding sits on the first
+    /// device, the final norm and LM head on the last, and the residual stream moves to the next
+    /// device between runs. Hooks, plans and captures see every layer as before.
+    pub fn load(cfg: ModelConfig, w: &mut WeightLoader, more_devices: &[Device]) -> Result<Self> {
         cfg.validate()?;
+        let first = w.device.clone();
+        let block_devices = split_layers(&first, more_devices, cfg.n_layers)?;
         let dtype = w.mode.activation_dtype();
         let eps = cfg.rms_eps as f32;
-        let norm = |name: &str| -> Result<RmsNorm> {
+        let norm = |w: &WeightLoader, name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
                 weight: w.norm(name)?,
                 eps,
             })
         };
-        let opt_norm = |name: &str| -> Result<Option<RmsNorm>> {
+        let opt_norm = |w: &WeightLoader, name: &str| -> Result<Option<RmsNorm>> {
             if w.has(name) {
-                Ok(Some(norm(name)?))
+                Ok(Some(norm(w, name)?))
             } else {
                 Ok(None)
             }
@@ -263,6 +296,9 @@ impl Decoder {
         let (fuse_qkv, fuse_gate_up) = fusion_from_env();
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
+            if let Some(d) = block_devices.get(i) {
+                w.device = d.clone();
+            }
             let p = |s: &str| format!("blk.{i}.{s}");
             let bias = |s: &str| cfg.qkv_bias.then(|| p(s));
             let q = w.linear(&p("attn_q.weight"), bias("attn_q.bias").as_deref())?;
@@ -287,27 +323,27 @@ impl Decoder {
                 None => GateUpProj::Split { gate, up },
             };
             blocks.push(Block {
-                attn_norm: norm(&p("attn_norm.weight"))?,
+                attn_norm: norm(w, &p("attn_norm.weight"))?,
                 qkv,
                 o: w.linear(&p("attn_output.weight"), None)?,
                 q_norm: if cfg.qk_norm {
-                    opt_norm(&p("attn_q_norm.weight"))?
+                    opt_norm(w, &p("attn_q_norm.weight"))?
                 } else {
                     None
                 },
                 k_norm: if cfg.qk_norm {
-                    opt_norm(&p("attn_k_norm.weight"))?
+                    opt_norm(w, &p("attn_k_norm.weight"))?
                 } else {
                     None
                 },
                 post_attn_norm: if cfg.sandwich_norms {
-                    Some(norm(&p("post_attention_norm.weight"))?)
+                    Some(norm(w, &p("post_attention_norm.weight"))?)
                 } else {
                     None
                 },
-                ffn_norm: norm(&p("ffn_norm.weight"))?,
+                ffn_norm: norm(w, &p("ffn_norm.weight"))?,
                 post_ffw_norm: if cfg.sandwich_norms {
-                    Some(norm(&p("post_ffw_norm.weight"))?)
+                    Some(norm(w, &p("post_ffw_norm.weight"))?)
                 } else {
                     None
                 },
@@ -317,12 +353,16 @@ impl Decoder {
                 resid_add: opt_resid_add(w, &p(super::bake::RESID_ADD), cfg.d_model)?,
             });
         }
-        let final_norm = norm("output_norm.weight")?;
+        let final_norm = norm(w, "output_norm.weight")?;
         let lm_head = if !cfg.tied_embeddings && w.has("output.weight") {
             w.linear("output.weight", None)?
-        } else {
+        } else if block_devices.is_empty() {
             embed.as_linear()?
+        } else {
+            // A tied head on a split model reads its own copy on the last device.
+            w.embedding("token_embd.weight")?.as_linear()?
         };
+        w.device = first;
         let freq_factors = if w.has("rope_freqs.weight") {
             Some(
                 w.dense("rope_freqs.weight")?
@@ -356,6 +396,7 @@ impl Decoder {
             rope_local,
             dtype,
             device: dev,
+            block_devices,
             batch_invariant: false,
         })
     }
@@ -391,8 +432,20 @@ impl Decoder {
         }
     }
 
+    /// The device of the embedding: where token ids go in.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Every device the model's layers are on, in layer order (one unless split).
+    pub fn devices(&self) -> Vec<Device> {
+        let mut out = vec![self.device.clone()];
+        for d in &self.block_devices {
+            if !out.last().is_some_and(|x| x.same_device(d)) {
+                out.push(d.clone());
+            }
+        }
+        out
     }
 
     pub fn dtype(&self) -> DType {
@@ -480,7 +533,8 @@ impl Decoder {
     /// True when [`Decoder::forward_fixed_slot`] can run this model (no sliding-window layers,
     /// whose masks differ per layer).
     pub fn supports_fixed_slot(&self) -> bool {
-        !self.blocks.iter().any(|b| b.sliding)
+        // A split model runs without CUDA graphs: one graph cannot span two devices' streams.
+        !self.blocks.iter().any(|b| b.sliding) && self.block_devices.is_empty()
     }
 
     /// One decode token per row (`tokens`: `[b, 1]`) with every host-dependent value taken from
@@ -550,12 +604,20 @@ impl Decoder {
                 }
             }
         }
+        // Inputs moved to the current device segment of a split model (None on the first).
+        let mut moved: Option<StepInputs<'_>> = None;
         for (li, block) in self.blocks.iter().enumerate() {
+            if let Some(dev) = self.block_devices.get(li) {
+                if !h.device().same_device(dev) {
+                    h = h.to_device(dev)?;
+                    moved = Some(step.on_device(dev)?);
+                }
+            }
             h = self.block_forward(
                 li,
                 block,
                 &h,
-                step,
+                moved.as_ref().unwrap_or(step),
                 cache,
                 crate::intervene::hook::reborrow(&mut hook),
                 rows,
@@ -905,6 +967,31 @@ impl Decoder {
 /// launches few. `PGATE_ATTN_BLOCK_MB` overrides both (for measuring the trade-off).
 const CPU_SCORE_BUDGET: usize = 16 << 20;
 const GPU_SCORE_BUDGET: usize = 256 << 20;
+
+/// The device of each block for a split over `first` and `more` (empty: no split): contiguous
+/// runs of `n_layers / devices` layers (as even as the count allows).
+fn split_layers(first: &Device, more: &[Device], n_layers: usize) -> Result<Vec<Device>> {
+    if more.is_empty() {
+        return Ok(Vec::new());
+    }
+    let devs: Vec<Device> = std::iter::once(first.clone())
+        .chain(more.iter().cloned())
+        .collect();
+    if devs.len() > n_layers {
+        return Err(Error::InvalidValue(format!(
+            "cannot split {n_layers} layers over {} devices",
+            devs.len()
+        )));
+    }
+    if devs.iter().any(|d| d.is_cpu() != first.is_cpu()) {
+        return Err(Error::InvalidValue(
+            "a layer split needs devices of one kind (all cuda:N, or cpu for testing)".into(),
+        ));
+    }
+    Ok((0..n_layers)
+        .map(|i| devs[i * devs.len() / n_layers].clone())
+        .collect())
+}
 
 fn attention_score_budget(device: &Device) -> usize {
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();

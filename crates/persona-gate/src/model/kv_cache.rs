@@ -204,19 +204,22 @@ impl KvCache {
         }
         let trim = rows.iter().map(|&r| self.pads[r]).min().unwrap_or(0);
         let new_len = self.len - trim;
-        let dev = self
-            .layers
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone());
-        if let Some(dev) = dev {
-            let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
+        let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        // One index tensor per device (the layers of a split model live on several).
+        let mut idx: Option<Tensor> = None;
+        {
             for slot in self.layers.iter_mut() {
                 if let Some((k, v)) = slot.take() {
+                    if !idx
+                        .as_ref()
+                        .is_some_and(|i| i.device().same_device(k.device()))
+                    {
+                        idx = Some(Tensor::new(ids.as_slice(), k.device())?);
+                    }
+                    let idx = idx.as_ref().expect("set above");
                     let cap = new_len.max(64).next_multiple_of(64);
                     let pick = |t: &Tensor| -> Result<Tensor> {
-                        with_capacity(&t.index_select(&idx, 0)?, trim, new_len, cap)
+                        with_capacity(&t.index_select(idx, 0)?, trim, new_len, cap)
                     };
                     *slot = Some((pick(&k)?, pick(&v)?));
                 }

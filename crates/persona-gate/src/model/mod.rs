@@ -128,8 +128,18 @@ impl Model {
     }
 
     pub fn load_source(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
-        let opened = open(src, opts)?;
-        let decoder = Decoder::load(opened.config, &opened.weights)?;
+        Self::load_split(src, opts, &[])
+    }
+
+    /// Load with the layers split over `opts.device` and then `more_devices` (a model larger than
+    /// one GPU; [`Decoder::load`] says how layers are placed). Empty `more_devices`: one device.
+    pub fn load_split(
+        src: &ModelSource,
+        opts: &LoadOptions,
+        more_devices: &[Device],
+    ) -> Result<Self> {
+        let mut opened = open(src, opts)?;
+        let decoder = Decoder::load(opened.config, &mut opened.weights, more_devices)?;
         Ok(Model {
             decoder,
             tokenizer: opened.tokenizer,

@@ -26,6 +26,7 @@ use crate::{Error, Result};
 /// Names accepted by [`preset`].
 pub const PRESETS: &[&str] = &[
     "llama-3.1-8b",
+    "llama-3.1-70b",
     "llama-3.2-1b",
     "llama-3.2-3b",
     "qwen2.5-7b",
@@ -91,6 +92,11 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
     let c = match name.to_ascii_lowercase().as_str() {
         "llama-3.1-8b" | "llama3.1-8b" => {
             let mut c = base(Llama, 32, 4096, 32, 8, 14336, 128256, false);
+            c.rope_llama3 = llama3_rope(8.0);
+            c
+        }
+        "llama-3.1-70b" | "llama3.1-70b" => {
+            let mut c = base(Llama, 80, 8192, 64, 8, 28672, 128256, false);
             c.rope_llama3 = llama3_rope(8.0);
             c
         }

@@ -425,9 +425,11 @@ pub fn split_rows(caps: &[Option<Tensor>], rows: usize) -> Result<Vec<LastToken>
     if present.is_empty() {
         return Ok(out);
     }
+    // Layers of a model split over devices come from several devices: stack on the first's.
+    let dev = present[0].1.device().clone();
     let parts: Vec<Tensor> = present
         .iter()
-        .map(|(_, t)| t.to_dtype(candle_core::DType::F32))
+        .map(|(_, t)| t.to_dtype(candle_core::DType::F32)?.to_device(&dev))
         .collect::<candle_core::Result<_>>()?;
     let all = Tensor::stack(&parts, 0)?
         .to_device(&candle_core::Device::Cpu)?
