@@ -21,7 +21,7 @@ use persona_gate::eval::PromptSet;
 use persona_gate::events::{Event, EventSink};
 use persona_gate::intervene::LayerSet;
 use persona_gate::label::ops::resolve_probe;
-use persona_gate::model::Model;
+use persona_gate::model::{Model, ModelArgs};
 use persona_gate::{Error, Result};
 
 use crate::conn::ConnLimits;
@@ -223,6 +223,40 @@ impl ServeOptions {
                 .filter(|k| !k.is_empty())
         });
         self
+    }
+}
+
+/// The flags of `pgate serve` besides the model: [`ServeOptions`] and where to listen.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct ServeFlags {
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub opts: ServeOptions,
+    #[cfg_attr(feature = "cli", arg(long, default_value = "127.0.0.1"))]
+    pub host: String,
+    /// Port (0: any free port; the line `listening on http://HOST:PORT` says which).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8080))]
+    pub port: u16,
+}
+
+impl ServeFlags {
+    /// Check the flags and read their files, load the model `m` names (a note says so), build the
+    /// server and [`serve_blocking`] until stopped. The default preset also answers to `m.model`.
+    pub fn serve(
+        self,
+        m: &ModelArgs,
+        sink: &mut dyn EventSink,
+        on_listening: impl FnOnce(SocketAddr),
+    ) -> Result<()> {
+        let opts = ServeOptions {
+            model_id: m.model.clone(),
+            ..self.opts
+        };
+        let setup = ServeSetup::prepare(opts.key_from_env())?;
+        note(sink, format!("loading {}", m.model));
+        let model = m.load()?;
+        let cfg = setup.build(&model, sink)?;
+        serve_blocking(model, cfg, &self.host, self.port, sink, on_listening)
     }
 }
 

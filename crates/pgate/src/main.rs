@@ -78,7 +78,7 @@ enum Cmd {
     /// batching, residual projections and the refusal guard on every response.
     ///
     /// Example: pgate serve q15 --presets examples/serve/presets.toml --directions examples/directions/q15 --guard-file q15-guard.json
-    Serve(serve_cli::ServeArgs),
+    Serve(args::WithModel<persona_gate_serve::ops::ServeFlags>),
     /// The serving guard: calibrate it, measure its flag rates under a preset.
     #[command(subcommand)]
     Guard(serve_cli::GuardCmd),

@@ -5,47 +5,22 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use persona_gate::events::Event;
 use persona_gate_serve::bench::BenchFlags;
 use persona_gate_serve::ops::{
-    self, CalibrateJob, GuardEval, GuardEvalJob, OutputEval, OutputEvalJob, ServeOptions,
-    ServeSetup,
+    self, CalibrateJob, GuardEval, GuardEvalJob, OutputEval, OutputEvalJob, ServeFlags,
 };
 
 use crate::args::WithModel;
 use crate::output::write_json;
-use crate::ModelArgs;
 
-#[derive(Args)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub m: ModelArgs,
-    #[command(flatten)]
-    pub opts: ServeOptions,
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port (0: any free port; the line `listening on http://HOST:PORT` says which).
-    #[arg(long, default_value_t = 8080)]
-    pub port: u16,
-}
-
-pub fn run_serve(a: ServeArgs) -> Result<()> {
-    let opts = ServeOptions {
-        model_id: a.m.model.clone(),
-        ..a.opts
-    };
-    let setup = ServeSetup::prepare(opts.key_from_env())?;
-    eprintln!("[pgate serve] loading {}", a.m.model);
-    let model = a.m.load()?;
-    let mut log = notes("[pgate serve]");
-    let cfg = setup.build(&model, &mut log)?;
-    ops::serve_blocking(model, cfg, &a.host, a.port, &mut log, |addr| {
+pub fn run_serve(a: WithModel<ServeFlags>) -> Result<()> {
+    Ok(a.job.serve(&a.m, &mut notes("[pgate serve]"), |addr| {
         // Tests and scripts read this line for the port.
         println!("listening on http://{addr}");
         let _ = std::io::stdout().flush();
-    })?;
-    Ok(())
+    })?)
 }
 
 /// A sink printing the notes and warnings of an operation on stderr after `prefix`.
