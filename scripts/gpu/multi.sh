@@ -6,7 +6,7 @@
 #
 #   bash scripts/gpu/multi.sh            (binary from gpu-bin/carry/pgate.xz as in run.sh, or PGATE_BIN)
 #
-# Not here: the layer split of a model larger than one GPU (issue 21, scope 4) is not implemented.
+# The layer split of a model larger than one GPU (scope 4) is scripts/gpu/split.sh.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/pgate-gpu}"
