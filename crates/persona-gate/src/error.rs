@@ -106,3 +106,25 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_line_leaves_out_a_cause_that_ends_the_line() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        assert_eq!(
+            chain_line(&Error::io("x.gguf", io())),
+            "x.gguf: no such file"
+        );
+        let inner = Error::InvalidValue("two\nlines".into());
+        let outer = std::io::Error::other(inner);
+        assert_eq!(chain_line(&outer), "invalid value: two lines");
+        let wrapped = Error::io(
+            "creating out.jsonl",
+            std::io::Error::other(Error::Empty("x".into())),
+        );
+        assert_eq!(chain_line(&wrapped), "creating out.jsonl: empty input: x");
+    }
+}

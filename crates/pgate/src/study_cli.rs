@@ -171,13 +171,7 @@ pub fn run_study_cmd(cmd: StudyCmd) -> Result<()> {
             })
         }
         StudyCmd::Export(a) => {
-            let e = a.run()?;
-            println!(
-                "{} rows of study {} -> {}",
-                e.rows,
-                e.study,
-                a.out.display()
-            );
+            println!("{}", a.run()?.summary(&a.out));
             Ok(())
         }
         StudyCmd::Judge(a) => judge(a),

@@ -61,6 +61,18 @@ pub struct Exported {
     pub rows: usize,
 }
 
+impl Exported {
+    /// `N rows of study NAME -> OUT`, once written to `out`.
+    pub fn summary(&self, out: &Path) -> String {
+        format!(
+            "{} rows of study {} -> {}",
+            self.rows,
+            self.study,
+            out.display()
+        )
+    }
+}
+
 /// Write every result row of a study (`which`: name or hash prefix; `None`: the latest run) to
 /// `out` in `format`.
 pub fn export(db: &Path, which: Option<&str>, format: Format, out: &Path) -> OpResult<Exported> {
