@@ -25,6 +25,6 @@ for P in 1024 2048 4096 8192; do
 done
 "$BIN" "${B[@]}" --batches 8 --prompt-tokens 2048 --new-tokens 2 --out "$OUT/pgate_prefill2k.json" >"$OUT/pgate_prefill2k.txt" 2>&1 || status=1
 "$BIN" "${B[@]}" --batches 1,16 --prompt-tokens 8192 --new-tokens 128 --out "$OUT/pgate_ctx8k.json" >"$OUT/pgate_ctx8k.txt" 2>&1 || status=1
-tail -4 "$OUT/pgate_prefill2k.txt" "$OUT/pgate_ctx8k.txt"
+tail -n 4 "$OUT/pgate_prefill2k.txt" "$OUT/pgate_ctx8k.txt"
 OUT="$OUT" python3 "$(dirname "$0")/hf_prefill.py" || status=1
 exit $status

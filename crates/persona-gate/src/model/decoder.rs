@@ -150,6 +150,8 @@ struct StepInputs<'a> {
     host_masks: Option<HostMasks>,
     b: usize,
     l: usize,
+    /// The most leading padding slots of any row (masked columns `[0, max_pad)`).
+    max_pad: usize,
     cfg: &'a ModelConfig,
     /// How K/V of this chunk enter the cache.
     kv: KvWrite<'a>,
@@ -171,9 +173,31 @@ impl<'a> StepInputs<'a> {
             host_masks: self.host_masks.clone(),
             b: self.b,
             l: self.l,
+            max_pad: self.max_pad,
             cfg: self.cfg,
             kv: self.kv,
         })
+    }
+}
+
+/// What an appended chunk's mask can hold, for [`Decoder::blocked_attention`]: `-inf` only in
+/// the padding columns `[0, max_pad)` and, causally, after each query's own slot. `max_pad: None`
+/// when the mask holds more (a sliding window), so every column takes the mask.
+#[derive(Clone, Copy)]
+struct MaskShape {
+    max_pad: Option<usize>,
+}
+
+impl MaskShape {
+    /// Key columns a block of queries at cache slots `[q0, q1)` may find masked, reading keys
+    /// `[0, q1)`: the padding columns and the block's own diagonal. `None` (every column) for a
+    /// window, or when a query of the block is itself padding (it sees only its own slot).
+    fn columns(self, q0: usize, q1: usize) -> Option<Vec<(usize, usize)>> {
+        let pad = self.max_pad?;
+        if q0 < pad {
+            return None;
+        }
+        Some(vec![(0, pad), (q0, q1 - q0)])
     }
 }
 
@@ -522,6 +546,7 @@ impl Decoder {
             host_masks,
             b,
             l,
+            max_pad: pads.iter().copied().max().unwrap_or(0),
             cfg: &self.cfg,
             kv: KvWrite::Append,
         };
@@ -566,6 +591,7 @@ impl Decoder {
             host_masks,
             b,
             l: 1,
+            max_pad: 0,
             cfg: &self.cfg,
             kv: KvWrite::Fixed {
                 slot_idx: inp.slot_idx,
@@ -777,8 +803,12 @@ impl Decoder {
                 } else {
                     &s.mask_global
                 };
-                let chunk_at_end = matches!(s.kv, KvWrite::Append);
-                self.blocked_attention(&q, &k_all, &v_all, mask.as_ref(), b, l, chunk_at_end)?
+                // Which key columns the mask can touch, when the chunk is the cache's tail and the
+                // mask is padding + causality only (not a sliding window's).
+                let shape = matches!(s.kv, KvWrite::Append).then_some(MaskShape {
+                    max_pad: (!bl.sliding).then_some(s.max_pad),
+                });
+                self.blocked_attention(&q, &k_all, &v_all, mask.as_ref(), b, l, shape)?
             }
         };
         let attn = attn
@@ -825,13 +855,15 @@ impl Decoder {
     }
 
     /// [`Self::tiled_attention`] over blocks of query positions, so that a long prompt never holds
-    /// a `chunk x total` score tensor per head: each block's scores stay under
-    /// a per-device budget of bytes ([`attention_score_budget`]), which makes prefill memory linear in the prompt (the cache)
-    /// instead of growing with `chunk x prompt` (a 4k-token prompt on SmolLM2 held ~0.5 GB of
-    /// scores). When the chunk's queries are the cache's last `l` slots (`chunk_at_end`, every
-    /// append), a block also skips the keys after its last query, which causality masks anyway:
-    /// inside a chunk that halves the score work. Rows are independent in both matmuls and the
-    /// softmax, and dropped keys are exactly masked ones, so blocking changes no result's meaning.
+    /// a `chunk x total` score tensor per head: each block's scores stay under a per-device budget
+    /// of bytes ([`attention_score_budget`]), which makes prefill memory linear in the prompt (the
+    /// cache) instead of growing with `chunk x prompt` (a 4k-token prompt on SmolLM2 held ~0.5 GB
+    /// of scores). When the chunk's queries are the cache's last `l` slots (`shape` given: every
+    /// append), a block also skips the keys after its last query, which causality masks anyway
+    /// (inside a chunk that halves the score work), and adds the mask only to the columns it can
+    /// touch ([`MaskShape`]): on a GPU the broadcast mask add over every head's scores was a third
+    /// of a 2k-token prefill. Rows are independent in both matmuls and the softmax, dropped keys
+    /// are exactly masked ones and skipped columns add zeros, so no result changes meaning.
     #[allow(clippy::too_many_arguments)]
     fn blocked_attention(
         &self,
@@ -841,7 +873,7 @@ impl Decoder {
         mask: Option<&Tensor>,
         b: usize,
         l: usize,
-        chunk_at_end: bool,
+        shape: Option<MaskShape>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let total = k_all.dim(2)?;
@@ -850,7 +882,8 @@ impl Decoder {
         let budget = attention_score_budget(&self.device);
         let rows = (budget / row_bytes.max(1)).max(16);
         if rows >= l {
-            return self.tiled_attention(q, k_all, v_all, mask, b, l);
+            let cols = shape.and_then(|s| s.columns(total - l, total));
+            return self.tiled_attention(q, k_all, v_all, mask, b, l, cols.as_deref());
         }
         let (nkv, n_rep, hd) = (cfg.n_kv_heads, cfg.n_heads / cfg.n_kv_heads, cfg.head_dim);
         let q5 = q.reshape((b, nkv, n_rep, l, hd))?;
@@ -858,10 +891,12 @@ impl Decoder {
         let mut p0 = 0;
         while p0 < l {
             let n = rows.min(l - p0);
-            let keys = if chunk_at_end {
-                total - l + p0 + n
-            } else {
-                total
+            let (keys, cols) = match shape {
+                Some(s) => (
+                    total - l + p0 + n,
+                    s.columns(total - l + p0, total - l + p0 + n),
+                ),
+                None => (total, None),
             };
             let qb = q5
                 .narrow(3, p0, n)?
@@ -872,7 +907,7 @@ impl Decoder {
                 Some(m) => Some(m.narrow(3, p0, n)?.narrow(4, 0, keys)?.contiguous()?),
                 None => None,
             };
-            let ob = self.tiled_attention(&qb, &kb, &vb, mb.as_ref(), b, n)?;
+            let ob = self.tiled_attention(&qb, &kb, &vb, mb.as_ref(), b, n, cols.as_deref())?;
             outs.push(ob.reshape((b, nkv, n_rep, n, hd))?);
             p0 += n;
         }
@@ -881,6 +916,8 @@ impl Decoder {
 
     /// Batched matmuls and softmax (tiled kernels; fast, rounding depends on the batch shape).
     /// `q: [b, nkv, n_rep*l, hd]`, `k_all, v_all: [b, nkv, total, hd]`, mask `[b, 1, 1, l, total]`.
+    /// `cols`: the only key columns (start, width) where the mask may be non-zero (`None`: all).
+    #[allow(clippy::too_many_arguments)]
     fn tiled_attention(
         &self,
         q: &Tensor,
@@ -889,17 +926,27 @@ impl Decoder {
         mask: Option<&Tensor>,
         b: usize,
         l: usize,
+        cols: Option<&[(usize, usize)]>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (nkv, n_rep) = (cfg.n_kv_heads, cfg.n_heads / cfg.n_kv_heads);
         let total = k_all.dim(2)?;
         let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale())?;
-        let scores = match mask {
-            Some(m) => scores
+        let scores = match (mask, cols) {
+            (Some(m), Some(cols)) => {
+                // In place, on the fresh score tensor: the other columns would add zeros.
+                let s5 = scores.reshape((b, nkv, n_rep, l, total))?;
+                for &(c0, w) in cols.iter().filter(|c| c.1 > 0) {
+                    let part = s5.narrow(4, c0, w)?.broadcast_add(&m.narrow(4, c0, w)?)?;
+                    s5.slice_set(&part, 4, c0)?;
+                }
+                s5.reshape((b, nkv, n_rep * l, total))?
+            }
+            (Some(m), None) => scores
                 .reshape((b, nkv, n_rep, l, total))?
                 .broadcast_add(m)?
                 .reshape((b, nkv, n_rep * l, total))?,
-            None => scores,
+            (None, _) => scores,
         };
         let probs = if scores.dtype() == DType::F32 {
             candle_nn::ops::softmax_last_dim(&scores)?
@@ -1022,4 +1069,35 @@ fn _assert_send_sync() {
     fn f<T: Send + Sync>() {}
     f::<Decoder>();
     let _ = D::Minus1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_columns_cover_padding_and_the_diagonal_only() {
+        let s = MaskShape { max_pad: Some(3) };
+        // Queries at slots 10..14 read keys 0..14: padding 0..3 and their own diagonal 10..14.
+        assert_eq!(s.columns(10, 14), Some(vec![(0, 3), (10, 4)]));
+        // A block holding a padding query (slot 2 < 3) sees only itself: the whole mask.
+        assert_eq!(s.columns(2, 6), None);
+        // Sliding windows mask old keys anywhere: the whole mask.
+        assert_eq!(MaskShape { max_pad: None }.columns(10, 14), None);
+        assert_eq!(
+            MaskShape { max_pad: Some(0) }.columns(0, 8),
+            Some(vec![(0, 0), (0, 8)])
+        );
+    }
+
+    #[test]
+    fn layers_split_in_contiguous_even_runs() {
+        let cpu = Device::Cpu;
+        assert!(split_layers(&cpu, &[], 30).unwrap().is_empty());
+        assert_eq!(split_layers(&cpu, &[cpu.clone()], 30).unwrap().len(), 30);
+        let err = split_layers(&cpu, &vec![cpu.clone(); 4], 4).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("cannot split 4 layers over 5 devices"));
+    }
 }
