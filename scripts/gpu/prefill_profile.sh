@@ -11,24 +11,21 @@ for mb in 256 4096; do
 done
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  PGATE_CUDA_GRAPHS=0 timeout 300 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
+  PGATE_CUDA_GRAPHS=0 timeout "${NCU_TIMEOUT:-150}" "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
     --log-file "$OUT/ncu.log" "$BIN" "${B[@]}" --warmup 0 > "$OUT/ncu_prefill.csv" 2>"$OUT/ncu.err"
-  python3 - "$OUT/ncu_prefill.csv" <<'PY' | tee "$OUT/ncu_summary.txt"
+  python3 - "$OUT/ncu.log" <<'PY' | tee "$OUT/ncu_summary.txt"
 import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-if not rows:
-    print("no ncu rows"); sys.exit()
-h = rows[0]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
 tot = collections.Counter(); cnt = collections.Counter()
-for r in rows[1:]:
-    try: v = float(r[vi].replace(",", ""))
-    except ValueError: continue
-    scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}.get(r[ui], 1e-6)
-    name = r[ki][:90]; tot[name] += v * scale; cnt[name] += 1
+for r in csv.reader(open(sys.argv[1])):
+    if len(r) < 15 or r[12] != "gpu__time_duration.sum":
+        continue
+    v = float(r[14].replace(",", ""))
+    scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0}.get(r[13], 1e-6)
+    tot[r[4][:80]] += v * scale; cnt[r[4][:80]] += 1
 s = sum(tot.values())
 print(f"total kernel time {s:.1f} ms over {sum(cnt.values())} kernels")
 for n, t in tot.most_common(25):
-    print(f"{t:9.2f} ms {100*t/s:5.1f}% x{cnt[n]:5d}  {n}")
+    print(f"{t:9.2f} ms {100*t/max(s,1e-9):5.1f}% x{cnt[n]:5d}  {n}")
 PY
 else
   echo "no ncu" | tee "$OUT/ncu_summary.txt"
