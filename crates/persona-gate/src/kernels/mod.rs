@@ -16,6 +16,8 @@
 
 mod act;
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda_softmax;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]

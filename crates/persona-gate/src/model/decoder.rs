@@ -929,6 +929,18 @@ impl Decoder {
         cols: Option<&[(usize, usize)]>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda()
+            && q.dtype() == DType::BF16
+            && crate::kernels::cuda_softmax::enabled()
+        {
+            // Scale, mask and softmax in one pass (kernels/cuda_softmax.rs).
+            let raw = q.matmul(&k_all.t()?)?;
+            let scale = cfg.attn_scale() as f32;
+            let probs = crate::kernels::cuda_softmax::scaled_masked_softmax(&raw, mask, scale, l)?;
+            let _ = cols;
+            return Ok(probs.matmul(v_all)?);
+        }
         let (nkv, n_rep) = (cfg.n_kv_heads, cfg.n_heads / cfg.n_kv_heads);
         let total = k_all.dim(2)?;
         let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale())?;
