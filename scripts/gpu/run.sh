@@ -18,6 +18,7 @@
 #   multi        scripts/gpu/multi.sh: the synthetic 8B study on one GPU and over --gpus 0,1 (issue 21)
 #   split        scripts/gpu/split.sh: layer split over 2 GPUs (equality on a 1B shape; 70B shape vs HF
 #                device_map="auto"); split=eq or split=big for one part
+#   fused        scripts/gpu/fused_ab.sh: the fused softmax kernel against the unfused path (prefill, decode)
 #   profile      scripts/gpu/prefill_profile.sh: the 2k x 8 prefill row per kernel (ncu durations) and
 #                with/without attention blocks
 #   long         scripts/gpu/long.sh: 8k-token-cache decode row, 2k x 8 prefill row, GPU memory at 1k-8k
@@ -54,6 +55,7 @@ for step in "$@"; do
     quick) "$BIN" "${BENCH[@]}" --batches 1,64 --new-tokens 64 --steer none,add+ablate --cuda-graphs both --out "$OUT/pgate_quick.json" || status=1 ;;
     split) bash scripts/gpu/split.sh "$BIN" "$OUT" || status=1 ;;
     split=*) bash scripts/gpu/split.sh "$BIN" "$OUT" "${step#split=}" || status=1 ;;
+    fused) bash scripts/gpu/fused_ab.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     profile) bash scripts/gpu/prefill_profile.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     long) bash scripts/gpu/long.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     serve) bash scripts/gpu/serve.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
