@@ -35,7 +35,7 @@ __device__ float block_reduce(float v, bool is_max) {
     __syncthreads();
     if (lane == 0) part[warp] = v;
     __syncthreads();
-    v = lane < nw ? part[lane] : (is_max ? -INFINITY : 0.f);
+    v = lane < nw ? part[lane] : (is_max ? __int_as_float(0xff800000) : 0.f);
     for (int o = 16; o > 0; o >>= 1) {
         float w = __shfl_xor_sync(0xffffffffu, v, o);
         v = is_max ? fmaxf(v, w) : v + w;
@@ -55,7 +55,7 @@ extern "C" __global__ void pg_scaled_masked_softmax_bf16(
         long long bi = row / rows_per_b, qi = row % l;
         mr = mask + (bi * l + qi) * (long long)cols;
     }
-    float m = -INFINITY;
+    float m = __int_as_float(0xff800000);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float v = bf2f(xr[c]) * scale + (mr ? bf2f(mr[c]) : 0.f);
         m = fmaxf(m, v);
