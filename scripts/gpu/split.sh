@@ -13,6 +13,7 @@ STEPS="${*:-eq big}"
 SMALL=/tmp/pgate-synth/llama-3.2-1b
 BIG=/tmp/pgate-synth/llama-70b-${BIG_LAYERS:-40}l
 NEW="${NEW:-64}"
+SPLIT="${SPLIT_DEVICES:-cuda:0,cuda:1}"   # cuda:0,cuda:0 exercises the split path on a one-GPU machine
 nvidia-smi --query-gpu=index,name,memory.total --format=csv | tee "$OUT/split_gpus.txt"
 status=0
 for s in $STEPS; do
@@ -20,29 +21,30 @@ for s in $STEPS; do
   eq)
     [ -e "$SMALL/model.safetensors" ] || "$BIN" synth-model --like llama-3.2-1b --seed 1 -o "$SMALL" || exit 1
     "$BIN" extract random "$SMALL" --dtype bf16 --device cuda:0 --seed 5 -o "$OUT/split_r.safetensors" || exit 1
-    for dev in cuda:0 cuda:0,cuda:1; do
+    for dev in cuda:0 "$SPLIT"; do
       "$BIN" generate "$SMALL" --dtype bf16 --device "$dev" --max-tokens 48 \
         --add "$OUT/split_r.safetensors[6]:6@4-9" --ablate "$OUT/split_r.safetensors[10]@7-13" \
         --prompt "Tell me about the sea." --prompt "How do I pick a lock?" --prompt "hi" \
         --prompt "Write a poem about persona and refusal, in the style of a shipping manifest." \
         > "$OUT/split_eq_${dev//[:,]/_}.txt" 2>"$OUT/split_eq_${dev//[:,]/_}.log" || status=1
     done
-    if cmp -s "$OUT/split_eq_cuda_0.txt" "$OUT/split_eq_cuda_0_cuda_1.txt"; then
-      echo "split equality: identical greedy text on 1 GPU and split over 2 (4 prompts x 48 tokens, add+ablate)" | tee "$OUT/split_eq.txt"
+    S="$OUT/split_eq_${SPLIT//[:,]/_}.txt"
+    if cmp -s "$OUT/split_eq_cuda_0.txt" "$S"; then
+      echo "split equality: identical greedy text on cuda:0 and split over $SPLIT (4 prompts x 48 tokens, add+ablate)" | tee "$OUT/split_eq.txt"
     else
-      echo "split equality: DIFFERENT" | tee "$OUT/split_eq.txt"; diff "$OUT/split_eq_cuda_0.txt" "$OUT/split_eq_cuda_0_cuda_1.txt" | head -20; status=1
+      echo "split equality: DIFFERENT" | tee "$OUT/split_eq.txt"; diff "$OUT/split_eq_cuda_0.txt" "$S" | head -20; status=1
     fi
-    "$BIN" bench "$SMALL" --dtype bf16 --device cuda:0,cuda:1 --batches 1,32 --prompt-tokens 128 --new-tokens "$NEW" \
+    "$BIN" bench "$SMALL" --dtype bf16 --device "$SPLIT" --batches 1,32 --prompt-tokens 128 --new-tokens "$NEW" \
       --steer add+ablate --out "$OUT/split_small_bench.json" 2>&1 | tail -4
     ;;
   big)
     t0=$(date +%s)
     [ -e "$BIG/model.safetensors" ] || "$BIN" synth-model --like llama-3.1-70b --layers "${BIG_LAYERS:-40}" --seed 0 -o "$BIG" || exit 1
     echo "synth 70B-shaped ${BIG_LAYERS:-40} layers: $(( $(date +%s) - t0 )) s, $(du -sh "$BIG" | cut -f1)"
-    "$BIN" extract random "$BIG" --dtype bf16 --device cuda:0,cuda:1 --seed 5 -o "$OUT/split_big_r.safetensors" 2>&1 | tail -1
-    "$BIN" generate "$BIG" --dtype bf16 --device cuda:0,cuda:1 --max-tokens 24 \
+    "$BIN" extract random "$BIG" --dtype bf16 --device "$SPLIT" --seed 5 -o "$OUT/split_big_r.safetensors" 2>&1 | tail -1
+    "$BIN" generate "$BIG" --dtype bf16 --device "$SPLIT" --max-tokens 24 \
       --add "$OUT/split_big_r.safetensors[20]:6@16-22" --prompt "Tell me about the sea." 2>&1 | tee "$OUT/split_big_generate.txt" | tail -4
-    "$BIN" bench "$BIG" --dtype bf16 --device cuda:0,cuda:1 --batches 1,32 --prompt-tokens 128 --new-tokens "$NEW" \
+    "$BIN" bench "$BIG" --dtype bf16 --device "$SPLIT" --batches 1,32 --prompt-tokens 128 --new-tokens "$NEW" \
       --steer add+ablate --out "$OUT/split_big_bench.json" 2>&1 | tail -4 || status=1
     nvidia-smi --query-gpu=index,memory.used --format=csv | tee -a "$OUT/split_gpus.txt"
     MODEL="$BIG" NEW="$NEW" OUT="$OUT" python3 scripts/gpu/hf_split.py || status=1
