@@ -21,8 +21,10 @@ for s in $STEPS; do
   eq)
     [ -e "$SMALL/model.safetensors" ] || "$BIN" synth-model --like llama-3.2-1b --seed 1 -o "$SMALL" || exit 1
     "$BIN" extract random "$SMALL" --dtype bf16 --device cuda:0 --seed 5 -o "$OUT/split_r.safetensors" || exit 1
+    # Graphs off on both sides: a split model runs without CUDA graphs, and the graph step's bucketed
+    # cache view rounds bf16 differently from the eager step (greedy random-weight text parts at ties).
     for dev in cuda:0 "$SPLIT"; do
-      "$BIN" generate "$SMALL" --dtype bf16 --device "$dev" --max-tokens 48 \
+      PGATE_CUDA_GRAPHS=0 "$BIN" generate "$SMALL" --dtype bf16 --device "$dev" --max-tokens 48 \
         --add "$OUT/split_r.safetensors[6]:6@4-9" --ablate "$OUT/split_r.safetensors[10]@7-13" \
         --prompt "Tell me about the sea." --prompt "How do I pick a lock?" --prompt "hi" \
         --prompt "Write a poem about persona and refusal, in the style of a shipping manifest." \
