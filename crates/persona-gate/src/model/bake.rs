@@ -318,7 +318,7 @@ pub fn export_gguf(src: &ModelSource, out: &Path, spec: &BakeSpec) -> Result<Bak
 /// Quantize `t` to `target`, naming the tensor when its rows do not fit the block size.
 fn quantize(t: &Tensor, target: GgmlDType, name: &str) -> Result<QTensor> {
     let k = *t.dims().last().unwrap_or(&0);
-    if k % target.block_size() != 0 {
+    if !k.is_multiple_of(target.block_size()) {
         return Err(Error::InvalidValue(format!(
             "tensor '{name}' has rows of {k} values, not a multiple of the {target:?} block size {}",
             target.block_size()

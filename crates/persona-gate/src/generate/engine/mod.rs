@@ -257,6 +257,11 @@ impl<'m> Engine<'m> {
         self.cancelled.insert(id);
     }
 
+    /// True when no sequence is waiting, prefilling or decoding.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Sequences waiting, prefilling or decoding.
     pub fn len(&self) -> usize {
         self.waiting.len()
@@ -266,7 +271,7 @@ impl<'m> Engine<'m> {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.len() == 0
+        self.is_empty()
     }
 
     /// Sequences decoding now.

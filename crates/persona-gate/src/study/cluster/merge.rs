@@ -331,7 +331,7 @@ impl fmt::Display for ShardMerge {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MergeOutcome {
-    Shards(ShardMerge),
+    Shards(Box<ShardMerge>),
     Plain(crate::study::ops::Merged),
 }
 
@@ -405,5 +405,5 @@ pub fn merge_op(db: &Path, study: Option<&Path>, from: &[PathBuf]) -> Result<Mer
             (Study::resolve(rec.study_file()?)?, source)
         }
     };
-    merge_shards(db, &study, source.as_deref(), from).map(MergeOutcome::Shards)
+    merge_shards(db, &study, source.as_deref(), from).map(|m| MergeOutcome::Shards(Box::new(m)))
 }
