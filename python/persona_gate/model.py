@@ -82,8 +82,9 @@ class Model:
     def load(cls, spec: str, dtype: str = "q", device: str = "cpu", threads: Optional[int] = None) -> "Model":
         """Load a model: a cached short name (``q05``, ``q15``, ``smollm2``), a ``.gguf`` file, an HF
         directory or a hub repo id. ``dtype``: ``q`` (quantized matmuls, fast on CPU), ``f32``
-        (reference), ``bf16``, ``f16``; ``device``: ``cpu``, ``cuda``, ``cuda:N``; ``threads``: CPU
-        kernel threads."""
+        (reference), ``bf16``, ``f16``; ``device``: ``cpu``, ``cuda``, ``cuda:N``, or a comma-separated
+        list (``cuda:0,cuda:1``) that splits the layers over those devices in order (a model larger
+        than one GPU); ``threads``: CPU kernel threads."""
         return cls(_native.Model.load(str(spec), dtype, device, threads))
 
     # -- description --------------------------------------------------------------------------

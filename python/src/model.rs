@@ -10,7 +10,7 @@ use persona_gate::generate::{
     SeqSpec,
 };
 use persona_gate::intervene::CompiledPlan;
-use persona_gate::model::{DTypeMode, LoadOptions, Model};
+use persona_gate::model::{DTypeMode, Model};
 use pyo3::prelude::*;
 
 use crate::arrays::to_numpy;
@@ -31,7 +31,8 @@ type GenRow = (String, Vec<u32>, String, usize);
 impl PyModel {
     /// Load a model: a short name of the cache (`q05`, `q15`), a `.gguf` file, an HF directory or
     /// a hub repo id; `dtype` is `q` (quantized matmuls), `f32`, `bf16` or `f16`; `device` is `cpu`,
-    /// `cuda` or `cuda:N`; `threads` sets the CPU kernels' thread count.
+    /// `cuda` or `cuda:N`, or a comma-separated list (`cuda:0,cuda:1`) to split the layers over those
+    /// devices; `threads` sets the CPU kernels' thread count.
     #[staticmethod]
     #[pyo3(signature = (spec, dtype = "q", device = "cpu", threads = None))]
     fn load(
@@ -41,14 +42,19 @@ impl PyModel {
         device: &str,
         threads: Option<usize>,
     ) -> PyResult<Self> {
-        let opts = LoadOptions {
-            dtype: DTypeMode::parse(dtype).py_err()?,
-            device: persona_gate::device::parse(device).py_err()?,
+        // The CLI's model group, so a device list splits the layers the same way here.
+        let args = persona_gate::model::ModelArgs {
+            model: spec,
+            dtype: dtype.into(),
+            device: Some(device.into()),
+            ..Default::default()
         };
+        DTypeMode::parse(dtype).py_err()?;
+        args.devices().py_err()?;
         if let Some(n) = threads {
             persona_gate::kernels::set_threads(n).py_err()?;
         }
-        let m = detached(py, None, move |_| Model::load(&spec, &opts).py_err())?;
+        let m = detached(py, None, move |_| args.load().py_err())?;
         Ok(PyModel { inner: Arc::new(m) })
     }
 

@@ -36,6 +36,18 @@ def test_bad_dtype_and_device():
     assert one_line(e) == "invalid value: unknown dtype 'f8' (expected f32, bf16, f16 or q)"
     with pytest.raises(pg.InvalidInput):
         pg.Model.load("q05", device="tpu")
+    with pytest.raises(pg.InvalidInput) as e:
+        pg.Model.load("q05", device="cpu,tpu")
+    assert "unknown device 'tpu'" in one_line(e)
+
+
+def test_a_model_split_over_devices_generates_the_same_tokens():
+    # Two CPU "devices": the layer split's placement, plan and cache paths, as the CLI test does.
+    whole = pg.Model.load("smollm2", dtype="f32")
+    split = pg.Model.load("smollm2", dtype="f32", device="cpu,cpu")
+    a = whole.generate(["Tell me about the sea."], max_tokens=8)
+    b = split.generate(["Tell me about the sea."], max_tokens=8)
+    assert a[0].tokens == b[0].tokens and a[0].text == b[0].text
 
 
 def test_plan_errors_match_the_cli(q05_f32, tmp_path):
