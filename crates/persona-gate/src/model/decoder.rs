@@ -461,17 +461,6 @@ impl Decoder {
         &self.device
     }
 
-    /// Every device the model's layers are on, in layer order (one unless split).
-    pub fn devices(&self) -> Vec<Device> {
-        let mut out = vec![self.device.clone()];
-        for d in &self.block_devices {
-            if !out.last().is_some_and(|x| x.same_device(d)) {
-                out.push(d.clone());
-            }
-        }
-        out
-    }
-
     pub fn dtype(&self) -> DType {
         self.dtype
     }
