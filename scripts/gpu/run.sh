@@ -19,6 +19,10 @@
 #   split        scripts/gpu/split.sh: layer split over 2 GPUs (equality on a 1B shape; 70B shape vs HF
 #                device_map="auto"); split=eq or split=big for one part
 #   fused        scripts/gpu/fused_ab.sh: the fused softmax kernel against the unfused path (prefill, decode)
+#   flash        scripts/gpu/flash_ab.sh: the flash prefill kernel against the batched-matmul path (logits,
+#                greedy tokens, the 2k x 8 prefill row); run `check` first to include head dim 64
+#   decode       scripts/gpu/decode_ab.sh: the decode attention kernel against the batched path (decode-step
+#                logits vs f32, decode rows at 128 and 8k tokens of cache)
 #   profile      scripts/gpu/prefill_profile.sh: the 2k x 8 prefill row per kernel (ncu durations) and
 #                with/without attention blocks
 #   long         scripts/gpu/long.sh: 8k-token-cache decode row, 2k x 8 prefill row, GPU memory at 1k-8k
@@ -56,6 +60,8 @@ for step in "$@"; do
     split) bash scripts/gpu/split.sh "$BIN" "$OUT" || status=1 ;;
     split=*) bash scripts/gpu/split.sh "$BIN" "$OUT" "${step#split=}" || status=1 ;;
     fused) bash scripts/gpu/fused_ab.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
+    flash) bash scripts/gpu/flash_ab.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
+    decode) bash scripts/gpu/decode_ab.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     profile) bash scripts/gpu/prefill_profile.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     long) bash scripts/gpu/long.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     serve) bash scripts/gpu/serve.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;

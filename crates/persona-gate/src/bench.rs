@@ -189,6 +189,53 @@ pub fn last_token_logits(
     Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
+/// [`last_token_logits`] with the last position run as a one-token decode step over the cache the
+/// other positions filled (prompts of at least two tokens).
+pub fn last_token_logits_by_decode(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    plan: Option<Arc<CompiledPlan>>,
+) -> Result<Vec<Vec<f32>>> {
+    if prompts.iter().any(|p| p.len() < 2) {
+        return Err(Error::InvalidValue(
+            "decode-step logits need prompts of at least 2 tokens".into(),
+        ));
+    }
+    let dev = model.decoder.device();
+    let (tokens, rows) = crate::generate::left_padded(prompts, dev)?;
+    let l = tokens.dim(1)?;
+    let mut cache = KvCache::new(model.decoder.n_layers());
+    let plans = vec![plan; prompts.len()];
+    let mut hook = PlanHook::new(&plans, model.decoder.n_layers());
+    let active = hook.is_active();
+    let head = tokens.narrow(1, 0, l - 1)?;
+    let hk: Option<&mut dyn ResidualHook> = if active { Some(&mut hook) } else { None };
+    model
+        .decoder
+        .forward(&head, &rows, &mut cache, hk, LogitsAt::None)?;
+    // The last slot is a real token of every row (prompts are left-padded).
+    let last_rows: Vec<crate::intervene::RowCtx> = rows
+        .iter()
+        .map(|r| crate::intervene::RowCtx {
+            chunk_pad: 0,
+            start_pos: l - 1 - r.chunk_pad,
+            ..*r
+        })
+        .collect();
+    let hk: Option<&mut dyn ResidualHook> = if active { Some(&mut hook) } else { None };
+    let logits = model
+        .decoder
+        .forward(
+            &tokens.narrow(1, l - 1, 1)?,
+            &last_rows,
+            &mut cache,
+            hk,
+            LogitsAt::Last,
+        )?
+        .ok_or_else(|| Error::InvalidValue("model returned no logits".into()))?;
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
 /// The benchmark prompt: the chat-rendered default prompt, repeated or cut to `prompt_tokens`.
 pub fn bench_prompt(model: &Model, prompt_tokens: Option<usize>) -> Result<Vec<u32>> {
     let mut prompt = encode_chat(model, &ChatPrompt::new(DEFAULT_PROMPT))?;
@@ -494,6 +541,11 @@ pub struct LogitsFlags {
     /// Also generate this many greedy tokens per prompt (batched, EOS ignored).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub greedy: usize,
+    /// Compute the last position's logits as a decode step (all but the last token prefilled,
+    /// then the last one alone through the cache), to check the decode attention path the way the
+    /// default checks prefill's.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub last_by_decode: bool,
     /// Write the JSON here instead of stdout.
     #[cfg_attr(feature = "cli", arg(short = 'o', long))]
     pub out: Option<std::path::PathBuf>,
@@ -510,7 +562,12 @@ impl LogitsFlags {
             )?,
             None => None,
         };
-        logits_report(model, prompts, plan, self.greedy, dtype)
+        let logits = if self.last_by_decode {
+            last_token_logits_by_decode(model, prompts, plan.clone())?
+        } else {
+            last_token_logits(model, prompts, plan.clone())?
+        };
+        greedy_report(model, prompts, plan, logits, self.greedy, dtype)
     }
 }
 
@@ -524,6 +581,18 @@ pub fn logits_report(
     dtype: &str,
 ) -> Result<LogitsReport> {
     let logits = last_token_logits(model, prompts, plan.clone())?;
+    greedy_report(model, prompts, plan, logits, greedy, dtype)
+}
+
+/// The report around already computed `logits`, with `greedy` greedy tokens per prompt.
+fn greedy_report(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    plan: Option<Arc<CompiledPlan>>,
+    logits: Vec<Vec<f32>>,
+    greedy: usize,
+    dtype: &str,
+) -> Result<LogitsReport> {
     let greedy = if greedy > 0 {
         let reqs: Vec<GenRequest> = prompts
             .iter()

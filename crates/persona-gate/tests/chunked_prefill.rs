@@ -230,3 +230,29 @@ fn a_failing_extra_hook_ends_the_run() {
         .to_string();
     assert!(e.contains("interrupted"), "{e}");
 }
+
+/// `pgate logits --last-by-decode` (what `scripts/gpu/flash_ab.py` uses to check the GPU's decode
+/// attention kernel): the last position run as a decode step gives the prefill's logits.
+#[test]
+fn last_position_by_decode_matches_prefill() {
+    let path = common::model_path("smollm2");
+    let opts = LoadOptions {
+        dtype: persona_gate::model::DTypeMode::F32,
+        ..Default::default()
+    };
+    let model = Model::load(path.to_str().unwrap(), &opts).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![(1..40).collect(), (7..20).collect(), vec![5, 9]];
+    let p = Some(plan(&model));
+    let a = persona_gate::bench::last_token_logits(&model, &prompts, p.clone()).unwrap();
+    let b = persona_gate::bench::last_token_logits_by_decode(&model, &prompts, p).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(u, v)| (u - v).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "decode-step logits differ by {worst}");
+    }
+    let one = persona_gate::bench::last_token_logits_by_decode(&model, &[vec![3]], None);
+    assert!(one.unwrap_err().to_string().contains("at least 2 tokens"));
+}

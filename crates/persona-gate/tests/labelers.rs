@@ -95,10 +95,10 @@ fn small_devset() -> Vec<DevRow> {
         rows.push(row(2 * i, p, refusal(i), Label::Refusal, "tune"));
         rows.push(row(2 * i + 1, p, compliance(i), Label::Bypass, "tune"));
     }
-    for i in 0..3 {
+    for (i, prompt) in HARMFUL.iter().enumerate().take(3) {
         rows.push(row(
             100 + i,
-            HARMFUL[i],
+            prompt,
             degenerate(i),
             Label::Degenerate,
             "tune",
@@ -181,8 +181,7 @@ fn probe_trains_roundtrips_and_refuses_another_reader() {
     let other = load("smollm2");
     let e = probe
         .check_reader(&other)
-        .err()
-        .expect("another reader must be refused")
+        .expect_err("another reader must be refused")
         .to_string();
     assert!(e.contains("probe belongs to reader model"), "{e}");
     std::fs::write(dir.join("bad.json"), "{\"format\": \"nope\"}").unwrap();

@@ -12,19 +12,12 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{cudarc, CudaStorage, WrapErr};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
+use super::nvrtc::{Ptx, Switch};
+
 const SRC: &str = r#"
-__device__ __forceinline__ float bf2f(unsigned short x) {
-    return __uint_as_float(((unsigned int)x) << 16);
-}
-__device__ __forceinline__ unsigned short f2bf(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}
 __device__ float block_reduce(float v, bool is_max) {
     __shared__ float part[32];
     for (int o = 16; o > 0; o >>= 1) {
@@ -78,26 +71,12 @@ extern "C" __global__ void pg_scaled_masked_softmax_bf16(
 const MODULE: &str = "pgate_softmax";
 const FUNC: &str = "pg_scaled_masked_softmax_bf16";
 
+static SWITCH: Switch = Switch::new("PGATE_FUSED_SOFTMAX", true);
+static PTX: Ptx = Ptx::new("the fused softmax kernel", SRC, false);
+
 /// Whether the fused kernel is on (`PGATE_FUSED_SOFTMAX=0` turns it off, for A/B runs).
 pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("PGATE_FUSED_SOFTMAX").map_or(true, |v| v != "0"))
-}
-
-fn ptx() -> candle_core::Result<&'static str> {
-    static PTX: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
-    PTX.get_or_init(|| {
-        let opts = cudarc::nvrtc::CompileOptions {
-            arch: Some("compute_90"),
-            ..Default::default()
-        };
-        cudarc::nvrtc::compile_ptx_with_opts(SRC, opts)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("compiling the fused softmax kernel: {e:?}"))
-    })
-    .as_ref()
-    .map(String::as_str)
-    .map_err(|e| candle_core::Error::Msg(e.clone()))
+    SWITCH.on()
 }
 
 /// `softmax(scores * scale + mask)` over the last dim. `scores`: `[b, g, r, cols]` bf16
@@ -169,7 +148,7 @@ impl CustomOp2 for Fused {
         let rows = el / cols.max(1);
         // SAFETY: every element is written by the kernel below.
         let y = unsafe { dev.alloc::<half::bf16>(el)? };
-        let func = dev.get_or_load_custom_func(FUNC, MODULE, ptx()?)?;
+        let func = dev.get_or_load_custom_func(FUNC, MODULE, PTX.get("")?)?;
         let mut b = func.builder();
         let (cols_i, l_i, rpb_i) = (cols as i32, self.l as i32, self.rows_per_b as i32);
         let has = self.has_mask as i32;

@@ -17,7 +17,17 @@
 mod act;
 pub mod attention;
 #[cfg(feature = "cuda")]
+pub mod cuda_decode;
+#[cfg(feature = "cuda")]
+pub mod cuda_flash;
+#[cfg(feature = "cuda")]
+pub mod cuda_glu;
+#[cfg(feature = "cuda")]
+pub mod cuda_rope;
+#[cfg(feature = "cuda")]
 pub mod cuda_softmax;
+#[cfg(feature = "cuda")]
+mod nvrtc;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]

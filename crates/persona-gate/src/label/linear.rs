@@ -168,6 +168,6 @@ mod tests {
         assert!(m.prob(&[90.0, 3.0]).unwrap() > 0.9);
         assert!(m.prob(&[5.0, 3.0]).unwrap() < 0.1);
         assert!(m.prob(&[1.0]).is_err());
-        assert!(Logistic::fit(&x, &vec![true; 100], TrainOptions::default()).is_err());
+        assert!(Logistic::fit(&x, &[true; 100], TrainOptions::default()).is_err());
     }
 }

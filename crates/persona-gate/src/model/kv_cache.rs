@@ -156,7 +156,31 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let l = k.dim(2)?;
+        let (b, h, l, d) = k.dims4()?;
+        let like = Like {
+            b,
+            h,
+            d,
+            dtype: k.dtype(),
+            device: k.device(),
+        };
+        self.append_with(layer, l, like, |ck, cv, t0| {
+            ck.slice_set(&k.contiguous()?, 2, t0)?;
+            cv.slice_set(&v.contiguous()?, 2, t0)?;
+            Ok(())
+        })
+    }
+
+    /// [`Self::append`] where `write` fills slots `t0..t0 + l` of the layer's whole K and V
+    /// tensors (`[b, h, capacity, d]`) itself (a kernel writing straight from the projection);
+    /// `like` gives the shape and dtype of a first allocation.
+    pub(crate) fn append_with(
+        &mut self,
+        layer: usize,
+        l: usize,
+        like: Like<'_>,
+        write: impl FnOnce(&Tensor, &Tensor, usize) -> Result<()>,
+    ) -> Result<(Tensor, Tensor)> {
         let need = self.len + l;
         let have = self.capacity_of(layer);
         if self.layers[layer].is_none() || need > have {
@@ -165,20 +189,23 @@ impl KvCache {
                 cap = cap.min(limit);
             }
             let cap = cap.next_multiple_of(64);
-            // The first chunk allocates (shaped like `k` / `v`); later growth keeps what is there.
-            let grow = |old: Option<&Tensor>, like: &Tensor| match old {
-                Some(o) => with_capacity(o, 0, self.len, cap),
-                None => with_capacity(like, 0, 0, cap),
-            };
+            // The first chunk allocates (shaped like `like`); later growth keeps what is there.
             let old = self.layers[layer].take();
-            let nk = grow(old.as_ref().map(|x| &x.0), k)?;
-            let nv = grow(old.as_ref().map(|x| &x.1), v)?;
+            let grow = |old: Option<&Tensor>| match old {
+                Some(o) => with_capacity(o, 0, self.len, cap),
+                None => Ok(Tensor::zeros(
+                    (like.b, like.h, cap, like.d),
+                    like.dtype,
+                    like.device,
+                )?),
+            };
+            let nk = grow(old.as_ref().map(|x| &x.0))?;
+            let nv = grow(old.as_ref().map(|x| &x.1))?;
             self.layers[layer] = Some((nk, nv));
             self.generation += 1;
         }
         let (ck, cv) = self.layers[layer].as_ref().expect("allocated above");
-        ck.slice_set(&k.contiguous()?, 2, self.len)?;
-        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        write(ck, cv, self.len)?;
         Ok((ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?))
     }
 
@@ -302,4 +329,13 @@ fn with_capacity(t: &Tensor, from: usize, len: usize, cap: usize) -> Result<Tens
         out.slice_set(&t.narrow(2, from, len)?.contiguous()?, 2, 0)?;
     }
     Ok(out)
+}
+
+/// The shape (`[b, h, _, d]`), dtype and device of a layer's first K/V allocation.
+pub(crate) struct Like<'a> {
+    pub b: usize,
+    pub h: usize,
+    pub d: usize,
+    pub dtype: candle_core::DType,
+    pub device: &'a candle_core::Device,
 }

@@ -101,7 +101,9 @@ impl Linear {
         let m: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((m, k))?;
         let y = match (&self.weight, &self.compact) {
-            (_, Some(c)) if x2.dtype() == DType::F32 && (batch_invariant || m <= c.max_rows()) => {
+            (_, Some(c))
+                if x2.dtype() == DType::F32 && (batch_invariant || m <= compact_rows(c)) =>
+            {
                 x2.contiguous()?.apply_op1_no_bwd(c)?
             }
             _ if batch_invariant && m > 1 => {
@@ -566,4 +568,27 @@ impl Embedding {
             in_features: self.d,
         })
     }
+}
+
+/// Up to this many activation rows every quantized matmul takes the compact kernels, also where
+/// candle's tiles are faster on an idle machine (Q4_K past 8 rows, Q6_K past 4, Q8_0 with
+/// AVX512-VNNI). Why: candle's thread pool waits for its workers in spin loops, so while another
+/// process holds a core, a batch-16 decode of q15 with 2 threads ran at 0.42x of one thread, while
+/// the compact kernels' pool sleeps and its governor goes inline (0.96x; BENCHMARKS.md, issue 18).
+/// The price on an idle machine: 9% at batch 16 (104.0 -> 94.5 tok/s on 2 cores). Candle's lead
+/// grows with the rows (17% at 32), so larger batches keep candle and its behaviour under load.
+const LOAD_SAFE_ROWS: usize = 16;
+
+/// The most rows `c` takes the compact kernels for: [`LOAD_SAFE_ROWS`] or more where they are
+/// faster anyway; `PGATE_COMPACT_ROWS=N` overrides (for measuring either side).
+fn compact_rows(c: &crate::kernels::CompactQMatrix) -> usize {
+    static V: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let o = *V.get_or_init(|| {
+        std::env::var("PGATE_COMPACT_ROWS")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    });
+    o.unwrap_or(c.max_rows().max(LOAD_SAFE_ROWS))
 }

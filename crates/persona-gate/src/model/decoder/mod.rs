@@ -1,8 +1,6 @@
 //! The one decoder shared by every family: pre-norm blocks with grouped-query attention, RoPE and a
 //! gated MLP, and a hook point after each block. Family differences come from [`ModelConfig`].
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Activation, ModelConfig};
@@ -10,6 +8,11 @@ use super::kv_cache::KvCache;
 use super::weights::{Embedding, Linear, WeightLoader};
 use crate::intervene::hook::{HookCtx, ResidualHook, RowCtx};
 use crate::{Error, Result};
+
+mod attention;
+mod gpu;
+
+use attention::{HostMasks, MaskShape};
 
 /// RMSNorm with the weight as stored (gemma's `1 + w` is folded in at load time).
 #[derive(Debug, Clone)]
@@ -104,6 +107,14 @@ impl Rope {
             candle_nn::rotary_emb::rope(&x, cos, sin)?
         })
     }
+
+    /// [`Self::apply`] on `[b, l, heads, d]` (the projections' own order, no transpose); halves
+    /// layout only (the caller checks `interleaved`).
+    #[cfg(feature = "cuda")]
+    fn apply_thd(&self, x: &Tensor, cs: &(Tensor, Tensor)) -> Result<Tensor> {
+        let (cos, sin) = cs;
+        Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?)
+    }
 }
 
 /// Q, K and V projections: three layers, or one fused layer for dense weights ([`Linear::fuse`]).
@@ -152,6 +163,9 @@ struct StepInputs<'a> {
     l: usize,
     /// The most leading padding slots of any row (masked columns `[0, max_pad)`).
     max_pad: usize,
+    /// Each row's leading padding slots as a `[b]` u32 tensor on the device, when the prefill
+    /// runs the flash kernel ([`Decoder::flash_pads`]); `None` otherwise.
+    pads_dev: Option<Tensor>,
     cfg: &'a ModelConfig,
     /// How K/V of this chunk enter the cache.
     kv: KvWrite<'a>,
@@ -174,38 +188,11 @@ impl<'a> StepInputs<'a> {
             b: self.b,
             l: self.l,
             max_pad: self.max_pad,
+            pads_dev: self.pads_dev.as_ref().map(mv).transpose()?,
             cfg: self.cfg,
             kv: self.kv,
         })
     }
-}
-
-/// What an appended chunk's mask can hold, for [`Decoder::blocked_attention`]: `-inf` only in
-/// the padding columns `[0, max_pad)` and, causally, after each query's own slot. `max_pad: None`
-/// when the mask holds more (a sliding window), so every column takes the mask.
-#[derive(Clone, Copy)]
-struct MaskShape {
-    max_pad: Option<usize>,
-}
-
-impl MaskShape {
-    /// Key columns a block of queries at cache slots `[q0, q1)` may find masked, reading keys
-    /// `[0, q1)`: the padding columns and the block's own diagonal. `None` (every column) for a
-    /// window, or when a query of the block is itself padding (it sees only its own slot).
-    fn columns(self, q0: usize, q1: usize) -> Option<Vec<(usize, usize)>> {
-        let pad = self.max_pad?;
-        if q0 < pad {
-            return None;
-        }
-        Some(vec![(0, pad), (q0, q1 - q0)])
-    }
-}
-
-/// Host copies of a step's additive masks, shared by every layer.
-#[derive(Clone)]
-struct HostMasks {
-    global: Option<Arc<Vec<f32>>>,
-    local: Option<Arc<Vec<f32>>>,
 }
 
 /// How a forward writes K/V into the cache.
@@ -516,11 +503,18 @@ impl Decoder {
         let positions = Tensor::from_vec(pos, b * l, &self.device)?;
         let window = self.cfg.sliding_window;
         let any_local = self.blocks.iter().any(|bl| bl.sliding);
-        let mask_global = self.build_mask(&pads, t0, l, None)?;
-        let mask_local = if any_local && window.is_some_and(|w| total > w) {
-            self.build_mask(&pads, t0, l, window)?
+        // The flash kernel masks from positions: no `b x l x total` mask to build and upload.
+        let pads_dev = self.flash_pads(&pads, l)?;
+        let (mask_global, mask_local) = if pads_dev.is_some() {
+            (None, None)
         } else {
-            mask_global.clone()
+            let global = self.build_mask(&pads, t0, l, None)?;
+            let local = if any_local && window.is_some_and(|w| total > w) {
+                self.build_mask(&pads, t0, l, window)?
+            } else {
+                global.clone()
+            };
+            (global, local)
         };
         let rope_local = match &self.rope_local {
             Some(r) if any_local => Some(r.gather(&positions, b, l)?),
@@ -536,6 +530,7 @@ impl Decoder {
             b,
             l,
             max_pad: pads.iter().copied().max().unwrap_or(0),
+            pads_dev,
             cfg: &self.cfg,
             kv: KvWrite::Append,
         };
@@ -581,6 +576,7 @@ impl Decoder {
             b,
             l: 1,
             max_pad: 0,
+            pads_dev: None,
             cfg: &self.cfg,
             kv: KvWrite::Fixed {
                 slot_idx: inp.slot_idx,
@@ -686,44 +682,6 @@ impl Decoder {
         }))
     }
 
-    /// Additive mask `[b, 1, 1, l, total]`, or `None` when nothing is masked.
-    fn build_mask(
-        &self,
-        pads: &[usize],
-        t0: usize,
-        l: usize,
-        window: Option<usize>,
-    ) -> Result<Option<Tensor>> {
-        let total = t0 + l;
-        let b = pads.len();
-        let mut m = vec![0f32; b * l * total];
-        let mut any = false;
-        for (bi, &pad) in pads.iter().enumerate() {
-            for i in 0..l {
-                let q = t0 + i;
-                let row = &mut m[(bi * l + i) * total..(bi * l + i + 1) * total];
-                for (k, v) in row.iter_mut().enumerate() {
-                    let ok = if q < pad {
-                        // A padding query attends to itself only, so its softmax stays finite.
-                        k == q
-                    } else {
-                        k >= pad && k <= q && window.is_none_or(|w| q - k < w)
-                    };
-                    if !ok {
-                        *v = f32::NEG_INFINITY;
-                        any = true;
-                    }
-                }
-            }
-        }
-        if !any {
-            return Ok(None);
-        }
-        Ok(Some(
-            Tensor::from_vec(m, (b, 1, 1, l, total), &self.device)?.to_dtype(self.dtype)?,
-        ))
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
@@ -739,6 +697,10 @@ impl Decoder {
         let (b, l) = (s.b, s.l);
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let xn = bl.attn_norm.forward(x)?;
+        #[cfg(feature = "cuda")]
+        if let Some(attn) = self.flash_from_fused(li, bl, &xn, s, cache)? {
+            return self.block_tail(li, bl, x, &attn, s, hook, rows);
+        }
         let (q, k, v) = match &bl.qkv {
             QkvProj::Split { q, k, v } => (
                 self.linear(q, &xn)?,
@@ -761,13 +723,15 @@ impl Decoder {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
         };
+        let (rope, cs) = self.rope_for(bl, s);
+        #[cfg(feature = "cuda")]
+        if let Some(pads) = &s.pads_dev {
+            let attn = self.flash_attention(li, bl, &q, &k, &v, rope, cs, pads, cache)?;
+            return self.block_tail(li, bl, x, &attn.reshape((b, l, nh * hd))?, s, hook, rows);
+        }
         let q = q.transpose(1, 2)?;
         let k = k.transpose(1, 2)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (rope, cs) = match (bl.sliding, &self.rope_local, &s.rope_local) {
-            (true, Some(r), Some(cs)) => (r, cs),
-            _ => (&self.rope_global, &s.rope_global),
-        };
         let q = rope.apply(&q, cs)?;
         let k = rope.apply(&k, cs)?;
         let (k_all, v_all) = match s.kv {
@@ -777,6 +741,10 @@ impl Decoder {
             }
         };
 
+        #[cfg(feature = "cuda")]
+        if let Some(attn) = self.decode_attention(bl, &q, &k_all, &v_all, s)? {
+            return self.block_tail(li, bl, x, &attn, s, hook, rows);
+        }
         // Grouped-query attention without copying K/V per head: the n_rep query heads of one KV
         // head become extra rows of one matmul.
         let n_rep = nh / nkv;
@@ -804,7 +772,24 @@ impl Decoder {
             .reshape((b, nh, l, hd))?
             .transpose(1, 2)?
             .reshape((b, l, nh * hd))?;
-        let mut a = self.linear(&bl.o, &attn)?;
+        self.block_tail(li, bl, x, &attn, s, hook, rows)
+    }
+
+    /// The rest of a block once attention has run (`attn`: `[b, l, nh * hd]`): output
+    /// projection, residual, the mid-block hook and the MLP.
+    #[allow(clippy::too_many_arguments)]
+    fn block_tail(
+        &self,
+        li: usize,
+        bl: &Block,
+        x: &Tensor,
+        attn: &Tensor,
+        s: &StepInputs,
+        hook: Option<&mut dyn ResidualHook>,
+        rows: &[RowCtx],
+    ) -> Result<Tensor> {
+        let cfg = s.cfg;
+        let mut a = self.linear(&bl.o, attn)?;
         if let Some(n) = &bl.post_attn_norm {
             a = n.forward(&a)?;
         }
@@ -824,197 +809,47 @@ impl Decoder {
         }
 
         let hn = bl.ffn_norm.forward(&h)?;
-        let (g, u) = match &bl.gate_up {
-            GateUpProj::Split { gate, up } => (self.linear(gate, &hn)?, self.linear(up, &hn)?),
-            GateUpProj::Fused(f) => {
-                let y = self.linear(f, &hn)?;
-                let ffn = f.out_features / 2;
-                (y.narrow(2, 0, ffn)?, y.narrow(2, ffn, ffn)?)
-            }
-        };
-        let g = match cfg.activation {
-            Activation::Silu => candle_nn::ops::silu(&g)?,
-            Activation::GeluTanh => g.gelu()?,
-        };
-        let mut m = self.linear(&bl.down, &(g * u)?)?;
+        let gated = self.gated_activation(bl, &hn, cfg.activation)?;
+        let mut m = self.linear(&bl.down, &gated)?;
         if let Some(n) = &bl.post_ffw_norm {
             m = n.forward(&m)?;
         }
         Ok((h + m)?)
     }
 
-    /// [`Self::tiled_attention`] over blocks of query positions, so that a long prompt never holds
-    /// a `chunk x total` score tensor per head: each block's scores stay under a per-device budget
-    /// of bytes ([`attention_score_budget`]), which makes prefill memory linear in the prompt (the
-    /// cache) instead of growing with `chunk x prompt` (a 4k-token prompt on SmolLM2 held ~0.5 GB
-    /// of scores). When the chunk's queries are the cache's last `l` slots (`shape` given: every
-    /// append), a block also skips the keys after its last query, which causality masks anyway
-    /// (inside a chunk that halves the score work), and adds the mask only to the columns it can
-    /// touch ([`MaskShape`]): on a GPU the broadcast mask add over every head's scores was a third
-    /// of a 2k-token prefill. Rows are independent in both matmuls and the softmax, dropped keys
-    /// are exactly masked ones and skipped columns add zeros, so no result changes meaning.
-    #[allow(clippy::too_many_arguments)]
-    fn blocked_attention(
-        &self,
-        q: &Tensor,
-        k_all: &Tensor,
-        v_all: &Tensor,
-        mask: Option<&Tensor>,
-        b: usize,
-        l: usize,
-        shape: Option<MaskShape>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let total = k_all.dim(2)?;
-        // f32 scores (the softmax runs in f32 whatever the activation dtype).
-        let row_bytes = b * cfg.n_heads * total * 4;
-        let budget = attention_score_budget(&self.device);
-        let rows = (budget / row_bytes.max(1)).max(16);
-        if rows >= l {
-            let cols = shape.and_then(|s| s.columns(total - l, total));
-            return self.tiled_attention(q, k_all, v_all, mask, b, l, cols.as_deref());
-        }
-        let (nkv, n_rep, hd) = (cfg.n_kv_heads, cfg.n_heads / cfg.n_kv_heads, cfg.head_dim);
-        let q5 = q.reshape((b, nkv, n_rep, l, hd))?;
-        let mut outs = Vec::with_capacity(l.div_ceil(rows));
-        let mut p0 = 0;
-        while p0 < l {
-            let n = rows.min(l - p0);
-            let (keys, cols) = match shape {
-                Some(s) => (
-                    total - l + p0 + n,
-                    s.columns(total - l + p0, total - l + p0 + n),
-                ),
-                None => (total, None),
-            };
-            let qb = q5
-                .narrow(3, p0, n)?
-                .contiguous()?
-                .reshape((b, nkv, n_rep * n, hd))?;
-            let (kb, vb) = (k_all.narrow(2, 0, keys)?, v_all.narrow(2, 0, keys)?);
-            let mb = match mask {
-                Some(m) => Some(m.narrow(3, p0, n)?.narrow(4, 0, keys)?.contiguous()?),
-                None => None,
-            };
-            let ob = self.tiled_attention(&qb, &kb, &vb, mb.as_ref(), b, n, cols.as_deref())?;
-            outs.push(ob.reshape((b, nkv, n_rep, n, hd))?);
-            p0 += n;
-        }
-        Ok(Tensor::cat(&outs, 3)?.reshape((b, nkv, n_rep * l, hd))?)
-    }
-
-    /// Batched matmuls and softmax (tiled kernels; fast, rounding depends on the batch shape).
-    /// `q: [b, nkv, n_rep*l, hd]`, `k_all, v_all: [b, nkv, total, hd]`, mask `[b, 1, 1, l, total]`.
-    /// `cols`: the only key columns (start, width) where the mask may be non-zero (`None`: all).
-    #[allow(clippy::too_many_arguments)]
-    fn tiled_attention(
-        &self,
-        q: &Tensor,
-        k_all: &Tensor,
-        v_all: &Tensor,
-        mask: Option<&Tensor>,
-        b: usize,
-        l: usize,
-        cols: Option<&[(usize, usize)]>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        #[cfg(feature = "cuda")]
-        if self.device.is_cuda()
-            && q.dtype() == DType::BF16
-            && crate::kernels::cuda_softmax::enabled()
-        {
-            // Scale, mask and softmax in one pass (kernels/cuda_softmax.rs).
-            let raw = q.matmul(&k_all.t()?)?;
-            let scale = cfg.attn_scale() as f32;
-            let probs = crate::kernels::cuda_softmax::scaled_masked_softmax(&raw, mask, scale, l)?;
-            let _ = cols;
-            return Ok(probs.matmul(v_all)?);
-        }
-        let (nkv, n_rep) = (cfg.n_kv_heads, cfg.n_heads / cfg.n_kv_heads);
-        let total = k_all.dim(2)?;
-        let scores = (q.matmul(&k_all.t()?)? * cfg.attn_scale())?;
-        let scores = match (mask, cols) {
-            (Some(m), Some(cols)) => {
-                // In place, on the fresh score tensor: the other columns would add zeros.
-                let s5 = scores.reshape((b, nkv, n_rep, l, total))?;
-                for &(c0, w) in cols.iter().filter(|c| c.1 > 0) {
-                    let part = s5.narrow(4, c0, w)?.broadcast_add(&m.narrow(4, c0, w)?)?;
-                    s5.slice_set(&part, 4, c0)?;
-                }
-                s5.reshape((b, nkv, n_rep * l, total))?
+    /// `act(gate(x)) * up(x)`: one fused kernel over the fused projection's output on CUDA bf16
+    /// (`kernels/cuda_glu.rs`), else the activation and product as separate tensor ops.
+    fn gated_activation(&self, bl: &Block, hn: &Tensor, act: Activation) -> Result<Tensor> {
+        let (g, u) = match &bl.gate_up {
+            GateUpProj::Split { gate, up } => (self.linear(gate, hn)?, self.linear(up, hn)?),
+            GateUpProj::Fused(f) => {
+                let y = self.linear(f, hn)?;
+                let ffn = f.out_features / 2;
+                (y.narrow(2, 0, ffn)?, y.narrow(2, ffn, ffn)?)
             }
-            (Some(m), None) => scores
-                .reshape((b, nkv, n_rep, l, total))?
-                .broadcast_add(m)?
-                .reshape((b, nkv, n_rep * l, total))?,
-            (None, _) => scores,
         };
-        let probs = if scores.dtype() == DType::F32 {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                .to_dtype(scores.dtype())?
-        };
-        Ok(probs.matmul(v_all)?) // [b, nkv, n_rep*l, hd]
-    }
-
-    /// The step's masks as host values for [`Self::invariant_attention`] (batch-invariant mode
-    /// only), read once per step rather than once per layer.
-    fn host_masks(
-        &self,
-        global: &Option<Tensor>,
-        local: &Option<Tensor>,
-    ) -> Result<Option<HostMasks>> {
-        if !self.batch_invariant {
-            return Ok(None);
+        #[cfg(feature = "cuda")]
+        if let Some(out) =
+            crate::kernels::cuda_glu::gated(&g, &u, matches!(act, Activation::GeluTanh))?
+        {
+            return Ok(out);
         }
-        let host = |m: &Option<Tensor>| -> Result<Option<Arc<Vec<f32>>>> {
-            Ok(match m {
-                Some(m) => Some(Arc::new(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
-                None => None,
-            })
+        let g = match act {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::GeluTanh => g.gelu()?,
         };
-        let global = host(global)?;
-        // Only sliding-window layers read the local mask.
-        let local = if self.blocks.iter().any(|b| b.sliding) {
-            host(local)?
-        } else {
-            None
-        };
-        Ok(Some(HostMasks { global, local }))
+        Ok((g * u)?)
     }
 
-    /// [`crate::kernels::attention::InvariantAttention`] in f32, cast back to the activation dtype.
-    fn invariant_attention(
-        &self,
-        q: &Tensor,
-        k_all: &Tensor,
-        v_all: &Tensor,
-        mask: Option<Arc<Vec<f32>>>,
-        l: usize,
-    ) -> Result<Tensor> {
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let op = crate::kernels::attention::InvariantAttention {
-            scale: self.cfg.attn_scale() as f32,
-            l,
-            mask,
-        };
-        let out = f32(&q.contiguous()?)?.apply_op3_no_bwd(&f32(k_all)?, &f32(v_all)?, &op)?;
-        Ok(out.to_dtype(q.dtype())?)
+    /// The rotary tables a block uses: the local ones on a sliding-window layer of a model that
+    /// has them, else the global ones.
+    fn rope_for<'s>(&'s self, bl: &Block, s: &'s StepInputs) -> (&'s Rope, &'s (Tensor, Tensor)) {
+        match (bl.sliding, &self.rope_local, &s.rope_local) {
+            (true, Some(r), Some(cs)) => (r, cs),
+            _ => (&self.rope_global, &s.rope_global),
+        }
     }
 }
-
-/// Which dense projections are fused into one GEMM: `PGATE_FUSE=qkv` (default), `all`, `gateup` or
-/// `none`. Measured on an H100 (BENCHMARKS.md): fusing Q/K/V helps at every batch size (the K and V
-/// projections are too small to reach full bandwidth alone), fusing gate/up *slows* batch 16 and 64
-/// by ~6% (cuBLAS picks a worse kernel for the 2x wider GEMM), hence the default. Outputs are the same
-/// either way.
-/// Bytes of attention scores one query block may hold per step ([`Decoder::blocked_attention`]):
-/// 16 MiB on the CPU (a few L2-sized GEMMs per block; the blocks' scores plus their softmax stay
-/// well under the cache of a long prompt), 256 MiB on a GPU, where fewer, larger matmuls keep
-/// launches few. `PGATE_ATTN_BLOCK_MB` overrides both (for measuring the trade-off).
-const CPU_SCORE_BUDGET: usize = 16 << 20;
-const GPU_SCORE_BUDGET: usize = 256 << 20;
 
 /// The device of each block for a split over `first` and `more` (empty: no split): contiguous
 /// runs of `n_layers / devices` layers (as even as the count allows).
@@ -1041,21 +876,11 @@ fn split_layers(first: &Device, more: &[Device], n_layers: usize) -> Result<Vec<
         .collect())
 }
 
-fn attention_score_budget(device: &Device) -> usize {
-    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let o = OVERRIDE.get_or_init(|| {
-        std::env::var("PGATE_ATTN_BLOCK_MB")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .map(|mb| mb << 20)
-    });
-    o.unwrap_or(if device.is_cpu() {
-        CPU_SCORE_BUDGET
-    } else {
-        GPU_SCORE_BUDGET
-    })
-}
-
+/// Which dense projections are fused into one GEMM: `PGATE_FUSE=qkv` (default), `all`, `gateup` or
+/// `none`. Measured on an H100 (BENCHMARKS.md): fusing Q/K/V helps at every batch size (the K and V
+/// projections are too small to reach full bandwidth alone), fusing gate/up *slows* batch 16 and 64
+/// by ~6% (cuBLAS picks a worse kernel for the 2x wider GEMM), hence the default. Outputs are the same
+/// either way.
 fn fusion_from_env() -> (bool, bool) {
     match std::env::var("PGATE_FUSE").as_deref() {
         Ok("none") => (false, false),
@@ -1077,25 +902,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mask_columns_cover_padding_and_the_diagonal_only() {
-        let s = MaskShape { max_pad: Some(3) };
-        // Queries at slots 10..14 read keys 0..14: padding 0..3 and their own diagonal 10..14.
-        assert_eq!(s.columns(10, 14), Some(vec![(0, 3), (10, 4)]));
-        // A block holding a padding query (slot 2 < 3) sees only itself: the whole mask.
-        assert_eq!(s.columns(2, 6), None);
-        // Sliding windows mask old keys anywhere: the whole mask.
-        assert_eq!(MaskShape { max_pad: None }.columns(10, 14), None);
-        assert_eq!(
-            MaskShape { max_pad: Some(0) }.columns(0, 8),
-            Some(vec![(0, 0), (0, 8)])
-        );
-    }
-
-    #[test]
     fn layers_split_in_contiguous_even_runs() {
         let cpu = Device::Cpu;
         assert!(split_layers(&cpu, &[], 30).unwrap().is_empty());
-        assert_eq!(split_layers(&cpu, &[cpu.clone()], 30).unwrap().len(), 30);
+        assert_eq!(
+            split_layers(&cpu, std::slice::from_ref(&cpu), 30)
+                .unwrap()
+                .len(),
+            30
+        );
         let err = split_layers(&cpu, &vec![cpu.clone(); 4], 4).unwrap_err();
         assert!(err
             .to_string()
