@@ -45,6 +45,9 @@ struct Recorded {
 pub(crate) struct FixedStepper {
     b: usize,
     generation: u64,
+    /// Each row's plan when the stepper was made: a recorded graph applies these, so a row that
+    /// changes hands to a sequence with another plan needs a new stepper.
+    plans: Vec<Option<Arc<CompiledPlan>>>,
     /// `[b, 1]` u32: the tokens fed in; each step overwrites them with its argmax.
     ids: Tensor,
     /// `[b]` f32: each row's logit sum of the last step (non-finite when a logit is), so a row
@@ -65,12 +68,14 @@ pub(crate) struct FixedStepper {
 }
 
 impl FixedStepper {
-    /// Start stepping a batch whose next input tokens are `next` (one per cache row). Reserves cache
-    /// storage for `max_more` more tokens per row so the storage never moves while graphs hold it.
+    /// Start stepping a batch whose next input tokens are `next` (one per cache row) under `plans`
+    /// (one per row). Reserves cache storage for `max_more` more tokens per row so the storage
+    /// never moves while graphs hold it.
     pub fn new(
         model: &Decoder,
         cache: &mut KvCache,
         next: &[u32],
+        plans: &[Option<Arc<CompiledPlan>>],
         max_more: usize,
     ) -> Result<Self> {
         let b = cache.batch();
@@ -88,6 +93,7 @@ impl FixedStepper {
         Ok(Self {
             b,
             generation: cache.generation(),
+            plans: plans.to_vec(),
             ids,
             sums: Tensor::zeros(b, DType::F32, dev)?,
             positions,
@@ -101,9 +107,22 @@ impl FixedStepper {
         })
     }
 
-    /// Still valid for this cache (same rows, same storage)?
-    pub fn matches(&self, cache: &KvCache) -> bool {
-        cache.generation() == self.generation && cache.batch() == self.b
+    /// Still valid for this cache (same rows, same storage) and these plans (the same ones, by
+    /// identity: a plan is compiled once per preset or request and shared)?
+    pub fn matches(&self, cache: &KvCache, plans: &[Option<Arc<CompiledPlan>>]) -> bool {
+        cache.generation() == self.generation
+            && cache.batch() == self.b
+            && plans.len() == self.plans.len()
+            && plans.iter().zip(&self.plans).all(|(a, b)| same_plan(a, b))
+    }
+
+    /// Feed `token` to `row` at the next step (a sequence placed into the row in place of one
+    /// that ended).
+    pub fn set_next(&mut self, row: usize, token: u32) -> Result<()> {
+        let dev = self.ids.device().clone();
+        self.ids
+            .slice_set(&Tensor::from_vec(vec![token], (1, 1), &dev)?, 0, row)?;
+        Ok(())
     }
 
     /// Run one step: feed the current tokens, return each row's argmax and whether its logits
@@ -115,7 +134,7 @@ impl FixedStepper {
         rows: &[RowCtx],
         plans: &[Option<Arc<CompiledPlan>>],
     ) -> Result<(Vec<u32>, Vec<bool>)> {
-        if !self.matches(cache) {
+        if !self.matches(cache, plans) {
             return Err(Error::InvalidValue(
                 "fixed-slot stepper used after the batch or cache storage changed".into(),
             ));
@@ -289,6 +308,15 @@ impl FixedStepper {
         self.replays += 1;
         self.recorded[ri].graph = Some(graph);
         Ok(())
+    }
+}
+
+/// Whether two rows run the same plan (the same compiled plan, or none).
+pub(crate) fn same_plan(a: &Option<Arc<CompiledPlan>>, b: &Option<Arc<CompiledPlan>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
     }
 }
 

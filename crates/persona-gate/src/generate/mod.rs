@@ -69,6 +69,11 @@ pub struct GenStats {
     /// Decode steps replayed from a recorded CUDA graph, and graphs recorded.
     pub graph_replays: usize,
     pub graph_captures: usize,
+    /// Fixed-slot steppers made (each new batch shape or cache storage needs one, and on a GPU
+    /// records its graphs anew).
+    pub steppers: usize,
+    /// Sequences placed into the rows of ended ones, keeping the stepper.
+    pub slots_reused: usize,
 }
 
 impl GenStats {
@@ -82,6 +87,8 @@ impl GenStats {
         self.decode_issue_secs += o.decode_issue_secs;
         self.graph_replays += o.graph_replays;
         self.graph_captures += o.graph_captures;
+        self.steppers += o.steppers;
+        self.slots_reused += o.slots_reused;
     }
 
     /// Count a retired stepper's graph replays and recordings.

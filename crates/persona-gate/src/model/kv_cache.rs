@@ -320,6 +320,89 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// Append `n` rows that hold no sequence yet (every slot padding), to be filled in place by
+    /// [`KvCache::place`]: a server pads its batch to a size that a CUDA graph can keep replaying
+    /// while requests come and go. Reallocates (a new generation), like [`KvCache::merge`].
+    pub fn add_holes(&mut self, n: usize) -> Result<()> {
+        if n == 0 || self.batch() == 0 {
+            return Ok(());
+        }
+        for slot in self.layers.iter_mut() {
+            if let Some((k, v)) = slot.take() {
+                let grow = |t: &Tensor| -> Result<Tensor> {
+                    let (_, h, cap, d) = t.dims4()?;
+                    let z = Tensor::zeros((n, h, cap, d), t.dtype(), t.device())?;
+                    Ok(Tensor::cat(&[t, &z], 0)?)
+                };
+                *slot = Some((grow(&k)?, grow(&v)?));
+            }
+        }
+        let len = self.len;
+        self.pads.extend(std::iter::repeat_n(len, n));
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Make row `row` a hole: every slot so far becomes its padding (what it held is never read
+    /// again; the row keeps stepping, attending only to the slots written from now on).
+    pub fn clear_row(&mut self, row: usize) {
+        if let Some(p) = self.pads.get_mut(row) {
+            *p = self.len;
+        }
+    }
+
+    /// Whether rows of `other` fit into this cache's rows in place: they end at our length, so
+    /// they must be no longer, and `more` further slots must fit the storage.
+    pub fn can_place(&self, other: &KvCache, more: usize) -> bool {
+        other.len <= self.len && self.len + more <= self.capacity()
+    }
+
+    /// Write rows `from` of `other` into our rows `to`, in place: storage and generation stay, so
+    /// a CUDA graph recorded on this cache keeps replaying. Each placed row's slots end at our
+    /// current length, its padding before them is zeroed (a previous occupant's values could be
+    /// non-finite, and masked slots still meet the value matrix). Needs [`KvCache::can_place`].
+    pub fn place(&mut self, to: &[usize], other: &KvCache, from: &[usize]) -> Result<()> {
+        if to.len() != from.len() || to.iter().any(|&r| r >= self.batch()) {
+            return Err(crate::Error::InvalidValue(format!(
+                "cannot place {} rows into rows {to:?} of a {}-row cache",
+                from.len(),
+                self.batch()
+            )));
+        }
+        if !self.can_place(other, 0) {
+            return Err(crate::Error::InvalidValue(format!(
+                "rows of {} slots do not fit a cache of {}",
+                other.len, self.len
+            )));
+        }
+        let (len, shift) = (self.len, self.len - other.len);
+        let ids: Vec<u32> = from.iter().map(|&r| r as u32).collect();
+        for (mine, theirs) in self.layers.iter().zip(other.layers.iter()) {
+            let (Some((k, v)), Some((ok, ov))) = (mine, theirs) else {
+                continue;
+            };
+            let idx = Tensor::new(ids.as_slice(), ok.device())?;
+            for (dst, src) in [(k, ok), (v, ov)] {
+                let (_, h, _, d) = src.dims4()?;
+                let staged = Tensor::zeros((to.len(), h, len, d), dst.dtype(), dst.device())?;
+                if other.len > 0 {
+                    let rows = src.index_select(&idx, 0)?.narrow(2, 0, other.len)?;
+                    staged.slice_set(&rows.contiguous()?, 2, shift)?;
+                }
+                for (j, &r) in to.iter().enumerate() {
+                    dst.narrow(0, r, 1)?
+                        .slice_set(&staged.narrow(0, j, 1)?, 2, 0)?;
+                }
+            }
+        }
+        for (&r, &f) in to.iter().zip(from) {
+            self.pads[r] = shift + other.pads[f];
+        }
+        Ok(())
+    }
+}
+
 /// Slots `from..from + len` of `t` (`[b, h, slots, d]`) at the start of fresh zeroed storage of `cap`
 /// slots: how the cache grows, reserves and compacts.
 fn with_capacity(t: &Tensor, from: usize, len: usize, cap: usize) -> Result<Tensor> {

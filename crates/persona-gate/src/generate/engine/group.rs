@@ -340,7 +340,7 @@ impl Engine<'_> {
         // Timed through the first tokens' pick: on a GPU the forward only enqueues work, and
         // reading the picks is where it is waited for.
         self.stats.prefill_secs += started.elapsed().as_secs_f64();
-        let mut keep = Vec::new();
+        let (mut keep, mut joined) = (Vec::new(), Vec::new());
         for (i, ((q, sampler), tok)) in g.seqs.drain(..).zip(samplers).zip(firsts).enumerate() {
             if !finite[i] {
                 self.fail(q.id, super::NON_FINITE.into());
@@ -365,21 +365,65 @@ impl Engine<'_> {
             let mut run = Running::new(q, sampler);
             if self.advance(&mut run, tok) {
                 keep.push(i);
-                self.lanes[g.lane].push(run);
+                joined.push(run);
             }
         }
         if keep.is_empty() {
             return Ok(());
         }
-        let mut new_cache = g.prefill.into_cache();
-        new_cache.select(&keep)?;
+        self.join_lane(g.lane, g.prefill.into_cache(), &keep, joined)
+    }
+
+    /// Sequences `joined`, prefilled in rows `rows` of `prefilled`, join `lane`: into its holes in
+    /// place when there are enough and the rows fit (the lane's stepper goes on), else appended.
+    fn join_lane(
+        &mut self,
+        lane: usize,
+        mut prefilled: KvCache,
+        rows: &[usize],
+        joined: Vec<Running>,
+    ) -> Result<()> {
+        let more = joined
+            .iter()
+            .map(|r| r.spec.max_new_tokens.saturating_sub(r.out))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let l = &mut self.lanes[lane];
+        let holes = l.holes();
+        if self.cfg.reuse_slots
+            && holes.len() >= joined.len()
+            && l.cache.can_place(&prefilled, more)
+        {
+            let to = choose_holes(&holes, &l.plans(), &joined);
+            l.cache.place(&to, &prefilled, rows)?;
+            self.stats.slots_reused += to.len();
+            for (r, row) in joined.into_iter().zip(to) {
+                l.fill(row, r)?;
+            }
+            return Ok(());
+        }
+        l.drop_holes()?;
+        prefilled.select(rows)?;
         let n_layers = self.model.n_layers();
-        let lane = &mut self.lanes[g.lane];
-        let mut merged = std::mem::replace(&mut lane.cache, KvCache::new(n_layers));
-        merged.merge(new_cache)?;
-        lane.cache = merged;
-        let limit = lane.cache.len() + lane.tokens_left() + 1;
-        lane.cache.limit_growth(limit);
+        let mut merged = std::mem::replace(&mut l.cache, KvCache::new(n_layers));
+        merged.merge(prefilled)?;
+        l.cache = merged;
+        let spare_plan = joined.first().and_then(|r| r.spec.plan.clone());
+        for r in joined {
+            l.push(r);
+        }
+        if self.cfg.reuse_slots && self.fixed_ok && l.all_greedy() {
+            // Spare rows up to the next power of two: the next sequences join in place.
+            let n = l.len();
+            let target = n.next_power_of_two().min(self.cfg.batch_size.max(n));
+            l.cache.add_holes(target - n)?;
+            for _ in n..target {
+                l.push(Running::hole(spare_plan.clone()));
+            }
+        }
+        let limit = l.cache.len() + l.tokens_left() + 1;
+        l.cache.limit_growth(limit);
         Ok(())
     }
 
@@ -400,6 +444,29 @@ impl Engine<'_> {
         }
         true
     }
+}
+
+/// Which holes the `joined` sequences take: first those whose plan is theirs (a recorded graph
+/// applies each row's plan, so a hole under the same plan keeps it valid), then any.
+fn choose_holes(
+    holes: &[usize],
+    plans: &[Option<Arc<CompiledPlan>>],
+    joined: &[Running],
+) -> Vec<usize> {
+    let mut free: Vec<usize> = holes.to_vec();
+    let mut to = vec![usize::MAX; joined.len()];
+    for (j, r) in joined.iter().enumerate() {
+        if let Some(k) = free
+            .iter()
+            .position(|&h| crate::generate::fixed_step::same_plan(&plans[h], &r.spec.plan))
+        {
+            to[j] = free.remove(k);
+        }
+    }
+    for t in to.iter_mut().filter(|t| **t == usize::MAX) {
+        *t = free.remove(0);
+    }
+    to
 }
 
 /// Keeps only `layers` of a capture (a group captures the union of what its rows asked for).

@@ -6,6 +6,10 @@ use std::time::Instant;
 use candle_core::{DType, Tensor, D};
 
 use super::{Engine, Queued, SeqId, SeqSpec};
+
+/// Extra slots a serving lane's stepper reserves beyond its rows' needs, for sequences placed into
+/// holes later (at least this many, or as many again as the rows need).
+const RESERVE_SLACK: usize = 256;
 use crate::generate::fixed_step::FixedStepper;
 use crate::generate::MIN_FIXED_STEPS;
 use crate::generate::{FixedSlot, Sampler, Sampling};
@@ -22,6 +26,10 @@ pub(super) struct Running {
     sampler: Sampler,
     /// The token fed at the next step.
     pub(super) next: u32,
+    /// The row holds no sequence: it ended (or was made as spare room) and its cache row waits
+    /// for the next sequence to be placed there, so the batch shape, and with it a recorded CUDA
+    /// graph, stays put. A hole keeps stepping; its tokens go nowhere.
+    pub(super) hole: bool,
 }
 
 impl Running {
@@ -32,6 +40,21 @@ impl Running {
             out: 0,
             sampler,
             next: 0,
+            hole: false,
+        }
+    }
+
+    /// Spare room for a sequence to come, under `plan` (the plan the next one most likely has).
+    pub(super) fn hole(plan: Option<Arc<CompiledPlan>>) -> Self {
+        let mut spec = SeqSpec::new(Vec::new(), 0);
+        spec.plan = plan;
+        Self {
+            id: super::SHADOW_SEQ,
+            spec,
+            out: 0,
+            sampler: Sampler::new(Sampling::greedy()),
+            next: 0,
+            hole: true,
         }
     }
 }
@@ -53,12 +76,51 @@ impl Lane {
         }
     }
 
+    /// Rows of the batch, holes included.
     pub(super) fn len(&self) -> usize {
         self.running.len()
     }
 
+    /// Rows that hold a sequence.
+    pub(super) fn live(&self) -> usize {
+        self.running.iter().filter(|r| !r.hole).count()
+    }
+
+    /// Whether every row picks greedily (what a fixed-slot step, and so a graph, needs).
+    pub(super) fn all_greedy(&self) -> bool {
+        self.running.iter().all(|r| r.spec.sampling.is_greedy())
+    }
+
+    /// Rows that hold no sequence.
+    pub(super) fn holes(&self) -> Vec<usize> {
+        (0..self.running.len())
+            .filter(|&i| self.running[i].hole)
+            .collect()
+    }
+
     pub(super) fn push(&mut self, r: Running) {
         self.running.push(r);
+    }
+
+    /// Put `r` into hole `row` (its cache row already placed there).
+    pub(super) fn fill(&mut self, row: usize, r: Running) -> Result<()> {
+        if let Some(s) = &mut self.stepper {
+            s.set_next(row, r.next)?;
+        }
+        self.running[row] = r;
+        Ok(())
+    }
+
+    /// Row `row`'s sequence has ended: keep the row as a hole.
+    fn make_hole(&mut self, row: usize) {
+        self.running[row].hole = true;
+        self.cache.clear_row(row);
+    }
+
+    /// Drops every hole (a new cache generation: the next fixed step records anew).
+    pub(super) fn drop_holes(&mut self) -> Result<()> {
+        let keep: Vec<bool> = self.running.iter().map(|r| !r.hole).collect();
+        self.retain(&keep)
     }
 
     /// Keeps the running sequences flagged in `keep`, with their cache rows.
@@ -76,6 +138,7 @@ impl Lane {
     pub(super) fn tokens_left(&self) -> usize {
         self.running
             .iter()
+            .filter(|r| !r.hole)
             .map(|r| r.spec.max_new_tokens.saturating_sub(r.out))
             .max()
             .unwrap_or(0)
@@ -94,7 +157,7 @@ impl Lane {
             .collect()
     }
 
-    fn plans(&self) -> Vec<Option<Arc<CompiledPlan>>> {
+    pub(super) fn plans(&self) -> Vec<Option<Arc<CompiledPlan>>> {
         self.running.iter().map(|r| r.spec.plan.clone()).collect()
     }
 }
@@ -139,18 +202,49 @@ impl Engine<'_> {
 
     /// Ends sequences of `lane` that were cancelled or whose deadline passed.
     pub(super) fn drop_gone(&mut self, lane: usize) {
-        let seqs: Vec<(SeqId, Option<Instant>, usize)> = self.lanes[lane]
+        let seqs: Vec<(SeqId, Option<Instant>, usize, bool)> = self.lanes[lane]
             .running
             .iter()
-            .map(|r| (r.id, r.spec.deadline, r.out))
+            .map(|r| (r.id, r.spec.deadline, r.out, r.hole))
             .collect();
         let keep: Vec<bool> = seqs
             .into_iter()
-            .map(|(id, d, out)| self.still_wanted(id, d, out))
+            .map(|(id, d, out, hole)| hole || self.still_wanted(id, d, out))
             .collect();
-        if let Err(e) = self.lanes[lane].retain(&keep) {
+        if let Err(e) = self.end_rows(lane, &keep) {
             self.fail_lane(lane, e.to_string());
         }
+    }
+
+    /// Whether rows that end in `lane` stay as holes: a serving engine whose lane replays a
+    /// fixed-slot stepper (a recorded graph) keeps its batch shape, so the next request joins
+    /// without a new recording.
+    fn keeps_holes(&self, lane: usize) -> bool {
+        let l = &self.lanes[lane];
+        self.cfg.reuse_slots
+            && l.stepper
+                .as_ref()
+                .is_some_and(|s| s.matches(&l.cache, &l.plans()))
+    }
+
+    /// Rows not flagged in `keep` end: they become holes where the lane keeps them, else leave.
+    /// Holes are dropped when nothing is left, or when most rows are holes and no sequence is on
+    /// its way to fill them.
+    fn end_rows(&mut self, lane: usize, keep: &[bool]) -> Result<()> {
+        if self.keeps_holes(lane) {
+            for (row, _) in keep.iter().enumerate().filter(|(_, &k)| !k) {
+                self.lanes[lane].make_hole(row);
+            }
+        } else {
+            self.lanes[lane].retain(keep)?;
+        }
+        let l = &self.lanes[lane];
+        let holes = l.len() - l.live();
+        let coming = self.waiting() > 0 || self.pending[lane].is_some();
+        if holes > 0 && (l.live() == 0 || (2 * holes > l.len() && !coming)) {
+            self.lanes[lane].drop_holes()?;
+        }
+        Ok(())
     }
 
     /// One token for every sequence of `lane`.
@@ -159,7 +253,7 @@ impl Engine<'_> {
         lane: usize,
         extra: Option<&mut dyn ResidualHook>,
     ) -> Result<()> {
-        let b = self.lanes[lane].len();
+        let (b, live) = (self.lanes[lane].len(), self.lanes[lane].live());
         let t = Instant::now();
         let (picks, finite) = if self.takes_fixed_path(lane, extra.is_some()) {
             self.fixed_decode(lane)?
@@ -167,13 +261,16 @@ impl Engine<'_> {
             self.plain_decode(lane, extra)?
         };
         self.stats.decode_secs += t.elapsed().as_secs_f64();
-        self.stats.decode_tokens += b;
+        // Tokens that went to sequences (holes step too, for nobody).
+        self.stats.decode_tokens += live;
         self.stats.decode_steps += 1;
         let running = std::mem::take(&mut self.lanes[lane].running);
         let mut keep = vec![true; b];
         let mut still = Vec::with_capacity(b);
         for (bi, (mut r, tok)) in running.into_iter().zip(picks).enumerate() {
-            keep[bi] = if finite[bi] {
+            keep[bi] = if r.hole {
+                true
+            } else if finite[bi] {
                 self.advance(&mut r, tok)
             } else {
                 self.fail(r.id, super::NON_FINITE.into());
@@ -182,7 +279,7 @@ impl Engine<'_> {
             still.push(r);
         }
         self.lanes[lane].running = still;
-        self.lanes[lane].retain(&keep)
+        self.end_rows(lane, &keep)
     }
 
     /// Whether this step replays a fixed-slot step (CUDA graphs): greedy rows, no extra hook, and
@@ -192,8 +289,11 @@ impl Engine<'_> {
         let more = l.tokens_left();
         self.fixed_ok
             && !extra
-            && l.running.iter().all(|r| r.spec.sampling.is_greedy())
-            && (l.stepper.as_ref().is_some_and(|s| s.matches(&l.cache))
+            && l.all_greedy()
+            && (l
+                .stepper
+                .as_ref()
+                .is_some_and(|s| s.matches(&l.cache, &l.plans()))
                 || more >= MIN_FIXED_STEPS
                 || self.cfg.fixed_slot == FixedSlot::Always)
     }
@@ -201,14 +301,27 @@ impl Engine<'_> {
     fn fixed_decode(&mut self, lane: usize) -> Result<(Vec<u32>, Vec<bool>)> {
         let t = Instant::now();
         let model = self.model;
+        let reuse = self.cfg.reuse_slots;
         let l = &mut self.lanes[lane];
-        if !l.stepper.as_ref().is_some_and(|s| s.matches(&l.cache)) {
+        let plans = l.plans();
+        if !l
+            .stepper
+            .as_ref()
+            .is_some_and(|s| s.matches(&l.cache, &plans))
+        {
             self.stats.absorb(l.stepper.take());
+            self.stats.steppers += 1;
             let ids: Vec<u32> = l.running.iter().map(|r| r.next).collect();
             let more = l.tokens_left();
-            l.stepper = Some(FixedStepper::new(model, &mut l.cache, &ids, more)?);
+            // Room for sequences placed into holes later, so placing them never moves storage.
+            let more = if reuse {
+                more + more.max(RESERVE_SLACK)
+            } else {
+                more
+            };
+            l.stepper = Some(FixedStepper::new(model, &mut l.cache, &ids, &plans, more)?);
         }
-        let (rows, plans) = (l.rows(), l.plans());
+        let rows = l.rows();
         let s = l.stepper.as_mut().expect("set above");
         let (picks, finite) = s.step(model, &mut l.cache, &rows, &plans)?;
         self.stats.decode_issue_secs += t.elapsed().as_secs_f64();
@@ -277,6 +390,10 @@ impl Engine<'_> {
         self.lanes[lane].stepper = None;
         let mut keep = vec![true; b];
         for (i, k) in keep.iter_mut().enumerate() {
+            if self.lanes[lane].running[i].hole {
+                *k = false;
+                continue;
+            }
             if b > 1 && self.step_alone(lane, i).is_ok() {
                 continue;
             }
@@ -293,7 +410,12 @@ impl Engine<'_> {
     pub(super) fn fail_lane(&mut self, lane: usize, e: String) {
         let n_layers = self.model.n_layers();
         let l = &mut self.lanes[lane];
-        let ids: Vec<SeqId> = l.running.drain(..).map(|r| r.id).collect();
+        let ids: Vec<SeqId> = l
+            .running
+            .drain(..)
+            .filter(|r| !r.hole)
+            .map(|r| r.id)
+            .collect();
         l.cache = KvCache::new(n_layers);
         l.stepper = None;
         for id in ids {

@@ -9,7 +9,9 @@
 //!    are reported, and its cache rows join the running batch.
 //! 2. **Decode.** One token for every running sequence; finished sequences leave at once, and their
 //!    slots refill on the next step. Greedy batches replay CUDA graphs ([`FixedStepper`]) when the
-//!    batch shape stays put long enough for recording to pay.
+//!    batch shape stays put long enough for recording to pay. A serving engine
+//!    ([`EngineConfig::reuse_slots`]) keeps the rows of ended sequences as holes and places joining
+//!    sequences into them, so the shape stays put while requests come and go.
 //!
 //! Each sequence carries its own plan, sampling, stop ids, capture layers and deadline; its tokens do
 //! not depend on its neighbours (masks, positions and RNG are per sequence). Prompts over
@@ -145,6 +147,11 @@ pub struct EngineConfig {
     /// prefill speed (`None`: always the full chunk).
     pub chunk_target: Option<Duration>,
     pub fixed_slot: FixedSlot,
+    /// Keep the rows of ended sequences as holes that joining sequences fill in place (and pad a
+    /// batch that grows to the next power of two with holes), so that a recorded CUDA graph keeps
+    /// replaying while requests come and go; holes step along unused. For the server; batch jobs
+    /// keep their batches compact.
+    pub reuse_slots: bool,
     /// Fail a sequence whose logits go non-finite (the server: the client gets an error). Batch
     /// jobs keep going, as they always have: a blown-up steering coefficient then shows as
     /// degenerate text, which is what a study measures.
@@ -164,6 +171,7 @@ impl EngineConfig {
             long_prompt_tokens: usize::MAX,
             chunk_target: None,
             fixed_slot: FixedSlot::Auto,
+            reuse_slots: false,
             fail_non_finite: false,
         }
     }
@@ -178,6 +186,7 @@ impl EngineConfig {
             long_prompt_tokens: 1024,
             chunk_target: Some(Duration::from_millis(250)),
             fixed_slot: FixedSlot::Auto,
+            reuse_slots: true,
             fail_non_finite: true,
         }
     }
@@ -276,7 +285,7 @@ impl<'m> Engine<'m> {
 
     /// Sequences decoding now.
     pub fn running(&self) -> usize {
-        self.lanes.iter().map(Lane::len).sum()
+        self.lanes.iter().map(Lane::live).sum()
     }
 
     /// Sequences not yet prefilled (waiting or retried alone).
