@@ -7,7 +7,8 @@
 #   3. the burst test (serve_burst.py): p50 time to first token of 32 new requests arriving while 32
 #      others decode, against an idle server's, and whether the 32 kept decoding during the burst.
 #
-#   bash scripts/gpu/serve.sh BIN SYNTH_DIR OUT_DIR
+#   bash scripts/gpu/serve.sh BIN SYNTH_DIR OUT_DIR       (SERVE_PARTS="burst": the burst test alone;
+#                                                      PGATE_SLOT_REUSE=0: without slot reuse)
 set -uo pipefail
 BIN=$1 SYNTH=$2 OUT=$3
 D=/tmp/pgate-serve-gpu
@@ -32,11 +33,19 @@ TOML
 PID=$!
 for _ in $(seq 1 900); do grep -q "listening on" "$OUT/serve.out" 2>/dev/null && break; sleep 0.2; done
 status=0
+# SERVE_PARTS picks the measured parts (default all three: "64 1 burst").
+PARTS=" ${SERVE_PARTS:-64 1 burst} "
 # Warm-up (graphs recorded, allocator settled), then the measured runs.
-"$BIN" serve-bench --url "$URL" --clients 64 --duration 10 --max-tokens 256 --preset steered >/dev/null 2>&1
-"$BIN" serve-bench --url "$URL" --clients 64 --duration 60 --max-tokens 256 --preset steered --out "$OUT/serve64.json" || status=1
-"$BIN" serve-bench --url "$URL" --clients 1 --duration 20 --max-tokens 256 --preset steered --out "$OUT/serve1.json" || status=1
-python3 "$(dirname "$0")/serve_burst.py" --url "$URL" --preset steered --out "$OUT/burst.json" || status=1
+if [[ "$PARTS" == *" 64 "* ]]; then
+  "$BIN" serve-bench --url "$URL" --clients 64 --duration 10 --max-tokens 256 --preset steered >/dev/null 2>&1
+  "$BIN" serve-bench --url "$URL" --clients 64 --duration 60 --max-tokens 256 --preset steered --out "$OUT/serve64.json" || status=1
+fi
+if [[ "$PARTS" == *" 1 "* ]]; then
+  "$BIN" serve-bench --url "$URL" --clients 1 --duration 20 --max-tokens 256 --preset steered --out "$OUT/serve1.json" || status=1
+fi
+if [[ "$PARTS" == *" burst "* ]]; then
+  python3 "$(dirname "$0")/serve_burst.py" --url "$URL" --preset steered --out "$OUT/burst.json" || status=1
+fi
 kill -TERM "$PID"; wait "$PID"
 tail -3 "$OUT/serve.err"
 exit $status

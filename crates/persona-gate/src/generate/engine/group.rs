@@ -389,6 +389,7 @@ impl Engine<'_> {
             .max()
             .unwrap_or(0)
             + 1;
+        let spare_plan = joined.first().and_then(|r| r.spec.plan.clone());
         let l = &mut self.lanes[lane];
         let holes = l.holes();
         if self.cfg.reuse_slots
@@ -401,29 +402,38 @@ impl Engine<'_> {
             for (r, row) in joined.into_iter().zip(to) {
                 l.fill(row, r)?;
             }
-            return Ok(());
-        }
-        l.drop_holes()?;
-        prefilled.select(rows)?;
-        let n_layers = self.model.n_layers();
-        let mut merged = std::mem::replace(&mut l.cache, KvCache::new(n_layers));
-        merged.merge(prefilled)?;
-        l.cache = merged;
-        let spare_plan = joined.first().and_then(|r| r.spec.plan.clone());
-        for r in joined {
-            l.push(r);
-        }
-        if self.cfg.reuse_slots && self.fixed_ok && l.all_greedy() {
-            // Spare rows up to the next power of two: the next sequences join in place.
-            let n = l.len();
-            let target = n.next_power_of_two().min(self.cfg.batch_size.max(n));
-            l.cache.add_holes(target - n)?;
-            for _ in n..target {
-                l.push(Running::hole(spare_plan.clone()));
+        } else {
+            l.drop_holes()?;
+            prefilled.select(rows)?;
+            let n_layers = self.model.n_layers();
+            let mut merged = std::mem::replace(&mut l.cache, KvCache::new(n_layers));
+            merged.merge(prefilled)?;
+            l.cache = merged;
+            for r in joined {
+                l.push(r);
             }
         }
+        self.keep_spare_rows(lane, spare_plan)?;
+        let l = &mut self.lanes[lane];
         let limit = l.cache.len() + l.tokens_left() + 1;
         l.cache.limit_growth(limit);
+        Ok(())
+    }
+
+    /// A serving lane whose rows are all taken grows by holes to the next power of two above its
+    /// rows (at most the batch size), so the next sequences join in place. Growing reallocates,
+    /// and the stepper is made anew once, now rather than when a burst of requests arrives.
+    fn keep_spare_rows(&mut self, lane: usize, plan: Option<Arc<CompiledPlan>>) -> Result<()> {
+        let l = &mut self.lanes[lane];
+        let n = l.len();
+        if !(self.cfg.reuse_slots && self.fixed_ok && l.all_greedy()) || n > l.live() {
+            return Ok(());
+        }
+        let target = (n + 1).next_power_of_two().min(self.cfg.batch_size.max(n));
+        l.cache.add_holes(target - n)?;
+        for _ in n..target {
+            l.push(Running::hole(plan.clone()));
+        }
         Ok(())
     }
 

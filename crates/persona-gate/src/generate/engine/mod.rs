@@ -186,10 +186,16 @@ impl EngineConfig {
             long_prompt_tokens: 1024,
             chunk_target: Some(Duration::from_millis(250)),
             fixed_slot: FixedSlot::Auto,
-            reuse_slots: true,
+            reuse_slots: slot_reuse_enabled(),
             fail_non_finite: true,
         }
     }
+}
+
+/// Whether serving engines reuse the slots of ended sequences (`PGATE_SLOT_REUSE=0` turns it off,
+/// for A/B runs).
+fn slot_reuse_enabled() -> bool {
+    std::env::var("PGATE_SLOT_REUSE").map_or(true, |v| v != "0")
 }
 
 /// Prefill chunks of batch jobs take at most this many prompt positions.
