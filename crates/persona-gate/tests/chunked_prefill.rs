@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use persona_gate::generate::{encode_chat, left_padded, ChatPrompt, ChunkedPrefill};
-use persona_gate::intervene::{CompiledPlan, InterventionPlan, LayerSet, PlanHook, RowCtx};
+use persona_gate::intervene::{CompiledPlan, PlanHook, RowCtx};
 use persona_gate::model::{KvCache, LoadOptions, LogitsAt, Model};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -21,18 +21,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn plan(model: &Model) -> Arc<CompiledPlan> {
-    let cfg = model.config();
-    let d = cfg.d_model;
-    let dir: Vec<f32> = (0..d)
-        .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5)
-        .collect();
-    let p = InterventionPlan::new()
-        .add(LayerSet::parse("2-5").unwrap(), dir.clone(), 4.0)
-        .ablate(LayerSet::parse("10-19").unwrap(), dir);
-    Arc::new(
-        p.compile(cfg.n_layers, d, model.decoder.dtype(), &Device::Cpu)
-            .unwrap(),
-    )
+    common::add_ablate_plan(model, 4.0)
 }
 
 fn decode_once(

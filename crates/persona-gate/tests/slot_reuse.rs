@@ -7,25 +7,13 @@ mod common;
 
 use std::sync::Arc;
 
-use candle_core::Device;
 use persona_gate::generate::{encode_chat, ChatPrompt};
 use persona_gate::generate::{Engine, EngineConfig, EngineEvent, FixedSlot, GenStats, SeqSpec};
-use persona_gate::intervene::{CompiledPlan, InterventionPlan, LayerSet};
+use persona_gate::intervene::CompiledPlan;
 use persona_gate::model::{DTypeMode, LoadOptions, Model};
 
 fn plan(model: &Model) -> Arc<CompiledPlan> {
-    let cfg = model.config();
-    let d = cfg.d_model;
-    let dir: Vec<f32> = (0..d)
-        .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5)
-        .collect();
-    let p = InterventionPlan::new()
-        .add(LayerSet::parse("2-5").unwrap(), dir.clone(), 2.0)
-        .ablate(LayerSet::parse("10-19").unwrap(), dir);
-    Arc::new(
-        p.compile(cfg.n_layers, d, model.decoder.dtype(), &Device::Cpu)
-            .unwrap(),
-    )
+    common::add_ablate_plan(model, 2.0)
 }
 
 const PROMPTS: [&str; 6] = [

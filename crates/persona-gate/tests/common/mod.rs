@@ -56,3 +56,29 @@ pub fn ids(v: &serde_json::Value) -> Vec<Vec<u32>> {
         })
         .collect()
 }
+
+/// A test steering plan for `model`: a fixed pseudo-random direction added at layers 2-5 with
+/// `coeff` and projected out at 10-19 (the shape of the paper's add + ablate conditions).
+pub fn add_ablate_plan(
+    model: &persona_gate::model::Model,
+    coeff: f32,
+) -> std::sync::Arc<persona_gate::intervene::CompiledPlan> {
+    use persona_gate::intervene::{InterventionPlan, LayerSet};
+    let cfg = model.config();
+    let d = cfg.d_model;
+    let dir: Vec<f32> = (0..d)
+        .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5)
+        .collect();
+    let p = InterventionPlan::new()
+        .add(LayerSet::parse("2-5").unwrap(), dir.clone(), coeff)
+        .ablate(LayerSet::parse("10-19").unwrap(), dir);
+    std::sync::Arc::new(
+        p.compile(
+            cfg.n_layers,
+            d,
+            model.decoder.dtype(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    )
+}
