@@ -13,7 +13,9 @@ bash scripts/setup-models.sh
 if [ ! -x /usr/bin/chromium ] && ! command -v chromium >/dev/null 2>&1; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
-  ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium) ||
+  # Wait for another apt or dpkg run to let go of the lock rather than fail on it.
+  APT=(apt-get -o DPkg::Lock::Timeout=600)
+  ($SUDO "${APT[@]}" update -qq && DEBIAN_FRONTEND=noninteractive $SUDO "${APT[@]}" install -y -qq chromium) ||
     echo "warning: could not install chromium; the report test will fail" >&2
 fi
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
