@@ -190,19 +190,20 @@ pub fn run(model: Arc<Model>, cfg: EngineConfig, rx: Receiver<Job>, metrics: Arc
             }
         }
         srv.cancel_gone();
-        let (steps, tokens) = (
-            srv.engine.stats.decode_steps,
-            srv.engine.stats.decode_tokens,
-        );
+        let before = srv.engine.stats.clone();
         for ev in srv.engine.step(None) {
             srv.dispatch(ev);
         }
         let st = &srv.engine.stats;
         let m = &metrics;
-        m.decode_steps
-            .fetch_add((st.decode_steps - steps) as u64, Ordering::Relaxed);
-        m.decode_tokens
-            .fetch_add((st.decode_tokens - tokens) as u64, Ordering::Relaxed);
+        for (counter, now, was) in [
+            (&m.decode_steps, st.decode_steps, before.decode_steps),
+            (&m.decode_tokens, st.decode_tokens, before.decode_tokens),
+            (&m.steppers, st.steppers, before.steppers),
+            (&m.slots_reused, st.slots_reused, before.slots_reused),
+        ] {
+            counter.fetch_add(now.saturating_sub(was) as u64, Ordering::Relaxed);
+        }
         m.running.store(srv.engine.running(), Ordering::Relaxed);
     }
 }

@@ -14,6 +14,7 @@
 //! | `pgate_output_guard_seconds` | histogram | `preset` (one read: queueing in the reader + the pass) |
 //! | `pgate_queue_depth`, `pgate_running_sequences` | gauge | |
 //! | `pgate_decode_steps_total`, `pgate_decode_tokens_total` | counter | |
+//! | `pgate_decode_steppers_total`, `pgate_slots_reused_total` | counter | |
 //! | `pgate_open_connections` | gauge | |
 //! | `pgate_connections_total`, `pgate_connections_evicted_total`, `pgate_connection_header_timeouts_total` | counter | |
 //! | `pgate_handler_panics_total` | counter | |
@@ -76,6 +77,9 @@ pub struct Metrics {
     pub running: AtomicUsize,
     pub decode_steps: AtomicU64,
     pub decode_tokens: AtomicU64,
+    /// Fixed-slot steppers made and requests placed into ended rows (slot reuse).
+    pub steppers: AtomicU64,
+    pub slots_reused: AtomicU64,
     /// Connections open now (the accept loop caps them).
     pub conn_open: AtomicUsize,
     /// Connections accepted.
@@ -241,23 +245,6 @@ impl Metrics {
             "pgate_running_sequences {}",
             self.running.load(Ordering::Relaxed)
         );
-        let _ = writeln!(o, "# HELP pgate_decode_steps_total Shared decode steps (one token for every running sequence).");
-        let _ = writeln!(o, "# TYPE pgate_decode_steps_total counter");
-        let _ = writeln!(
-            o,
-            "pgate_decode_steps_total {}",
-            self.decode_steps.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP pgate_decode_tokens_total Tokens produced by decode steps."
-        );
-        let _ = writeln!(o, "# TYPE pgate_decode_tokens_total counter");
-        let _ = writeln!(
-            o,
-            "pgate_decode_tokens_total {}",
-            self.decode_tokens.load(Ordering::Relaxed)
-        );
         let _ = writeln!(
             o,
             "# HELP pgate_open_connections HTTP connections open now."
@@ -269,6 +256,26 @@ impl Metrics {
             self.conn_open.load(Ordering::Relaxed)
         );
         for (name, v, help) in [
+            (
+                "pgate_decode_steps_total",
+                &self.decode_steps,
+                "Shared decode steps (one token for every running sequence).",
+            ),
+            (
+                "pgate_decode_tokens_total",
+                &self.decode_tokens,
+                "Tokens produced by decode steps.",
+            ),
+            (
+                "pgate_decode_steppers_total",
+                &self.steppers,
+                "Fixed-slot decode steppers made (on a GPU each records its CUDA graphs anew).",
+            ),
+            (
+                "pgate_slots_reused_total",
+                &self.slots_reused,
+                "Requests placed into the batch rows of ended ones, keeping the stepper.",
+            ),
             (
                 "pgate_connections_total",
                 &self.conn_total,

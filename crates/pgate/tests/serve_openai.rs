@@ -456,6 +456,10 @@ fn continuous_batching_matches_one_at_a_time() {
         toks > 1.5 * steps,
         "no batching: {toks} tokens in {steps} steps"
     );
+    // Slot reuse is counted (on the CPU no fixed-slot steppers run, so both stay 0 here).
+    for k in ["pgate_decode_steppers_total", "pgate_slots_reused_total"] {
+        assert_eq!(val(&m1, k), 0.0, "{k}");
+    }
 }
 
 #[test]
