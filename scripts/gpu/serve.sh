@@ -46,6 +46,9 @@ fi
 if [[ "$PARTS" == *" burst "* ]]; then
   python3 "$(dirname "$0")/serve_burst.py" --url "$URL" --preset steered --out "$OUT/burst.json" || status=1
 fi
+# How often the decode stepper (its CUDA graphs) was made anew, and how many requests joined in place.
+python3 -c "import urllib.request; print(urllib.request.urlopen('$URL/metrics').read().decode())" 2>/dev/null |
+  grep -E '^pgate_(decode_steppers|slots_reused|decode_steps|decode_tokens)_total' | tee "$OUT/serve_metrics.txt"
 kill -TERM "$PID"; wait "$PID"
 tail -3 "$OUT/serve.err"
 exit $status
