@@ -25,6 +25,7 @@
 #                logits vs f32, decode rows at 128 and 8k tokens of cache)
 #   profile      scripts/gpu/prefill_profile.sh: the 2k x 8 prefill row per kernel (ncu durations) and
 #                with/without attention blocks
+#   dprofile     scripts/gpu/decode_profile.sh: kernel time per decode step at batch 1 and 64 (ncu), by kernel
 #   long         scripts/gpu/long.sh: 8k-token-cache decode row, 2k x 8 prefill row, GPU memory at 1k-8k
 #                prompts, beside HF transformers with SDPA (issue 22's extra rows, as they stand)
 #   hf=MODES     the HF transformers+hooks anchor (MODES: eager, static or eager,static; BATCHES and PLANS
@@ -63,6 +64,7 @@ for step in "$@"; do
     flash) bash scripts/gpu/flash_ab.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     decode) bash scripts/gpu/decode_ab.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     profile) bash scripts/gpu/prefill_profile.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
+    dprofile) bash scripts/gpu/decode_profile.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     long) bash scripts/gpu/long.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     serve) bash scripts/gpu/serve.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;
     driftab) bash scripts/gpu/drift_ab.sh "$BIN" "$SYNTH" "$OUT" || status=1 ;;

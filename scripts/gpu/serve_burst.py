@@ -59,6 +59,24 @@ def ttft(rec):
     return rec["tokens"][0] - rec["sent"] if rec.get("tokens") else None
 
 
+def metrics(url):
+    """The server's counters (name -> value), or {} when /metrics does not answer."""
+    import urllib.request
+    try:
+        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#"):
+            try:
+                out[parts[0]] = float(parts[1])
+            except ValueError:
+                pass
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
@@ -86,11 +104,13 @@ def main():
     burst = [{} for _ in range(32)]
     bths = [threading.Thread(target=stream, args=(a.url, a.preset, 16, 200 + i, burst[i]))
             for i in range(32)]
+    m0 = metrics(a.url)
     b0 = time.perf_counter()
     for t in bths:
         t.start()
     for t in bths:
         t.join()
+    m1 = metrics(a.url)
     b1 = max((r["tokens"][0] for r in burst if r.get("tokens")), default=time.perf_counter())
     for t in ths:
         t.join()
@@ -111,6 +131,11 @@ def main():
         "running_max_gap_during_burst_s": max((g for g in map(gaps, running) if g is not None), default=None),
         "errors": [r["error"] for r in running + burst if "error" in r],
     }
+    # What the engine did while the burst was served (the running streams' steps included).
+    out["engine_during_burst"] = {k.removeprefix("pgate_"): round(m1[k] - m0.get(k, 0.0), 6) for k in m1
+                                  if k in ("pgate_decode_steps_total", "pgate_decode_steppers_total",
+                                           "pgate_slots_reused_total", "pgate_prefill_seconds_total",
+                                           "pgate_graph_record_seconds_total")}
     if out["idle_ttft_p50_s"] and out["burst_ttft_p50_s"]:
         out["burst_over_idle"] = out["burst_ttft_p50_s"] / out["idle_ttft_p50_s"]
     print(json.dumps(out, indent=1))

@@ -204,6 +204,16 @@ pub fn run(model: Arc<Model>, cfg: EngineConfig, rx: Receiver<Job>, metrics: Arc
         ] {
             counter.fetch_add(now.saturating_sub(was) as u64, Ordering::Relaxed);
         }
+        for (counter, now, was) in [
+            (&m.prefill_us, st.prefill_secs, before.prefill_secs),
+            (
+                &m.graph_record_us,
+                st.graph_record_secs,
+                before.graph_record_secs,
+            ),
+        ] {
+            counter.fetch_add(((now - was).max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        }
         m.running.store(srv.engine.running(), Ordering::Relaxed);
     }
 }

@@ -15,6 +15,7 @@
 //! | `pgate_queue_depth`, `pgate_running_sequences` | gauge | |
 //! | `pgate_decode_steps_total`, `pgate_decode_tokens_total` | counter | |
 //! | `pgate_decode_steppers_total`, `pgate_slots_reused_total` | counter | |
+//! | `pgate_prefill_seconds_total`, `pgate_graph_record_seconds_total` | counter | |
 //! | `pgate_open_connections` | gauge | |
 //! | `pgate_connections_total`, `pgate_connections_evicted_total`, `pgate_connection_header_timeouts_total` | counter | |
 //! | `pgate_handler_panics_total` | counter | |
@@ -80,6 +81,10 @@ pub struct Metrics {
     /// Fixed-slot steppers made and requests placed into ended rows (slot reuse).
     pub steppers: AtomicU64,
     pub slots_reused: AtomicU64,
+    /// Engine time in prefill and in steps that made a stepper or recorded a CUDA graph, in
+    /// microseconds (rendered as seconds): where a burst's time to first token goes.
+    pub prefill_us: AtomicU64,
+    pub graph_record_us: AtomicU64,
     /// Connections open now (the accept loop caps them).
     pub conn_open: AtomicUsize,
     /// Connections accepted.
@@ -300,6 +305,22 @@ impl Metrics {
             let _ = writeln!(o, "# HELP {name} {help}");
             let _ = writeln!(o, "# TYPE {name} counter");
             let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
+        }
+        for (name, v, help) in [
+            (
+                "pgate_prefill_seconds_total",
+                &self.prefill_us,
+                "Engine time spent in prefill chunks.",
+            ),
+            (
+                "pgate_graph_record_seconds_total",
+                &self.graph_record_us,
+                "Engine time of decode steps that made a fixed-slot stepper or recorded a CUDA graph.",
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} counter");
+            let _ = writeln!(o, "{name} {:.6}", v.load(Ordering::Relaxed) as f64 / 1e6);
         }
         if let Some(rss) = rss_bytes() {
             let _ = writeln!(

@@ -460,6 +460,12 @@ fn continuous_batching_matches_one_at_a_time() {
     for k in ["pgate_decode_steppers_total", "pgate_slots_reused_total"] {
         assert_eq!(val(&m1, k), 0.0, "{k}");
     }
+    // Where time to first token goes: prefill time is counted; no graphs are recorded on the CPU.
+    assert!(
+        val(&m1, "pgate_prefill_seconds_total") > 0.0,
+        "prefill seconds"
+    );
+    assert_eq!(val(&m1, "pgate_graph_record_seconds_total"), 0.0);
 }
 
 #[test]

@@ -225,6 +225,14 @@ impl FixedStepper {
             None
         };
         let logits = model.forward_fixed_slot(&self.ids, rows, cache, hook, &inp)?;
+        #[cfg(feature = "cuda")]
+        if let Some(both) = crate::kernels::cuda_argmax::argmax_and_sum(&logits)? {
+            let next = both.narrow(0, 0, 1)?.to_dtype(DType::U32)?;
+            self.ids.slice_set(&next.reshape((self.b, 1))?, 0, 0)?;
+            self.sums
+                .slice_set(&both.narrow(0, 1, 1)?.reshape(self.b)?, 0, 0)?;
+            return Ok(());
+        }
         let next = logits.argmax(D::Minus1)?.reshape((self.b, 1))?;
         self.ids.slice_set(&next, 0, 0)?;
         let sums = logits.to_dtype(DType::F32)?.sum(D::Minus1)?;

@@ -74,6 +74,9 @@ pub struct GenStats {
     pub steppers: usize,
     /// Sequences placed into the rows of ended ones, keeping the stepper.
     pub slots_reused: usize,
+    /// Host time of the decode steps that made a stepper or recorded a CUDA graph (what a join
+    /// that changes the batch shape costs the sequences already running).
+    pub graph_record_secs: f64,
 }
 
 impl GenStats {
@@ -89,6 +92,7 @@ impl GenStats {
         self.graph_captures += o.graph_captures;
         self.steppers += o.steppers;
         self.slots_reused += o.slots_reused;
+        self.graph_record_secs += o.graph_record_secs;
     }
 
     /// Count a retired stepper's graph replays and recordings.

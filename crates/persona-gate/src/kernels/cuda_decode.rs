@@ -4,49 +4,71 @@
 //! Why this exists: a decode step's attention as batched matmuls writes and re-reads a score row per
 //! head and, with grouped-query attention, goes through the cache once per matmul; with an 8k-token
 //! cache that kept steps at 62-65% of the HBM floor on an H200 (BENCHMARKS.md, issue 22). Here one
-//! CTA owns one KV head of one row over a slice of the cache: all `n_rep` query heads that share the
-//! KV head are scored against each key as it streams by, so the cache is read exactly once. Groups of
-//! 8 lanes take one key each (16-byte loads, a 3-step shuffle per dot product) and keep their own
-//! online softmax; the CTA merges its 16 groups, and when the cache is split over several CTAs (to
-//! fill the GPU at small batch) a second kernel merges the slices. The additive mask is the step's
-//! own (padding, the unused tail of a fixed-slot view), read from the device, so the launch is the
-//! same on every replay of a CUDA graph. Compiled with NVRTC at first use per (head dim, n_rep).
+//! CTA owns one KV head of one row over a slice of the cache, and all `n_rep` query heads that share
+//! the KV head are scored against each tile of keys, so the cache is read exactly once. Tiles of 32
+//! keys stream into shared memory with `cp.async` (the next tile loads while this one is computed);
+//! a tile costs one score pass (a thread per (head, key)), one online-softmax update per head (a
+//! warp per head), and one pass over the V rows (a thread per two output dims of a head). The first
+//! version updated the softmax and rescaled the output per key, on CUDA cores, and was compute-bound
+//! long before the reads were (8k cache, batch 16: 18.6 ms/step against 12.0 batched); per tile the
+//! rescale is paid once per 32 keys (the 8k-cache batch-1 step: 5.84 ms against 6.40 batched; at
+//! batch 16 the batched path stays faster, 11.83 against 13.18, so [`applies`] picks by shape). A
+//! rewrite that read each V element once for all heads (a thread per dim pair over every head) and
+//! scored with 8 lanes per key measured slower still (18.7 ms at batch 16; not profiled: its Q
+//! reads from shared memory conflict four ways, the likely cause). When the cache is split over several CTAs (to fill the GPU at
+//! small batch) a second kernel merges the slices. The additive mask is the step's own (padding, the
+//! unused tail of a fixed-slot view), read from the device, so the launch is the same on every replay
+//! of a CUDA graph. Compiled with NVRTC at first use per (head dim, n_rep).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
-use super::nvrtc::{Ptx, Switch};
+use super::nvrtc::Ptx;
 
 const SRC: &str = r#"
 #define NEG_INF __int_as_float(0xff800000)
-#define DPL (HD / 8)
-#define GROUPS 16
-#define NV (DPL / 8)
+#define TK 32
+#define NT 128
+#define KST (HD + 8)
+#define CPR (HD / 8)
+#define ITEMS ((NREP * HD / 2 + NT - 1) / NT)
 __device__ __forceinline__ float lo(u32 w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
-// One key's slice (DPL bf16, as NV 16-byte words) of a K or V row.
-struct Row { uint4 w[NV]; };
-__device__ __forceinline__ Row load(const u16* p, bool ok) {
-    Row r;
+__device__ __forceinline__ float wmax(float x) {
 #pragma unroll
-    for (int i = 0; i < NV; i++) r.w[i] = ok ? *(const uint4*)(p + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
-    return r;
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
 }
-__device__ __forceinline__ float elem(const Row& r, int d) {
-    const uint4& w = r.w[d / 8];
-    const int j = d % 8;
-    const u32 x = j < 2 ? w.x : j < 4 ? w.y : j < 6 ? w.z : w.w;
-    return (j & 1) ? hi(x) : lo(x);
+__device__ __forceinline__ float wsum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
 }
 
-// q: [b, nh, HD] (row stride q_sb, head stride HD); k/v: [b, nkv, nkeys, HD] strided; mask: [b, nkeys]
-// additive (natural-log units) or null. Grid (nsplit, nkv, b), 128 threads: 16 groups of 8 lanes,
-// each group one key at a time (two in flight), each lane DPL dims. Writes the slice's
-// unnormalized state per query head to part_m/part_l [b, nh, nsplit] and part_o [b, nh, nsplit, HD]
-// when nsplit > 1, or the finished bf16 output o [b, nh, HD] when nsplit == 1.
-extern "C" __global__ void __launch_bounds__(128, 3) pg_decode_attn_bf16(
+// One tile of TK keys of K and V into shared stage rows (padded to KST), zero-filled past k1.
+__device__ __forceinline__ void load_tile(u16 (*sk)[KST], u16 (*sv)[KST], const u16* kb, const u16* vb,
+                                          int t0, int k1, long long k_st, long long v_st) {
+    for (int c = threadIdx.x; c < TK * CPR; c += NT) {
+        const int r = c / CPR, col = (c % CPR) * 8;
+        const int key = t0 + r;
+        const bool in = key < k1;
+        const long long kk = in ? key : t0;
+        cp16(smem_addr(&sk[r][col]), kb + kk * k_st + col, in ? 16 : 0);
+        cp16(smem_addr(&sv[r][col]), vb + kk * v_st + col, in ? 16 : 0);
+    }
+    cp_commit();
+}
+
+// q: [b, nh, HD] (row stride q_sb); k/v: [b, nkv, nkeys, HD] strided; mask: [b, nkeys] additive
+// (natural-log units) or null. Grid (nsplit, nkv, b), NT threads. Per tile of TK keys, streamed into
+// shared memory with cp.async (the next tile loads while this one is computed): all NREP x TK scores
+// (one thread per (head, key)), one online-softmax update per head and tile (one warp per head,
+// lane = key), then the probability-weighted V rows (each thread two output dims of one head).
+// Writes the slice's unnormalized state per query head to part_m/part_l [b, nh, nsplit] and part_o
+// [b, nh, nsplit, HD] when nsplit > 1, or the finished bf16 output o [b, nh, HD] when nsplit == 1.
+extern "C" __global__ void __launch_bounds__(NT) pg_decode_attn_bf16(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u16* __restrict__ mask, u16* __restrict__ o,
     float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_o,
@@ -54,99 +76,117 @@ extern "C" __global__ void __launch_bounds__(128, 3) pg_decode_attn_bf16(
     long long q_sb, long long k_sb, long long k_sh, long long k_st,
     long long v_sb, long long v_sh, long long v_st, float scale_log2)
 {
-    __shared__ float sq[NREP][HD];
-    __shared__ float sm_m[GROUPS][NREP], sm_l[GROUPS][NREP];
-    __shared__ float sm_o[GROUPS][NREP][HD + 4];
-    const int tid = threadIdx.x, grp = tid >> 3, sub = tid & 7;
+    __shared__ __align__(16) u16 sk[2][TK][KST];
+    __shared__ __align__(16) u16 sv[2][TK][KST];
+    __shared__ __align__(16) float sq[NREP][HD];
+    __shared__ float sp[NREP][TK];
+    __shared__ float s_m[NREP], s_l[NREP], s_a[NREP];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int split = blockIdx.x, kh = blockIdx.y, bi = blockIdx.z;
     const int k0 = split * chunk, k1 = min(nkeys, k0 + chunk);
-    const u16* kp = k + bi * k_sb + kh * k_sh + sub * DPL;
-    const u16* vp = v + bi * v_sb + kh * v_sh + sub * DPL;
+    const u16* kb = k + bi * k_sb + kh * k_sh;
+    const u16* vb = v + bi * v_sb + kh * v_sh;
     const u16* mp = mask ? mask + (long long)bi * nkeys : 0;
     const float LOG2E = 1.4426950408889634f;
-    for (int i = tid; i < NREP * HD; i += 128)
+    const int ntiles = k1 > k0 ? (k1 - k0 + TK - 1) / TK : 0;
+    if (ntiles > 0) load_tile(sk[0], sv[0], kb, vb, k0, k1, k_st, v_st);
+    for (int i = tid; i < NREP * HD; i += NT)
         sq[i / HD][i % HD] = bf2f(q[bi * q_sb + (long long)kh * NREP * HD + i]) * scale_log2;
-    __syncthreads();
+    if (tid < NREP) {
+        s_m[tid] = NEG_INF;
+        s_l[tid] = 0.f;
+        s_a[tid] = 0.f;
+    }
+    float acc[ITEMS][2];
+#pragma unroll
+    for (int it = 0; it < ITEMS; it++) acc[it][0] = acc[it][1] = 0.f;
 
-    float m[NREP], l[NREP], acc[NREP][DPL];
-#pragma unroll
-    for (int h = 0; h < NREP; h++) {
-        m[h] = NEG_INF;
-        l[h] = 0.f;
-#pragma unroll
-        for (int d = 0; d < DPL; d++) acc[h][d] = 0.f;
-    }
-    // Every lane runs every iteration (the shuffles need the whole warp); a key past the slice or
-    // masked out loads nothing and updates nothing.
-    for (int base = k0; base < k1; base += 2 * GROUPS) {
-        int key[2];
-        float mk[2];
-        bool ok[2];
-#pragma unroll
-        for (int u = 0; u < 2; u++) {
-            key[u] = base + grp + u * GROUPS;
-            const bool in = key[u] < k1;
-            mk[u] = (in && mp) ? bf2f(mp[key[u]]) * LOG2E : 0.f;
-            ok[u] = in && mk[u] != NEG_INF;
-        }
-        const Row kr0 = load(kp + key[0] * k_st, ok[0]), kr1 = load(kp + key[1] * k_st, ok[1]);
-        const Row vr0 = load(vp + key[0] * v_st, ok[0]), vr1 = load(vp + key[1] * v_st, ok[1]);
-#pragma unroll
-        for (int u = 0; u < 2; u++) {
-            const Row& kr = u ? kr1 : kr0;
-            const Row& vr = u ? vr1 : vr0;
-#pragma unroll
-            for (int h = 0; h < NREP; h++) {
-                float s = 0.f;
-#pragma unroll
-                for (int d = 0; d < DPL; d++) s += sq[h][sub * DPL + d] * elem(kr, d);
-                s += __shfl_xor_sync(0xffffffffu, s, 1);
-                s += __shfl_xor_sync(0xffffffffu, s, 2);
-                s += __shfl_xor_sync(0xffffffffu, s, 4);
-                if (ok[u]) {
-                    s += mk[u];
-                    const float mn = fmaxf(m[h], s);
-                    const float al = exp2f(m[h] - mn), p = exp2f(s - mn);
-                    m[h] = mn;
-                    l[h] = l[h] * al + p;
-#pragma unroll
-                    for (int d = 0; d < DPL; d++) acc[h][d] = acc[h][d] * al + p * elem(vr, d);
-                }
-            }
-        }
-    }
-    // Merge the CTA's 16 groups through shared memory.
-#pragma unroll
-    for (int h = 0; h < NREP; h++) {
-        if (sub == 0) {
-            sm_m[grp][h] = m[h];
-            sm_l[grp][h] = l[h];
-        }
-#pragma unroll
-        for (int d = 0; d < DPL; d++) sm_o[grp][h][sub * DPL + d] = acc[h][d];
-    }
-    __syncthreads();
-    for (int i = tid; i < NREP * HD; i += 128) {
-        const int h = i / HD, d = i % HD;
-        float mx = NEG_INF;
-        for (int g = 0; g < GROUPS; g++) mx = fmaxf(mx, sm_m[g][h]);
-        float sl = 0.f, so = 0.f;
-        if (mx != NEG_INF) {
-            for (int g = 0; g < GROUPS; g++) {
-                const float w = exp2f(sm_m[g][h] - mx);
-                sl += sm_l[g][h] * w;
-                so += sm_o[g][h][d] * w;
-            }
-        }
-        const int qh = kh * NREP + h;
-        if (nsplit == 1) {
-            o[((long long)bi * nh + qh) * HD + d] = f2bf(sl > 0.f ? so / sl : 0.f);
+    for (int t = 0; t < ntiles; t++) {
+        const int st = t & 1, t0 = k0 + t * TK;
+        if (t + 1 < ntiles) {
+            load_tile(sk[st ^ 1], sv[st ^ 1], kb, vb, t0 + TK, k1, k_st, v_st);
+            cp_wait_1();
         } else {
-            const long long pi = ((long long)bi * nh + qh) * nsplit + split;
-            part_o[pi * HD + d] = so;
-            if (d == 0) {
-                part_m[pi] = mx;
-                part_l[pi] = sl;
+            cp_wait_0();
+        }
+        __syncthreads();
+        // Scores, log2 units, mask added; -inf for keys past the slice or masked out.
+        for (int i = tid; i < NREP * TK; i += NT) {
+            const int h = i / TK, r = i % TK, key = t0 + r;
+            float s = NEG_INF;
+            const float mk = (key < k1 && mp) ? bf2f(mp[key]) * LOG2E : 0.f;
+            if (key < k1 && mk != NEG_INF) {
+                const uint4* kr = (const uint4*)&sk[st][r][0];
+                const float4* qh = (const float4*)&sq[h][0];
+                float d = 0.f;
+#pragma unroll
+                for (int c = 0; c < CPR; c++) {
+                    const uint4 w = kr[c];
+                    const float4 a = qh[2 * c], b2 = qh[2 * c + 1];
+                    d += a.x * lo(w.x) + a.y * hi(w.x) + a.z * lo(w.y) + a.w * hi(w.y);
+                    d += b2.x * lo(w.z) + b2.y * hi(w.z) + b2.z * lo(w.w) + b2.w * hi(w.w);
+                }
+                s = d + mk;
+            }
+            sp[h][r] = s;
+        }
+        __syncthreads();
+        // One online-softmax update per head: scores -> probabilities, the rescale kept in s_a.
+        for (int h = warp; h < NREP; h += NT / 32) {
+            const float s = sp[h][lane];
+            const float mo = s_m[h], mn = fmaxf(mo, wmax(s));
+            const float p = mn == NEG_INF ? 0.f : exp2f(s - mn);
+            const float a = mo == NEG_INF ? 0.f : exp2f(mo - mn);
+            const float ps = wsum(p);
+            sp[h][lane] = p;
+            if (lane == 0) {
+                s_m[h] = mn;
+                s_l[h] = s_l[h] * a + ps;
+                s_a[h] = a;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int it = 0; it < ITEMS; it++) {
+            const int i = tid + it * NT;
+            if (i < NREP * HD / 2) {
+                const int h = i / (HD / 2), d2 = i % (HD / 2);
+                const float a = s_a[h];
+                float x0 = acc[it][0] * a, x1 = acc[it][1] * a;
+#pragma unroll 8
+                for (int r = 0; r < TK; r++) {
+                    const u32 w = *(const u32*)&sv[st][r][2 * d2];
+                    const float p = sp[h][r];
+                    x0 += p * lo(w);
+                    x1 += p * hi(w);
+                }
+                acc[it][0] = x0;
+                acc[it][1] = x1;
+            }
+        }
+        // The stage just read is the one the next iteration's load overwrites.
+        __syncthreads();
+    }
+#pragma unroll
+    for (int it = 0; it < ITEMS; it++) {
+        const int i = tid + it * NT;
+        if (i < NREP * HD / 2) {
+            const int h = i / (HD / 2), d = 2 * (i % (HD / 2));
+            const int qh = kh * NREP + h;
+            const float sl = ntiles > 0 ? s_l[h] : 0.f;
+            const float mx = ntiles > 0 ? s_m[h] : NEG_INF;
+            if (nsplit == 1) {
+                const long long oi = ((long long)bi * nh + qh) * HD + d;
+                o[oi] = f2bf(sl > 0.f ? acc[it][0] / sl : 0.f);
+                o[oi + 1] = f2bf(sl > 0.f ? acc[it][1] / sl : 0.f);
+            } else {
+                const long long pi = ((long long)bi * nh + qh) * nsplit + split;
+                part_o[pi * HD + d] = acc[it][0];
+                part_o[pi * HD + d + 1] = acc[it][1];
+                if (d == 0) {
+                    part_m[pi] = mx;
+                    part_l[pi] = sl;
+                }
             }
         }
     }
@@ -176,23 +216,28 @@ extern "C" __global__ void pg_decode_merge_bf16(
 const FUNC: &str = "pg_decode_attn_bf16";
 const MERGE: &str = "pg_decode_merge_bf16";
 
-/// Whether the decode kernel is on: only with `PGATE_DECODE_ATTN=1`. Off by default because it is
-/// slower than the batched path it would replace (H200, 8B, add+ablate, CUDA graphs: 8k-token cache
-/// at batch 16, 18.6 ms/step against 12.0; batch 1, 6.6 against 6.4; BENCHMARKS.md): its CUDA-core
-/// dot products and per-key softmax updates are compute-bound long before the reads are, so the
-/// cache-read-once design only pays with tensor cores (the n_rep query heads as rows of an mma
-/// tile, as the prefill kernel does), which is not written. Kept, correct and tested, for that.
-pub fn enabled() -> bool {
-    SWITCH.on()
+/// When the decode kernel runs for a step of `rows` sequences with `nkv` KV heads over `nkeys`
+/// cache slots (`PGATE_DECODE_ATTN`: `0` never, `1` always). By default: caches of at least
+/// [`MIN_KEYS`] slots and at most [`MAX_CTAS`] (row, KV head) pairs, where it was measured faster
+/// (H200, 8B, add+ablate, graphs on: 8k-token cache at batch 1, 5.84 ms/step against 6.40
+/// batched); with more pairs the batched path's matmuls already fill the GPU and were faster
+/// (batch 16: 11.83 against 13.18), and at 128-256 slots the two were within 2%.
+pub fn applies(nkeys: usize, rows: usize, nkv: usize) -> bool {
+    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let mode = MODE.get_or_init(|| match std::env::var("PGATE_DECODE_ATTN").as_deref() {
+        Ok("0") => Some(false),
+        Ok("1") => Some(true),
+        _ => None,
+    });
+    mode.unwrap_or(nkeys >= MIN_KEYS && rows * nkv <= MAX_CTAS)
 }
 
-static SWITCH: Switch = Switch::new("PGATE_DECODE_ATTN", false);
 static PTX: Ptx = Ptx::new("the decode attention kernel", SRC, true);
 
-/// Shapes the kernel is built for: its registers hold `n_rep` query heads' slices of Q and of the
-/// output per lane (`n_rep x hd / 8` each), so `hd x n_rep <= 512`.
+/// Shapes the kernel is built for: head dim 64 or 128 (two shared-memory stages of 32 keys of K
+/// and V fit the 48 KiB of static shared memory), up to 8 query heads per KV head.
 pub fn supports(hd: usize, n_rep: usize) -> bool {
-    matches!(hd, 64 | 128) && (1..=8).contains(&n_rep) && hd * n_rep <= 512
+    matches!(hd, 64 | 128) && (1..=8).contains(&n_rep)
 }
 
 /// One decode token's attention: `q` `[b, nh, 1, hd]` (contiguous), `k_all`, `v_all`
@@ -224,10 +269,11 @@ fn splits(b: usize, nkv: usize, nkeys: usize) -> usize {
     528usize.div_ceil(ctas).clamp(1, nkeys.div_ceil(128).max(1))
 }
 
-/// The shortest cache the kernel takes: below it the batched path's two small matmuls are faster
-/// (measured on an H200: at 128-256 slots and batch 16-64 the kernel's per-CTA merge cost more
-/// than the reads it saves).
+/// The shortest cache the kernel takes by default.
 pub const MIN_KEYS: usize = 1024;
+
+/// The most (row, KV head) pairs a step may have for the kernel to run by default.
+pub const MAX_CTAS: usize = 32;
 
 impl CustomOp3 for Decode {
     fn name(&self) -> &'static str {

@@ -18,12 +18,15 @@ use super::nvrtc::{Ptx, Switch};
 
 const SRC: &str = r#"
 // src: b*l rows, `src_rs` elements apart; head h of this part starts at column (head0 + h) * hd.
-// dst element (bi, i, h, d) sits at bi*d_sb + h*d_sh + (t0 + i)*d_st + d. cos/sin: [b*l, hd/2]
-// (ignored when rope is 0). One thread per (row, head, j < hd/2) pair of elements j and j + hd/2.
+// dst element (bi, i, h, d) sits at bi*d_sb + h*d_sh + (t0 + i)*d_st + d, or, with `slots` (one
+// decode token per row, l == 1), at slot slots[bi * slots_rs] instead of t0 + i (slots past `cap`
+// are not written). cos/sin: [b*l, hd/2] (ignored when rope is 0). One thread per
+// (row, head, j < hd/2) pair of elements j and j + hd/2.
 extern "C" __global__ void pg_rope_scatter_bf16(
     const u16* __restrict__ src, const u16* __restrict__ cos, const u16* __restrict__ sin,
     u16* __restrict__ dst, int l, int heads, int hd, long long src_rs, int head0, int t0,
-    long long d_sb, long long d_sh, long long d_st, long long total, int rope) {
+    long long d_sb, long long d_sh, long long d_st, long long total, int rope,
+    const u32* __restrict__ slots, long long slots_rs, long long cap) {
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= total) return;
     const int half = hd / 2;
@@ -33,7 +36,9 @@ extern "C" __global__ void pg_rope_scatter_bf16(
     const long long row = rh / heads;
     const long long bi = row / l, i = row % l;
     const u16* x = src + row * src_rs + (long long)(head0 + h) * hd;
-    u16* y = dst + bi * d_sb + h * d_sh + (t0 + i) * d_st;
+    const long long slot = slots ? (long long)slots[bi * slots_rs] : (long long)(t0 + i);
+    if (slot >= cap) return;
+    u16* y = dst + bi * d_sb + h * d_sh + slot * d_st;
     if (rope) {
         const float x1 = bf2f(x[j]), x2 = bf2f(x[j + half]);
         const float c = bf2f(cos[row * half + j]), s = bf2f(sin[row * half + j]);
@@ -80,6 +85,7 @@ pub fn rotate_new(y: &Tensor, part: &Part<'_>) -> candle_core::Result<Tensor> {
             hd: part.hd,
             sin: Some(sin.clone()),
             t0: 0,
+            slots: None,
         },
     )
 }
@@ -105,6 +111,35 @@ pub fn scatter_into(
             hd: part.hd,
             sin,
             t0,
+            slots: None,
+        },
+    )
+}
+
+/// [`scatter_into`] for one decode token per row of a fixed-slot cache: row `bi` goes to slot
+/// `slot_idx[bi, 0, 0, 0]` (`slot_idx`: the `[b, heads, 1, hd]` u32 index tensor of
+/// [`crate::model::kv_cache::KvCache::write_at`], every entry of a row the same slot), read on the
+/// device so one CUDA graph serves every step.
+pub fn scatter_at(
+    cache: &Tensor,
+    y: &Tensor,
+    part: &Part<'_>,
+    slot_idx: &Tensor,
+) -> candle_core::Result<()> {
+    let (cos, sin) = match part.rope {
+        Some((c, s)) => (c.clone(), Some(s.clone())),
+        None => (y.clone(), None),
+    };
+    cache.inplace_op3(
+        y,
+        &cos,
+        &Scatter {
+            head0: part.head0,
+            heads: part.heads,
+            hd: part.hd,
+            sin,
+            t0: 0,
+            slots: Some(slot_idx.clone()),
         },
     )
 }
@@ -116,6 +151,8 @@ struct Scatter {
     /// `None`: copy without rotating (V).
     sin: Option<Tensor>,
     t0: usize,
+    /// Per-row destination slots on the device (fixed-slot decode), instead of `t0..t0 + l`.
+    slots: Option<Tensor>,
 }
 
 /// Destination strides `[b, head, slot]` in elements.
@@ -132,6 +169,7 @@ impl Scatter {
         lc: &Layout,
         dst: &mut cudarc::driver::CudaViewMut<'_, half::bf16>,
         ds: Dst,
+        cap: usize,
     ) -> candle_core::Result<()> {
         let (b, l, width) = ly.shape().dims3()?;
         if sy.dtype() != DType::BF16 || ly.contiguous_offsets().is_none() {
@@ -183,6 +221,42 @@ impl Scatter {
         }
         bld.arg(&total);
         bld.arg(&rope_i);
+        let slots_guard = self.slots.as_ref().map(|s| s.storage_and_layout());
+        let slots = match (&slots_guard, &self.slots) {
+            (Some((st, sl)), Some(t)) => {
+                let Storage::Cuda(sc) = &**st else {
+                    candle_core::bail!("rope scatter: the slots must be on the GPU");
+                };
+                if t.dtype() != DType::U32
+                    || l != 1
+                    || sl.contiguous_offsets().is_none()
+                    || t.elem_count() % b.max(1) != 0
+                {
+                    candle_core::bail!(
+                        "rope scatter: slots must be contiguous u32, one token per row"
+                    );
+                }
+                Some((
+                    sc.as_cuda_slice::<u32>()?.slice(sl.start_offset()..),
+                    (t.elem_count() / b.max(1)) as i64,
+                ))
+            }
+            _ => None,
+        };
+        let null: u64 = 0;
+        let zero: i64 = 0;
+        match &slots {
+            Some((view, rs)) => {
+                bld.arg(view);
+                bld.arg(rs);
+            }
+            None => {
+                bld.arg(&null);
+                bld.arg(&zero);
+            }
+        }
+        let cap_i = cap as i64;
+        bld.arg(&cap_i);
         let cfg = LaunchConfig {
             grid_dim: ((total as usize).div_ceil(256) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -226,7 +300,7 @@ impl CustomOp2 for Scatter {
         let ds = [(l * heads * hd) as i64, hd as i64, (heads * hd) as i64];
         {
             let mut view = out.slice_mut(..);
-            self.launch(sy, ly, sc, lc, &mut view, ds)?;
+            self.launch(sy, ly, sc, lc, &mut view, ds, l)?;
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),
@@ -273,6 +347,6 @@ impl InplaceOp3 for Scatter {
         let ds = [st[0] as i64, st[1] as i64, st[2] as i64];
         let off = ld.start_offset();
         let mut dst = sd.as_cuda_slice_mut::<half::bf16>()?.slice_mut(off..);
-        self.launch(sy, ly, sc, lc, &mut dst, ds)
+        self.launch(sy, ly, sc, lc, &mut dst, ds, cap)
     }
 }

@@ -17,6 +17,8 @@
 mod act;
 pub mod attention;
 #[cfg(feature = "cuda")]
+pub mod cuda_argmax;
+#[cfg(feature = "cuda")]
 pub mod cuda_decode;
 #[cfg(feature = "cuda")]
 pub mod cuda_flash;

@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::cuda_backend::cudarc;
 
 /// Device code every kernel source starts with: 16/32-bit words, bf16 <-> f32 (round to nearest
-/// even; NaN kept NaN).
+/// even; NaN kept NaN), and asynchronous 16-byte global -> shared copies (`cp.async`).
 pub(crate) const PRELUDE: &str = r#"
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -23,6 +23,18 @@ __device__ __forceinline__ u16 f2bf(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (u16)(u >> 16);
 }
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+// 16 bytes global -> shared without registers; zero-filled when `bytes` is 0.
+__device__ __forceinline__ void cp16(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void cp_wait_0() { asm volatile("cp.async.wait_group 0;\n" ::); }
 "#;
 
 /// An on/off switch read once from the environment: `VAR=0` turns a default-on kernel off,

@@ -106,6 +106,28 @@ impl KvCache {
         Ok((ck.narrow(2, 0, view_len)?, cv.narrow(2, 0, view_len)?))
     }
 
+    /// [`Self::write_at`] where `write` fills each row's slot of the layer's whole K and V
+    /// tensors (`[b, h, capacity, d]`) itself (a kernel reading the slots on the device).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn write_at_with(
+        &mut self,
+        layer: usize,
+        view_len: usize,
+        write: impl FnOnce(&Tensor, &Tensor) -> Result<()>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (ck, cv) = self.layers[layer].as_ref().ok_or_else(|| {
+            crate::Error::InvalidValue("fixed-slot cache write before any prefill".into())
+        })?;
+        if ck.dim(2)? < view_len {
+            return Err(crate::Error::InvalidValue(format!(
+                "fixed-slot cache view of {view_len} slots exceeds capacity {}",
+                ck.dim(2)?
+            )));
+        }
+        write(ck, cv)?;
+        Ok((ck.narrow(2, 0, view_len)?, cv.narrow(2, 0, view_len)?))
+    }
+
     /// Number of time slots in use (padding included).
     pub fn len(&self) -> usize {
         self.len

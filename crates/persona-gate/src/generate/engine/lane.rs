@@ -304,11 +304,11 @@ impl Engine<'_> {
         let reuse = self.cfg.reuse_slots;
         let l = &mut self.lanes[lane];
         let plans = l.plans();
-        if !l
+        let made = !l
             .stepper
             .as_ref()
-            .is_some_and(|s| s.matches(&l.cache, &plans))
-        {
+            .is_some_and(|s| s.matches(&l.cache, &plans));
+        if made {
             self.stats.absorb(l.stepper.take());
             self.stats.steppers += 1;
             let ids: Vec<u32> = l.running.iter().map(|r| r.next).collect();
@@ -323,8 +323,12 @@ impl Engine<'_> {
         }
         let rows = l.rows();
         let s = l.stepper.as_mut().expect("set above");
+        let captures = s.captures;
         let (picks, finite) = s.step(model, &mut l.cache, &rows, &plans)?;
         self.stats.decode_issue_secs += t.elapsed().as_secs_f64();
+        if made || s.captures > captures {
+            self.stats.graph_record_secs += t.elapsed().as_secs_f64();
+        }
         let finite = if self.cfg.fail_non_finite {
             finite
         } else {

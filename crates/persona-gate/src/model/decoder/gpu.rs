@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use super::Decoder;
 #[cfg(feature = "cuda")]
-use super::{Block, KvCache, QkvProj, Rope, StepInputs};
+use super::{Block, KvCache, KvWrite, QkvProj, Rope, StepInputs};
 use crate::Result;
 
 impl Decoder {
@@ -59,6 +59,70 @@ impl Decoder {
         Ok(Some(attn.reshape((b, l, nh * hd))?))
     }
 
+    /// Q, K and V of a decode step (one token per row) straight from the fused Q/K/V projection:
+    /// Q rotated into its own tensor, K rotated and V copied into each row's cache slot
+    /// (`kernels/cuda_rope.rs`; appended, or at the fixed-slot step's device-side slots), in
+    /// three launches instead of the general path's eight (three strided splits, two rotations,
+    /// a transpose and two cache writes). Same conditions as [`Self::flash_from_fused`] plus bf16
+    /// on CUDA and "halves" rotary. Returns `q` `[b, nh, 1, hd]` and the cache views, or `None`.
+    #[cfg(feature = "cuda")]
+    pub(super) fn decode_from_fused(
+        &self,
+        li: usize,
+        bl: &Block,
+        xn: &Tensor,
+        s: &StepInputs,
+        cache: &mut KvCache,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        use crate::kernels::cuda_rope;
+        let (QkvProj::Fused(f), None) = (&bl.qkv, &bl.q_norm) else {
+            return Ok(None);
+        };
+        let (rope, (cos, sin)) = self.rope_for(bl, s);
+        if s.l != 1
+            || rope.interleaved
+            || !self.device.is_cuda()
+            || self.dtype != DType::BF16
+            || !cuda_rope::enabled()
+        {
+            return Ok(None);
+        }
+        let cfg = &self.cfg;
+        let (b, nh, nkv, hd) = (s.b, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let y = self.linear(f, xn)?.contiguous()?;
+        let part = |head0: usize, heads: usize, rot: bool| cuda_rope::Part {
+            head0,
+            heads,
+            hd,
+            rope: rot.then_some((cos, sin)),
+        };
+        let q = cuda_rope::rotate_new(&y, &part(0, nh, true))?;
+        let (k_all, v_all) = match s.kv {
+            KvWrite::Append => {
+                let like = crate::model::kv_cache::Like {
+                    b,
+                    h: nkv,
+                    d: hd,
+                    dtype: y.dtype(),
+                    device: y.device(),
+                };
+                cache.append_with(li, 1, like, |ck, cv, t0| {
+                    cuda_rope::scatter_into(ck, &y, &part(nh, nkv, true), t0)?;
+                    cuda_rope::scatter_into(cv, &y, &part(nh + nkv, nkv, false), t0)?;
+                    Ok(())
+                })?
+            }
+            KvWrite::Fixed { slot_idx, view_len } => {
+                cache.write_at_with(li, view_len, |ck, cv| {
+                    cuda_rope::scatter_at(ck, &y, &part(nh, nkv, true), slot_idx)?;
+                    cuda_rope::scatter_at(cv, &y, &part(nh + nkv, nkv, false), slot_idx)?;
+                    Ok(())
+                })?
+            }
+        };
+        Ok(Some((q.transpose(1, 2)?, k_all, v_all)))
+    }
+
     /// The flash kernel over a cache the chunk was just appended to: `q` `[b, l, nh, hd]`
     /// (rotated), the block's window and the model's scale. Returns `[b, l, nh, hd]`.
     #[cfg(feature = "cuda")]
@@ -86,8 +150,8 @@ impl Decoder {
     }
 
     /// One decode token per row through the decode kernel (`kernels/cuda_decode.rs`: the cache
-    /// read once, split over its length), with the step's own mask, for caches of at least
-    /// [`crate::kernels::cuda_decode::MIN_KEYS`] slots: bf16 on CUDA, not
+    /// read once, split over its length), with the step's own mask, for the cache lengths
+    /// [`crate::kernels::cuda_decode::applies`] to: bf16 on CUDA, not
     /// batch-invariant, a shape the kernel is built for, no sliding window (its mask differs per
     /// layer kind and is not the step's global one). `q`: `[b, nh, 1, hd]` rotated. Returns
     /// `[b, 1, nh * hd]`, or `None` for the batched path.
@@ -108,9 +172,8 @@ impl Decoder {
             || s.host_masks.is_some()
             || !self.device.is_cuda()
             || q.dtype() != DType::BF16
-            || !cuda_decode::enabled()
             || !cuda_decode::supports(hd, nh / nkv)
-            || k_all.dim(2)? < cuda_decode::MIN_KEYS
+            || !cuda_decode::applies(k_all.dim(2)?, s.b, nkv)
         {
             return Ok(None);
         }

@@ -701,6 +701,11 @@ impl Decoder {
         if let Some(attn) = self.flash_from_fused(li, bl, &xn, s, cache)? {
             return self.block_tail(li, bl, x, &attn, s, hook, rows);
         }
+        #[cfg(feature = "cuda")]
+        if let Some((q, k_all, v_all)) = self.decode_from_fused(li, bl, &xn, s, cache)? {
+            let attn = self.attend(bl, &q, &k_all, &v_all, s)?;
+            return self.block_tail(li, bl, x, &attn, s, hook, rows);
+        }
         let (q, k, v) = match &bl.qkv {
             QkvProj::Split { q, k, v } => (
                 self.linear(q, &xn)?,
@@ -740,10 +745,26 @@ impl Decoder {
                 cache.write_at(li, &k, &v, slot_idx, view_len)?
             }
         };
+        let attn = self.attend(bl, &q, &k_all, &v_all, s)?;
+        self.block_tail(li, bl, x, &attn, s, hook, rows)
+    }
 
+    /// Attention of the chunk's rotated queries `q` (`[b, nh, l, hd]`) over the cache views
+    /// `k_all`/`v_all` (`[b, nkv, slots, hd]`): the decode kernel where it applies, else grouped
+    /// matmuls with the step's masks. Returns `[b, l, nh * hd]`.
+    fn attend(
+        &self,
+        bl: &Block,
+        q: &Tensor,
+        k_all: &Tensor,
+        v_all: &Tensor,
+        s: &StepInputs,
+    ) -> Result<Tensor> {
+        let (b, l) = (s.b, s.l);
+        let (nh, nkv, hd) = (s.cfg.n_heads, s.cfg.n_kv_heads, s.cfg.head_dim);
         #[cfg(feature = "cuda")]
-        if let Some(attn) = self.decode_attention(bl, &q, &k_all, &v_all, s)? {
-            return self.block_tail(li, bl, x, &attn, s, hook, rows);
+        if let Some(attn) = self.decode_attention(bl, q, k_all, v_all, s)? {
+            return Ok(attn);
         }
         // Grouped-query attention without copying K/V per head: the n_rep query heads of one KV
         // head become extra rows of one matmul.
@@ -752,7 +773,7 @@ impl Decoder {
         let attn = match &s.host_masks {
             Some(hm) => {
                 let mask = if bl.sliding { &hm.local } else { &hm.global };
-                self.invariant_attention(&q, &k_all, &v_all, mask.clone(), l)?
+                self.invariant_attention(&q, k_all, v_all, mask.clone(), l)?
             }
             None => {
                 let mask = if bl.sliding {
@@ -765,14 +786,13 @@ impl Decoder {
                 let shape = matches!(s.kv, KvWrite::Append).then_some(MaskShape {
                     max_pad: (!bl.sliding).then_some(s.max_pad),
                 });
-                self.blocked_attention(&q, &k_all, &v_all, mask.as_ref(), b, l, shape)?
+                self.blocked_attention(&q, k_all, v_all, mask.as_ref(), b, l, shape)?
             }
         };
-        let attn = attn
+        Ok(attn
             .reshape((b, nh, l, hd))?
             .transpose(1, 2)?
-            .reshape((b, l, nh * hd))?;
-        self.block_tail(li, bl, x, &attn, s, hook, rows)
+            .reshape((b, l, nh * hd))?)
     }
 
     /// The rest of a block once attention has run (`attn`: `[b, l, nh * hd]`): output
