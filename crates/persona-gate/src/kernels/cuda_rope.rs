@@ -98,22 +98,7 @@ pub fn scatter_into(
     part: &Part<'_>,
     t0: usize,
 ) -> candle_core::Result<()> {
-    let (cos, sin) = match part.rope {
-        Some((c, s)) => (c.clone(), Some(s.clone())),
-        None => (y.clone(), None),
-    };
-    cache.inplace_op3(
-        y,
-        &cos,
-        &Scatter {
-            head0: part.head0,
-            heads: part.heads,
-            hd: part.hd,
-            sin,
-            t0,
-            slots: None,
-        },
-    )
+    scatter(cache, y, part, t0, None)
 }
 
 /// [`scatter_into`] for one decode token per row of a fixed-slot cache: row `bi` goes to slot
@@ -125,6 +110,16 @@ pub fn scatter_at(
     y: &Tensor,
     part: &Part<'_>,
     slot_idx: &Tensor,
+) -> candle_core::Result<()> {
+    scatter(cache, y, part, 0, Some(slot_idx))
+}
+
+fn scatter(
+    cache: &Tensor,
+    y: &Tensor,
+    part: &Part<'_>,
+    t0: usize,
+    slots: Option<&Tensor>,
 ) -> candle_core::Result<()> {
     let (cos, sin) = match part.rope {
         Some((c, s)) => (c.clone(), Some(s.clone())),
@@ -138,8 +133,8 @@ pub fn scatter_at(
             heads: part.heads,
             hd: part.hd,
             sin,
-            t0: 0,
-            slots: Some(slot_idx.clone()),
+            t0,
+            slots: slots.cloned(),
         },
     )
 }

@@ -92,23 +92,15 @@ impl KvCache {
         slot_idx: &Tensor,
         view_len: usize,
     ) -> Result<(Tensor, Tensor)> {
-        let (ck, cv) = self.layers[layer].as_ref().ok_or_else(|| {
-            crate::Error::InvalidValue("fixed-slot cache write before any prefill".into())
-        })?;
-        if ck.dim(2)? < view_len {
-            return Err(crate::Error::InvalidValue(format!(
-                "fixed-slot cache view of {view_len} slots exceeds capacity {}",
-                ck.dim(2)?
-            )));
-        }
-        ck.scatter_set(slot_idx, &k.contiguous()?, 2)?;
-        cv.scatter_set(slot_idx, &v.contiguous()?, 2)?;
-        Ok((ck.narrow(2, 0, view_len)?, cv.narrow(2, 0, view_len)?))
+        self.write_at_with(layer, view_len, |ck, cv| {
+            ck.scatter_set(slot_idx, &k.contiguous()?, 2)?;
+            cv.scatter_set(slot_idx, &v.contiguous()?, 2)?;
+            Ok(())
+        })
     }
 
     /// [`Self::write_at`] where `write` fills each row's slot of the layer's whole K and V
     /// tensors (`[b, h, capacity, d]`) itself (a kernel reading the slots on the device).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn write_at_with(
         &mut self,
         layer: usize,

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use super::Decoder;
 #[cfg(feature = "cuda")]
-use super::{Block, KvCache, KvWrite, QkvProj, Rope, StepInputs};
+use super::{Block, KvCache, KvWrite, Linear, QkvProj, Rope, StepInputs};
 use crate::Result;
 
 impl Decoder {
@@ -29,32 +29,11 @@ impl Decoder {
         let (Some(pads), QkvProj::Fused(f), None) = (&s.pads_dev, &bl.qkv, &bl.q_norm) else {
             return Ok(None);
         };
-        let (_, (cos, sin)) = self.rope_for(bl, s);
         if !cuda_rope::enabled() {
             return Ok(None);
         }
-        let cfg = &self.cfg;
-        let (b, l, nh, nkv, hd) = (s.b, s.l, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let y = self.linear(f, xn)?.contiguous()?;
-        let part = |head0: usize, heads: usize, rot: bool| cuda_rope::Part {
-            head0,
-            heads,
-            hd,
-            rope: rot.then_some((cos, sin)),
-        };
-        let q = cuda_rope::rotate_new(&y, &part(0, nh, true))?;
-        let like = crate::model::kv_cache::Like {
-            b,
-            h: nkv,
-            d: hd,
-            dtype: y.dtype(),
-            device: y.device(),
-        };
-        let (k_all, v_all) = cache.append_with(li, l, like, |ck, cv, t0| {
-            cuda_rope::scatter_into(ck, &y, &part(nh, nkv, true), t0)?;
-            cuda_rope::scatter_into(cv, &y, &part(nh + nkv, nkv, false), t0)?;
-            Ok(())
-        })?;
+        let (b, l, nh, hd) = (s.b, s.l, self.cfg.n_heads, self.cfg.head_dim);
+        let (q, k_all, v_all) = self.fused_qkv_into_cache(li, f, bl, xn, s, cache)?;
         let attn = self.flash_over_cache(bl, &q, &k_all, &v_all, pads)?;
         Ok(Some(attn.reshape((b, l, nh * hd))?))
     }
@@ -78,7 +57,7 @@ impl Decoder {
         let (QkvProj::Fused(f), None) = (&bl.qkv, &bl.q_norm) else {
             return Ok(None);
         };
-        let (rope, (cos, sin)) = self.rope_for(bl, s);
+        let (rope, _) = self.rope_for(bl, s);
         if s.l != 1
             || rope.interleaved
             || !self.device.is_cuda()
@@ -87,8 +66,27 @@ impl Decoder {
         {
             return Ok(None);
         }
+        let (q, k_all, v_all) = self.fused_qkv_into_cache(li, f, bl, xn, s, cache)?;
+        Ok(Some((q.transpose(1, 2)?, k_all, v_all)))
+    }
+
+    /// From the fused Q/K/V projection `f` of `xn`: Q rotated into its own `[b, l, nh, hd]`
+    /// tensor, K rotated and V copied into the cache (`kernels/cuda_rope.rs`), appended or at a
+    /// fixed-slot step's device-side slots. Returns Q and the cache views `[b, nkv, slots, hd]`.
+    #[cfg(feature = "cuda")]
+    fn fused_qkv_into_cache(
+        &self,
+        li: usize,
+        f: &Linear,
+        bl: &Block,
+        xn: &Tensor,
+        s: &StepInputs,
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        use crate::kernels::cuda_rope;
+        let (_, (cos, sin)) = self.rope_for(bl, s);
         let cfg = &self.cfg;
-        let (b, nh, nkv, hd) = (s.b, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let y = self.linear(f, xn)?.contiguous()?;
         let part = |head0: usize, heads: usize, rot: bool| cuda_rope::Part {
             head0,
@@ -97,30 +95,31 @@ impl Decoder {
             rope: rot.then_some((cos, sin)),
         };
         let q = cuda_rope::rotate_new(&y, &part(0, nh, true))?;
+        let (kp, vp) = (part(nh, nkv, true), part(nh + nkv, nkv, false));
         let (k_all, v_all) = match s.kv {
             KvWrite::Append => {
                 let like = crate::model::kv_cache::Like {
-                    b,
+                    b: s.b,
                     h: nkv,
                     d: hd,
                     dtype: y.dtype(),
                     device: y.device(),
                 };
-                cache.append_with(li, 1, like, |ck, cv, t0| {
-                    cuda_rope::scatter_into(ck, &y, &part(nh, nkv, true), t0)?;
-                    cuda_rope::scatter_into(cv, &y, &part(nh + nkv, nkv, false), t0)?;
+                cache.append_with(li, s.l, like, |ck, cv, t0| {
+                    cuda_rope::scatter_into(ck, &y, &kp, t0)?;
+                    cuda_rope::scatter_into(cv, &y, &vp, t0)?;
                     Ok(())
                 })?
             }
             KvWrite::Fixed { slot_idx, view_len } => {
                 cache.write_at_with(li, view_len, |ck, cv| {
-                    cuda_rope::scatter_at(ck, &y, &part(nh, nkv, true), slot_idx)?;
-                    cuda_rope::scatter_at(cv, &y, &part(nh + nkv, nkv, false), slot_idx)?;
+                    cuda_rope::scatter_at(ck, &y, &kp, slot_idx)?;
+                    cuda_rope::scatter_at(cv, &y, &vp, slot_idx)?;
                     Ok(())
                 })?
             }
         };
-        Ok(Some((q.transpose(1, 2)?, k_all, v_all)))
+        Ok((q, k_all, v_all))
     }
 
     /// The flash kernel over a cache the chunk was just appended to: `q` `[b, l, nh, hd]`
