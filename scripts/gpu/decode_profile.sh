@@ -3,6 +3,8 @@
 # (--clock-control none, one metric, no replay) for runs of 3 and 9 new tokens at batch 1 and 64; the
 # difference is six decode steps, so prefill and setup cancel. Per kernel name: ms per step, launches per
 # step. Compare the per-step kernel sum with the bench's ms/step (graphs on) to see the gap between kernels.
+# Graphs are off under ncu, so this is the engine's eager step (exact-length cache views, candle's argmax),
+# not the fixed-slot graph step the bench replays; the per-layer kernels are the same.
 #   bash scripts/gpu/decode_profile.sh BIN SYNTH OUT
 set -uo pipefail
 BIN=$1 SYNTH=$2 OUT=$3
