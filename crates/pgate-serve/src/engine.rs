@@ -194,27 +194,10 @@ pub fn run(model: Arc<Model>, cfg: EngineConfig, rx: Receiver<Job>, metrics: Arc
         for ev in srv.engine.step(None) {
             srv.dispatch(ev);
         }
-        let st = &srv.engine.stats;
-        let m = &metrics;
-        for (counter, now, was) in [
-            (&m.decode_steps, st.decode_steps, before.decode_steps),
-            (&m.decode_tokens, st.decode_tokens, before.decode_tokens),
-            (&m.steppers, st.steppers, before.steppers),
-            (&m.slots_reused, st.slots_reused, before.slots_reused),
-        ] {
-            counter.fetch_add(now.saturating_sub(was) as u64, Ordering::Relaxed);
-        }
-        for (counter, now, was) in [
-            (&m.prefill_us, st.prefill_secs, before.prefill_secs),
-            (
-                &m.graph_record_us,
-                st.graph_record_secs,
-                before.graph_record_secs,
-            ),
-        ] {
-            counter.fetch_add(((now - was).max(0.0) * 1e6) as u64, Ordering::Relaxed);
-        }
-        m.running.store(srv.engine.running(), Ordering::Relaxed);
+        metrics.record_engine_step(&before, &srv.engine.stats);
+        metrics
+            .running
+            .store(srv.engine.running(), Ordering::Relaxed);
     }
 }
 

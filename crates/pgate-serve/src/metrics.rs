@@ -29,6 +29,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use persona_gate::generate::GenStats;
+
 const BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
 ];
@@ -100,6 +102,28 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Add what one engine step did (`now` against the stats `before` it) to the step counters.
+    pub fn record_engine_step(&self, before: &GenStats, now: &GenStats) {
+        for (counter, now, was) in [
+            (&self.decode_steps, now.decode_steps, before.decode_steps),
+            (&self.decode_tokens, now.decode_tokens, before.decode_tokens),
+            (&self.steppers, now.steppers, before.steppers),
+            (&self.slots_reused, now.slots_reused, before.slots_reused),
+        ] {
+            counter.fetch_add(now.saturating_sub(was) as u64, Ordering::Relaxed);
+        }
+        for (counter, now, was) in [
+            (&self.prefill_us, now.prefill_secs, before.prefill_secs),
+            (
+                &self.graph_record_us,
+                now.graph_record_secs,
+                before.graph_record_secs,
+            ),
+        ] {
+            counter.fetch_add(((now - was).max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        }
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut g)
@@ -260,67 +284,77 @@ impl Metrics {
             "pgate_open_connections {}",
             self.conn_open.load(Ordering::Relaxed)
         );
-        for (name, v, help) in [
+        // Counters; `micros`: kept in microseconds, rendered as seconds.
+        for (name, v, help, micros) in [
             (
                 "pgate_decode_steps_total",
                 &self.decode_steps,
                 "Shared decode steps (one token for every running sequence).",
+                false,
             ),
             (
                 "pgate_decode_tokens_total",
                 &self.decode_tokens,
                 "Tokens produced by decode steps.",
+                false,
             ),
             (
                 "pgate_decode_steppers_total",
                 &self.steppers,
                 "Fixed-slot decode steppers made (on a GPU each records its CUDA graphs anew).",
+                false,
             ),
             (
                 "pgate_slots_reused_total",
                 &self.slots_reused,
                 "Requests placed into the batch rows of ended ones, keeping the stepper.",
+                false,
             ),
             (
                 "pgate_connections_total",
                 &self.conn_total,
                 "HTTP connections accepted.",
+                false,
             ),
             (
                 "pgate_connections_evicted_total",
                 &self.conn_evicted,
                 "Idle connections closed to admit a new one at the connection cap.",
+                false,
             ),
             (
                 "pgate_connection_header_timeouts_total",
                 &self.conn_timeouts,
                 "Connections closed for not sending a request head within the header timeout.",
+                false,
             ),
             (
                 "pgate_handler_panics_total",
                 &self.panics,
                 "Handler panics answered with a 500 (each one is a bug).",
+                false,
             ),
-        ] {
-            let _ = writeln!(o, "# HELP {name} {help}");
-            let _ = writeln!(o, "# TYPE {name} counter");
-            let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
-        }
-        for (name, v, help) in [
             (
                 "pgate_prefill_seconds_total",
                 &self.prefill_us,
                 "Engine time spent in prefill chunks.",
+                true,
             ),
             (
                 "pgate_graph_record_seconds_total",
                 &self.graph_record_us,
                 "Engine time of decode steps that made a fixed-slot stepper or recorded a CUDA graph.",
+                true,
             ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}");
             let _ = writeln!(o, "# TYPE {name} counter");
-            let _ = writeln!(o, "{name} {:.6}", v.load(Ordering::Relaxed) as f64 / 1e6);
+            let v = v.load(Ordering::Relaxed);
+            let _ = if micros {
+                writeln!(o, "{name} {:.6}", v as f64 / 1e6)
+            } else {
+                writeln!(o, "{name} {v}")
+            };
         }
         if let Some(rss) = rss_bytes() {
             let _ = writeln!(

@@ -325,9 +325,10 @@ impl Engine<'_> {
         let s = l.stepper.as_mut().expect("set above");
         let captures = s.captures;
         let (picks, finite) = s.step(model, &mut l.cache, &rows, &plans)?;
-        self.stats.decode_issue_secs += t.elapsed().as_secs_f64();
+        let took = t.elapsed().as_secs_f64();
+        self.stats.decode_issue_secs += took;
         if made || s.captures > captures {
-            self.stats.graph_record_secs += t.elapsed().as_secs_f64();
+            self.stats.graph_record_secs += took;
         }
         let finite = if self.cfg.fail_non_finite {
             finite
