@@ -135,7 +135,8 @@ def main():
     out["engine_during_burst"] = {k.removeprefix("pgate_"): round(m1[k] - m0.get(k, 0.0), 6) for k in m1
                                   if k in ("pgate_decode_steps_total", "pgate_decode_steppers_total",
                                            "pgate_slots_reused_total", "pgate_prefill_seconds_total",
-                                           "pgate_graph_record_seconds_total")}
+                                           "pgate_graph_record_seconds_total",
+                                           "pgate_join_seconds_total")}
     if out["idle_ttft_p50_s"] and out["burst_ttft_p50_s"]:
         out["burst_over_idle"] = out["burst_ttft_p50_s"] / out["idle_ttft_p50_s"]
     print(json.dumps(out, indent=1))

@@ -15,7 +15,7 @@
 //! | `pgate_queue_depth`, `pgate_running_sequences` | gauge | |
 //! | `pgate_decode_steps_total`, `pgate_decode_tokens_total` | counter | |
 //! | `pgate_decode_steppers_total`, `pgate_slots_reused_total` | counter | |
-//! | `pgate_prefill_seconds_total`, `pgate_graph_record_seconds_total` | counter | |
+//! | `pgate_prefill_seconds_total`, `pgate_graph_record_seconds_total`, `pgate_join_seconds_total` | counter | |
 //! | `pgate_open_connections` | gauge | |
 //! | `pgate_connections_total`, `pgate_connections_evicted_total`, `pgate_connection_header_timeouts_total` | counter | |
 //! | `pgate_handler_panics_total` | counter | |
@@ -87,6 +87,8 @@ pub struct Metrics {
     /// microseconds (rendered as seconds): where a burst's time to first token goes.
     pub prefill_us: AtomicU64,
     pub graph_record_us: AtomicU64,
+    /// Microseconds joining prefilled rows to the running batch (K/V copies).
+    pub join_us: AtomicU64,
     /// Connections open now (the accept loop caps them).
     pub conn_open: AtomicUsize,
     /// Connections accepted.
@@ -119,6 +121,7 @@ impl Metrics {
                 now.graph_record_secs,
                 before.graph_record_secs,
             ),
+            (&self.join_us, now.join_secs, before.join_secs),
         ] {
             counter.fetch_add(((now - was).max(0.0) * 1e6) as u64, Ordering::Relaxed);
         }
@@ -344,6 +347,12 @@ impl Metrics {
                 "pgate_graph_record_seconds_total",
                 &self.graph_record_us,
                 "Engine time of decode steps that made a fixed-slot stepper or recorded a CUDA graph.",
+                true,
+            ),
+            (
+                "pgate_join_seconds_total",
+                &self.join_us,
+                "Engine time joining prefilled rows to the running batch (their K/V copied in).",
                 true,
             ),
         ] {

@@ -461,10 +461,9 @@ fn continuous_batching_matches_one_at_a_time() {
         assert_eq!(val(&m1, k), 0.0, "{k}");
     }
     // Where time to first token goes: prefill time is counted; no graphs are recorded on the CPU.
-    assert!(
-        val(&m1, "pgate_prefill_seconds_total") > 0.0,
-        "prefill seconds"
-    );
+    for k in ["pgate_prefill_seconds_total", "pgate_join_seconds_total"] {
+        assert!(val(&m1, k) > 0.0, "{k}");
+    }
     assert_eq!(val(&m1, "pgate_graph_record_seconds_total"), 0.0);
 }
 

@@ -77,6 +77,9 @@ pub struct GenStats {
     /// Host time of the decode steps that made a stepper or recorded a CUDA graph (what a join
     /// that changes the batch shape costs the sequences already running).
     pub graph_record_secs: f64,
+    /// Host time of joining prefilled rows to a running lane (placed into holes, or merged):
+    /// copies of every layer's K/V that the running sequences wait behind.
+    pub join_secs: f64,
 }
 
 impl GenStats {
@@ -93,6 +96,7 @@ impl GenStats {
         self.steppers += o.steppers;
         self.slots_reused += o.slots_reused;
         self.graph_record_secs += o.graph_record_secs;
+        self.join_secs += o.join_secs;
     }
 
     /// Count a retired stepper's graph replays and recordings.

@@ -371,7 +371,10 @@ impl Engine<'_> {
         if keep.is_empty() {
             return Ok(());
         }
-        self.join_lane(g.lane, g.prefill.into_cache(), &keep, joined)
+        let joining = Instant::now();
+        let joined = self.join_lane(g.lane, g.prefill.into_cache(), &keep, joined);
+        self.stats.join_secs += joining.elapsed().as_secs_f64();
+        joined
     }
 
     /// Sequences `joined`, prefilled in rows `rows` of `prefilled`, join `lane`: into its holes in
