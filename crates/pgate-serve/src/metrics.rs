@@ -195,17 +195,24 @@ impl Metrics {
         })
     }
 
+    /// The Prometheus text of every metric.
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        self.render_by_preset(&mut o);
+        self.render_gauges(&mut o);
+        self.render_counters(&mut o);
+        self.drift.render(&mut o);
+        o
+    }
+
+    /// The labelled families (by preset, status, mode, outcome), read under the lock.
+    fn render_by_preset(&self, o: &mut String) {
         self.with(|m| {
-            let _ = writeln!(o, "# HELP pgate_requests_total Chat completion requests by preset and HTTP status.");
-            let _ = writeln!(o, "# TYPE pgate_requests_total counter");
+            family(o, "pgate_requests_total", "Chat completion requests by preset and HTTP status.", "counter");
             for ((p, s), n) in &m.requests {
                 let _ = writeln!(o, "pgate_requests_total{{preset=\"{}\",status=\"{s}\"}} {n}", esc(p));
             }
-            let _ = writeln!(o, "# HELP pgate_rejected_total Requests turned away before queueing (429 queue_full, 503 shutting_down).");
-            let _ = writeln!(o, "# TYPE pgate_rejected_total counter");
+            family(o, "pgate_rejected_total", "Requests turned away before queueing (429 queue_full, 503 shutting_down).", "counter");
             for (r, n) in &m.rejected {
                 let _ = writeln!(o, "pgate_rejected_total{{reason=\"{}\"}} {n}", esc(r));
             }
@@ -213,8 +220,7 @@ impl Metrics {
                 ("pgate_prompt_tokens_total", &m.prompt_tokens, "Prompt tokens processed."),
                 ("pgate_completion_tokens_total", &m.completion_tokens, "Completion tokens generated."),
             ] {
-                let _ = writeln!(o, "# HELP {name} {help}");
-                let _ = writeln!(o, "# TYPE {name} counter");
+                family(o, name, help, "counter");
                 for (p, n) in map {
                     let _ = writeln!(o, "{name}{{preset=\"{}\"}} {n}", esc(p));
                 }
@@ -224,8 +230,7 @@ impl Metrics {
                 ("pgate_time_to_first_token_seconds", &m.ttft, "Time from request to the first generated token."),
                 ("pgate_output_guard_seconds", &m.output_seconds, "Time of one output-guard read (waiting for the reader included)."),
             ] {
-                let _ = writeln!(o, "# HELP {name} {help}");
-                let _ = writeln!(o, "# TYPE {name} histogram");
+                family(o, name, help, "histogram");
                 for (p, h) in map {
                     let p = esc(p);
                     for (b, c) in BUCKETS.iter().zip(&h.counts) {
@@ -236,128 +241,74 @@ impl Metrics {
                     let _ = writeln!(o, "{name}_count{{preset=\"{p}\"}} {}", h.n);
                 }
             }
-            let _ = writeln!(o, "# HELP pgate_guard_checked_total Requests scored by the guard.");
-            let _ = writeln!(o, "# TYPE pgate_guard_checked_total counter");
+            family(o, "pgate_guard_checked_total", "Requests scored by the guard.", "counter");
             for (p, n) in &m.checked {
                 let _ = writeln!(o, "pgate_guard_checked_total{{preset=\"{}\"}} {n}", esc(p));
             }
-            let _ = writeln!(o, "# HELP pgate_guard_flags_total Requests the guard flagged, by preset and guard mode.");
-            let _ = writeln!(o, "# TYPE pgate_guard_flags_total counter");
+            family(o, "pgate_guard_flags_total", "Requests the guard flagged, by preset and guard mode.", "counter");
             for ((p, mode), n) in &m.flags {
                 let _ = writeln!(o, "pgate_guard_flags_total{{preset=\"{}\",mode=\"{mode}\"}} {n}", esc(p));
             }
-            let _ = writeln!(o, "# HELP pgate_output_guard_total Answers checked by the output guard, by preset and outcome (pass, flagged, blocked, error).");
-            let _ = writeln!(o, "# TYPE pgate_output_guard_total counter");
+            family(o, "pgate_output_guard_total", "Answers checked by the output guard, by preset and outcome (pass, flagged, blocked, error).", "counter");
             for ((p, outcome), n) in &m.output {
                 let _ = writeln!(o, "pgate_output_guard_total{{preset=\"{}\",outcome=\"{outcome}\"}} {n}", esc(p));
             }
-            let _ = writeln!(o, "# HELP pgate_output_guard_errors_total Output-guard reads that failed (the answer stays unflagged).");
-            let _ = writeln!(o, "# TYPE pgate_output_guard_errors_total counter");
+            family(o, "pgate_output_guard_errors_total", "Output-guard reads that failed (the answer stays unflagged).", "counter");
             for (p, n) in &m.output_errors {
                 let _ = writeln!(o, "pgate_output_guard_errors_total{{preset=\"{}\"}} {n}", esc(p));
             }
         });
-        let _ = writeln!(
-            o,
-            "# HELP pgate_queue_depth Requests waiting for a batch slot."
-        );
-        let _ = writeln!(o, "# TYPE pgate_queue_depth gauge");
-        let _ = writeln!(
-            o,
-            "pgate_queue_depth {}",
-            self.queue_depth.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP pgate_running_sequences Sequences in the decode batch."
-        );
-        let _ = writeln!(o, "# TYPE pgate_running_sequences gauge");
-        let _ = writeln!(
-            o,
-            "pgate_running_sequences {}",
-            self.running.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP pgate_open_connections HTTP connections open now."
-        );
-        let _ = writeln!(o, "# TYPE pgate_open_connections gauge");
-        let _ = writeln!(
-            o,
-            "pgate_open_connections {}",
-            self.conn_open.load(Ordering::Relaxed)
-        );
-        // Counters; `micros`: kept in microseconds, rendered as seconds.
-        for (name, v, help, micros) in [
+    }
+
+    fn render_gauges(&self, o: &mut String) {
+        for (name, help, v) in [
             (
-                "pgate_decode_steps_total",
-                &self.decode_steps,
-                "Shared decode steps (one token for every running sequence).",
-                false,
+                "pgate_queue_depth",
+                "Requests waiting for a batch slot.",
+                self.queue_depth.load(Ordering::Relaxed) as u64,
             ),
             (
-                "pgate_decode_tokens_total",
-                &self.decode_tokens,
-                "Tokens produced by decode steps.",
-                false,
+                "pgate_running_sequences",
+                "Sequences in the decode batch.",
+                self.running.load(Ordering::Relaxed) as u64,
             ),
             (
-                "pgate_decode_steppers_total",
-                &self.steppers,
-                "Fixed-slot decode steppers made (on a GPU each records its CUDA graphs anew).",
-                false,
-            ),
-            (
-                "pgate_slots_reused_total",
-                &self.slots_reused,
-                "Requests placed into the batch rows of ended ones, keeping the stepper.",
-                false,
-            ),
-            (
-                "pgate_connections_total",
-                &self.conn_total,
-                "HTTP connections accepted.",
-                false,
-            ),
-            (
-                "pgate_connections_evicted_total",
-                &self.conn_evicted,
-                "Idle connections closed to admit a new one at the connection cap.",
-                false,
-            ),
-            (
-                "pgate_connection_header_timeouts_total",
-                &self.conn_timeouts,
-                "Connections closed for not sending a request head within the header timeout.",
-                false,
-            ),
-            (
-                "pgate_handler_panics_total",
-                &self.panics,
-                "Handler panics answered with a 500 (each one is a bug).",
-                false,
-            ),
-            (
-                "pgate_prefill_seconds_total",
-                &self.prefill_us,
-                "Engine time spent in prefill chunks.",
-                true,
-            ),
-            (
-                "pgate_graph_record_seconds_total",
-                &self.graph_record_us,
-                "Engine time of decode steps that made a fixed-slot stepper or recorded a CUDA graph.",
-                true,
-            ),
-            (
-                "pgate_join_seconds_total",
-                &self.join_us,
-                "Engine time joining prefilled rows to the running batch (their K/V copied in).",
-                true,
+                "pgate_open_connections",
+                "HTTP connections open now.",
+                self.conn_open.load(Ordering::Relaxed) as u64,
             ),
         ] {
-            let _ = writeln!(o, "# HELP {name} {help}");
-            let _ = writeln!(o, "# TYPE {name} counter");
+            family(o, name, help, "gauge");
+            let _ = writeln!(o, "{name} {v}");
+        }
+        if let Some(rss) = rss_bytes() {
+            family(
+                o,
+                "process_resident_memory_bytes",
+                "Resident memory of the server process.",
+                "gauge",
+            );
+            let _ = writeln!(o, "process_resident_memory_bytes {rss}");
+        }
+    }
+
+    /// The engine's and the connections' counters; `micros`: kept in microseconds, rendered as
+    /// seconds.
+    fn render_counters(&self, o: &mut String) {
+        for (name, v, help, micros) in [
+            ("pgate_decode_steps_total", &self.decode_steps, "Shared decode steps (one token for every running sequence).", false),
+            ("pgate_decode_tokens_total", &self.decode_tokens, "Tokens produced by decode steps.", false),
+            ("pgate_decode_steppers_total", &self.steppers, "Fixed-slot decode steppers made (on a GPU each records its CUDA graphs anew).", false),
+            ("pgate_slots_reused_total", &self.slots_reused, "Requests placed into the batch rows of ended ones, keeping the stepper.", false),
+            ("pgate_connections_total", &self.conn_total, "HTTP connections accepted.", false),
+            ("pgate_connections_evicted_total", &self.conn_evicted, "Idle connections closed to admit a new one at the connection cap.", false),
+            ("pgate_connection_header_timeouts_total", &self.conn_timeouts, "Connections closed for not sending a request head within the header timeout.", false),
+            ("pgate_handler_panics_total", &self.panics, "Handler panics answered with a 500 (each one is a bug).", false),
+            ("pgate_prefill_seconds_total", &self.prefill_us, "Engine time spent in prefill chunks.", true),
+            ("pgate_graph_record_seconds_total", &self.graph_record_us, "Engine time of decode steps that made a fixed-slot stepper or recorded a CUDA graph.", true),
+            ("pgate_join_seconds_total", &self.join_us, "Engine time joining prefilled rows to the running batch (their K/V copied in).", true),
+        ] {
+            family(o, name, help, "counter");
             let v = v.load(Ordering::Relaxed);
             let _ = if micros {
                 writeln!(o, "{name} {:.6}", v as f64 / 1e6)
@@ -365,17 +316,18 @@ impl Metrics {
                 writeln!(o, "{name} {v}")
             };
         }
-        if let Some(rss) = rss_bytes() {
-            let _ = writeln!(
-                o,
-                "# HELP process_resident_memory_bytes Resident memory of the server process."
-            );
-            let _ = writeln!(o, "# TYPE process_resident_memory_bytes gauge");
-            let _ = writeln!(o, "process_resident_memory_bytes {rss}");
-        }
-        self.drift.render(&mut o);
-        o
     }
+}
+
+/// A metric family's `# HELP` and `# TYPE` lines.
+fn family(o: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}");
+    let _ = writeln!(o, "# TYPE {name} {kind}");
+}
+
+/// A label value with `\` and `"` escaped.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// Resident set size from /proc/self/statm (Linux), in bytes.
