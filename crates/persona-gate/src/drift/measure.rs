@@ -165,6 +165,7 @@ pub fn extract_directions(
         select: SelectOptions {
             layer_stride: opts.layer_stride.max(1),
             batch_size: opts.batch_size,
+            kl_max: opts.kl_max,
             fallback_layer,
             ..Default::default()
         },

@@ -79,6 +79,11 @@ pub struct DriftOptions {
     /// Score every k-th layer when selecting the refusal direction.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
     pub layer_stride: usize,
+    /// Refusal selection drops candidates whose addition moves harmless next-token
+    /// distributions by more than this KL (as `pgate extract refusal --kl-max`); small models
+    /// may need more (Qwen2.5-Coder-0.5B selected nothing at 0.1).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.1))]
+    pub kl_max: f64,
     /// Prompts whose activations are projected on the old version's directions.
     #[cfg_attr(feature = "cli", arg(long, default_value = "harmful_val"))]
     pub cross_harmful: String,
@@ -125,6 +130,7 @@ impl Default for DriftOptions {
             n_train: 32,
             n_val: 8,
             layer_stride: 1,
+            kl_max: 0.1,
             cross_harmful: "harmful_val".into(),
             cross_harmless: "harmless_val".into(),
             batch_size: 8,
@@ -208,6 +214,12 @@ fn check_options(opts: &DriftOptions) -> Result<()> {
     if !opts.min_change_pp.is_finite() || !opts.geometry_threshold.is_finite() {
         return Err(Error::InvalidValue("thresholds must be finite".into()));
     }
+    if opts.kl_max.is_nan() || opts.kl_max <= 0.0 {
+        return Err(Error::InvalidValue(format!(
+            "--kl-max {} must be a positive KL",
+            opts.kl_max
+        )));
+    }
     if !(-1.0..=1.0).contains(&opts.persona_min_cos) {
         return Err(Error::InvalidValue(format!(
             "--persona-min-cos {} is not a cosine (-1 to 1)",
@@ -282,4 +294,27 @@ pub fn run_drift(
         modes,
         options: opts.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked_before_any_model_loads() {
+        assert!(check_options(&DriftOptions::default()).is_ok());
+        let with = |f: &dyn Fn(&mut DriftOptions)| {
+            let mut o = DriftOptions::default();
+            f(&mut o);
+            check_options(&o).unwrap_err().to_string()
+        };
+        for kl in [0.0, -1.0, f64::NAN] {
+            let e = with(&|o| o.kl_max = kl);
+            assert!(e.contains("--kl-max"), "{e}");
+        }
+        assert!(with(&|o| o.persona_min_cos = 2.0).contains("--persona-min-cos"));
+        assert!(with(&|o| o.n_train = 0).contains("must be positive"));
+        assert!(with(&|o| o.modes.clear()).contains("--modes"));
+        assert!(with(&|o| o.geometry_threshold = f64::NAN).contains("finite"));
+    }
 }
