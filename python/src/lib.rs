@@ -23,7 +23,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<model::PyModel>()?;
-    m.add_function(wrap_pyfunction!(plans::plan_check, m)?)?;
+    m.add_function(wrap_pyfunction!(model::plan_check, m)?)?;
     m.add_function(wrap_pyfunction!(directions::directions_load, m)?)?;
     m.add_function(wrap_pyfunction!(directions::directions_save, m)?)?;
     m.add_function(wrap_pyfunction!(directions::directions_export_gguf, m)?)?;

@@ -364,3 +364,18 @@ fn run_engine(
         .collect::<PyResult<Vec<_>>>()?;
     Ok((outs, stats))
 }
+
+/// Check a plan (JSON, or TOML when `toml`; relative direction files read from `base`) against a
+/// model and return it in its normalized JSON form (every direction inline): what
+/// `pgate generate --plan` reads.
+#[pyfunction]
+#[pyo3(signature = (model, text, base = ".", toml = false))]
+pub fn plan_check(model: &PyModel, text: &str, base: &str, toml: bool) -> PyResult<String> {
+    let cfg = model.inner.config();
+    let mut b = persona_gate::directions::PlanBuilder::new();
+    b.plan_text(text, toml, std::path::Path::new(base), "plan")
+        .py_err()?;
+    let plan = b.finish(cfg.n_layers, cfg.d_model).py_err()?;
+    persona_gate::directions::compile_for(&plan, &model.inner).py_err()?;
+    serde_json::to_string(&plan).map_err(json_err)
+}

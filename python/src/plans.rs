@@ -3,6 +3,7 @@
 //! The Python `Plan` writes the plan-file JSON that `pgate generate --plan` reads, and this side
 //! reads it with the library's one plan loader (`PlanBuilder::plan_text`): a plan that works in a
 //! notebook works on the command line, with the same checks and the same error messages.
+//! (`plan_check`, which takes a loaded model, is in [`crate::model`].)
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,10 +11,6 @@ use std::sync::Arc;
 use persona_gate::directions::{compile_for, PlanBuilder};
 use persona_gate::intervene::{CompiledPlan, InterventionPlan};
 use persona_gate::model::Model;
-use pyo3::prelude::*;
-
-use crate::errors::{json_err, IntoPy};
-use crate::model::PyModel;
 
 /// The plan in `json`, checked against a model of `n_layers` x `d_model`. Relative direction
 /// files are read from the working directory.
@@ -28,18 +25,4 @@ pub fn compile(json: &str, model: &Model) -> persona_gate::Result<Arc<CompiledPl
     let cfg = model.config();
     let plan = load(json, cfg.n_layers, cfg.d_model)?;
     compile_for(&plan, model)
-}
-
-/// Check a plan (JSON, or TOML when `toml`; relative direction files read from `base`) against a
-/// model and return it in its normalized JSON form (every direction inline): what
-/// `pgate generate --plan` reads.
-#[pyfunction]
-#[pyo3(signature = (model, text, base = ".", toml = false))]
-pub fn plan_check(model: &PyModel, text: &str, base: &str, toml: bool) -> PyResult<String> {
-    let cfg = model.inner.config();
-    let mut b = PlanBuilder::new();
-    b.plan_text(text, toml, Path::new(base), "plan").py_err()?;
-    let plan = b.finish(cfg.n_layers, cfg.d_model).py_err()?;
-    compile_for(&plan, &model.inner).py_err()?;
-    serde_json::to_string(&plan).map_err(json_err)
 }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::geometry::direction_rows;
+use super::geometry::{direction_rows, LayerRow};
 use super::measure::VersionMeasure;
 use super::DriftOptions;
 use crate::eval::paired::{mcnemar_pairs, paired_bootstrap_bool, McNemar, PairedDiff};
@@ -15,33 +15,6 @@ use crate::{Error, Result};
 /// Bootstrap resamples and seed of every paired interval (a report is reproducible).
 pub const BOOT_REPS: usize = 2000;
 pub const BOOT_SEED: u64 = 20;
-
-/// One layer of the direction comparison.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LayerRow {
-    pub layer: usize,
-    /// cos(refusal_old[l], refusal_new[l]).
-    pub refusal_cos: Option<f64>,
-    /// cos(persona_old[l], persona_new[l]).
-    pub persona_cos: Option<f64>,
-    /// cos(persona, refusal) within each version: the persona-refusal coupling.
-    pub geometry_old: Option<f64>,
-    pub geometry_new: Option<f64>,
-    /// cos(persona_old, persona_new) with the span of both refusal directions removed from both
-    /// (see [`super::geometry`]): the persona itself. Absent in reports written before it existed.
-    #[serde(default)]
-    pub persona_off_refusal_cos: Option<f64>,
-    /// Share of the unit persona change that lies in the span of both refusal directions.
-    #[serde(default)]
-    pub persona_change_along_refusal: Option<f64>,
-    /// Mean harmful last-token activation projected on the old version's unit refusal direction
-    /// at this layer: old activations, new activations.
-    pub refusal_proj_old: Option<f64>,
-    pub refusal_proj_new: Option<f64>,
-    /// The same on the old version's unit persona direction.
-    pub persona_proj_old: Option<f64>,
-    pub persona_proj_new: Option<f64>,
-}
 
 /// Label rates of one mode in both versions, with the paired change.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -17,7 +17,8 @@
 //! - **change along refusal**: the share of the unit persona change `|p̂_new - p̂_old|²` that lies
 //!   in the reference (0 for a change that avoids refusal, 1 for one made only of refusal).
 
-use super::compare::LayerRow;
+use serde::{Deserialize, Serialize};
+
 use super::measure::VersionDirections;
 use crate::directions::cosine;
 use crate::Result;
@@ -94,6 +95,33 @@ pub fn split_persona(p_old: &[f32], p_new: &[f32], r_old: &[f32], r_new: &[f32])
         off_refusal_cos,
         change_along_refusal: (total > 1e-12).then(|| (along / total).clamp(0.0, 1.0)),
     }
+}
+
+/// One layer of the direction comparison.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerRow {
+    pub layer: usize,
+    /// cos(refusal_old[l], refusal_new[l]).
+    pub refusal_cos: Option<f64>,
+    /// cos(persona_old[l], persona_new[l]).
+    pub persona_cos: Option<f64>,
+    /// cos(persona, refusal) within each version: the persona-refusal coupling.
+    pub geometry_old: Option<f64>,
+    pub geometry_new: Option<f64>,
+    /// cos(persona_old, persona_new) with the span of both refusal directions removed from both
+    /// (see this module): the persona itself. Absent in reports written before it existed.
+    #[serde(default)]
+    pub persona_off_refusal_cos: Option<f64>,
+    /// Share of the unit persona change that lies in the span of both refusal directions.
+    #[serde(default)]
+    pub persona_change_along_refusal: Option<f64>,
+    /// Mean harmful last-token activation projected on the old version's unit refusal direction
+    /// at this layer: old activations, new activations.
+    pub refusal_proj_old: Option<f64>,
+    pub refusal_proj_new: Option<f64>,
+    /// The same on the old version's unit persona direction.
+    pub persona_proj_old: Option<f64>,
+    pub persona_proj_new: Option<f64>,
 }
 
 /// The direction columns of the per-layer comparison (cosines across versions, coupling within

@@ -31,7 +31,8 @@ use crate::events::{Event, EventSink};
 use crate::model::{open, DTypeMode, LoadOptions, Model, ModelSource};
 use crate::refusal::rates::{select_prompts, RATES_LABELER};
 use crate::{Error, Result};
-use compare::{direction_drift, layer_rows, mode_drifts, DirectionDrift, LayerRow, ModeDrift};
+use compare::{direction_drift, layer_rows, mode_drifts, DirectionDrift, ModeDrift};
+use geometry::LayerRow;
 use measure::{measure_version, mode_system, VersionMeasure};
 
 /// Settings of `pgate drift`. Reports keep them; fields added later read as their defaults.

@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::compare::{direction_drift, LayerRow};
-use super::geometry::direction_rows;
+use super::compare::direction_drift;
+use super::geometry::{direction_rows, LayerRow};
 use super::measure::{read_direction_files, VersionMeasure};
 use super::{DriftOptions, DriftReport};
 use crate::model::ModelSource;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::compare::LayerRow;
+use super::geometry::LayerRow;
 use super::DriftReport;
 use crate::{Error, Result};
 

@@ -110,3 +110,61 @@ pub fn one_line_error(e: crate::Error) -> crate::Error {
         other => other,
     }
 }
+
+/// What [`check_safetensors_bytes`] reads from a safetensors header.
+#[derive(Debug, Clone, Default)]
+pub struct SafetensorsSummary {
+    pub names: Vec<String>,
+    /// dtype name -> number of tensors
+    pub types: std::collections::BTreeMap<String, usize>,
+    pub n_params: u64,
+}
+
+/// Check a whole safetensors file in memory: the header (its length inside the file, valid JSON,
+/// offsets that tile the data exactly, as the `safetensors` crate checks) and at most
+/// [`MAX_SAFETENSORS_TENSORS`] tensors. What loading and the fuzz tests share.
+pub fn check_safetensors_bytes(bytes: &[u8]) -> crate::Result<SafetensorsSummary> {
+    let corrupt = |reason: String| crate::Error::CorruptModel {
+        path: "<memory>".into(),
+        reason,
+    };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        corrupt(format!(
+            "not a valid safetensors file ({})",
+            one_line(&e.to_string())
+        ))
+    })?;
+    let tensors = meta.tensors();
+    if tensors.len() > MAX_SAFETENSORS_TENSORS {
+        return Err(corrupt(format!(
+            "{} tensors in one file (limit {})",
+            tensors.len(),
+            MAX_SAFETENSORS_TENSORS
+        )));
+    }
+    let mut out = SafetensorsSummary::default();
+    for (name, info) in tensors {
+        *out.types.entry(format!("{:?}", info.dtype)).or_insert(0) += 1;
+        let n = info
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        out.n_params = out.n_params.saturating_add(n.unwrap_or(u64::MAX));
+        out.names.push(name);
+    }
+    Ok(out)
+}
+
+/// [`check_safetensors_bytes`] of the file at `p`, its errors naming the file.
+pub fn check_safetensors_at(
+    p: &std::path::Path,
+    bytes: &[u8],
+) -> crate::Result<SafetensorsSummary> {
+    check_safetensors_bytes(bytes).map_err(|e| match e {
+        crate::Error::CorruptModel { reason, .. } => crate::Error::CorruptModel {
+            path: p.into(),
+            reason,
+        },
+        other => other,
+    })
+}

@@ -239,13 +239,7 @@ pub fn safetensors_summary(f: &Path) -> Result<(Vec<(String, usize)>, u64)> {
     let file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
     // SAFETY: read-only mapping of a file we just opened; only the header is parsed.
     let mm = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(f, e))?;
-    let s = super::weights::check_safetensors_bytes(&mm).map_err(|e| match e {
-        Error::CorruptModel { reason, .. } => Error::CorruptModel {
-            path: f.into(),
-            reason,
-        },
-        other => other,
-    })?;
+    let s = super::limits::check_safetensors_at(f, &mm)?;
     Ok((s.types.into_iter().collect(), s.n_params))
 }
 

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::limits::check_safetensors_at;
+pub use super::limits::{check_safetensors_bytes, SafetensorsSummary};
 use crate::kernels::CompactQMatrix;
 use crate::{Error, Result};
 
@@ -244,50 +246,6 @@ fn lacks_fast_cpu_kernel(t: GgmlDType) -> bool {
     matches!(t, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
 }
 
-/// What [`check_safetensors_bytes`] reads from a safetensors header.
-#[derive(Debug, Clone, Default)]
-pub struct SafetensorsSummary {
-    pub names: Vec<String>,
-    /// dtype name -> number of tensors
-    pub types: std::collections::BTreeMap<String, usize>,
-    pub n_params: u64,
-}
-
-/// Check a whole safetensors file in memory: the header (its length inside the file, valid JSON,
-/// offsets that tile the data exactly, as the `safetensors` crate checks) and at most
-/// [`super::limits::MAX_SAFETENSORS_TENSORS`] tensors. What loading and the fuzz tests share.
-pub fn check_safetensors_bytes(bytes: &[u8]) -> Result<SafetensorsSummary> {
-    let corrupt = |reason: String| Error::CorruptModel {
-        path: "<memory>".into(),
-        reason,
-    };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
-        corrupt(format!(
-            "not a valid safetensors file ({})",
-            super::limits::one_line(&e.to_string())
-        ))
-    })?;
-    let tensors = meta.tensors();
-    if tensors.len() > super::limits::MAX_SAFETENSORS_TENSORS {
-        return Err(corrupt(format!(
-            "{} tensors in one file (limit {})",
-            tensors.len(),
-            super::limits::MAX_SAFETENSORS_TENSORS
-        )));
-    }
-    let mut out = SafetensorsSummary::default();
-    for (name, info) in tensors {
-        *out.types.entry(format!("{:?}", info.dtype)).or_insert(0) += 1;
-        let n = info
-            .shape
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
-        out.n_params = out.n_params.saturating_add(n.unwrap_or(u64::MAX));
-        out.names.push(name);
-    }
-    Ok(out)
-}
-
 impl SafetensorsWeights {
     pub fn open(files: &[PathBuf], norm_offset: f32) -> Result<Self> {
         if files.is_empty() {
@@ -301,13 +259,7 @@ impl SafetensorsWeights {
             // SAFETY: the file is opened read-only and the mapping lives as long as `self`; a
             // concurrent truncation by another process is outside what any loader can defend against.
             let mm = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(p, e))?;
-            let summary = check_safetensors_bytes(&mm).map_err(|e| match e {
-                Error::CorruptModel { reason, .. } => Error::CorruptModel {
-                    path: p.clone(),
-                    reason,
-                },
-                other => other,
-            })?;
+            let summary = check_safetensors_at(p, &mm)?;
             for name in summary.names {
                 index.insert(name, i);
             }

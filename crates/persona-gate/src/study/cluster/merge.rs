@@ -13,10 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::layout::ShardLayout;
-use super::record::{record_key, RecordBuilder, ShardRecord};
+use super::record::{record_key, ItemName, RecordBuilder, ShardRecord};
 use crate::study::plan::Study;
 use crate::study::store::Store;
 use crate::{Error, Result};
@@ -24,25 +24,6 @@ use crate::{Error, Result};
 /// The `meta` key under which a database records the shard layout of a study.
 pub fn layout_key(study_hash: &str) -> String {
     format!("shard_layout/{study_hash}")
-}
-
-/// A result key, named for a person.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ItemName {
-    pub condition: String,
-    pub prompt_set: String,
-    pub prompt_id: String,
-    pub sample: i64,
-}
-
-impl fmt::Display for ItemName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} / {} / {} #{}",
-            self.condition, self.prompt_set, self.prompt_id, self.sample
-        )
-    }
 }
 
 /// A key stored with different outputs or labels in two sources.

@@ -14,14 +14,33 @@
 //! so the same results hash alike on any machine and in any order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::layout::{assign, ShardLayout};
-use super::merge::ItemName;
 use crate::study::plan::Study;
 use crate::study::store::RowView;
+
+/// A result key, named for a person.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ItemName {
+    pub condition: String,
+    pub prompt_set: String,
+    pub prompt_id: String,
+    pub sample: i64,
+}
+
+impl fmt::Display for ItemName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} / {} / {} #{}",
+            self.condition, self.prompt_set, self.prompt_id, self.sample
+        )
+    }
+}
 
 /// Version of [`ShardRecord`]'s form. Bump on any change a reader must know about.
 pub const SHARD_RECORD_VERSION: u32 = 1;
