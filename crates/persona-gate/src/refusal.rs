@@ -333,9 +333,13 @@ pub fn select_refusal_direction(
             progress(&format!(
                 "no candidate passed the filters (induce > 0, KL below the limit); taking layer {l}, as asked"
             ));
-            (0, l, format!("fallback: no candidate passed the filters; layer {l} as given"))
+            (
+                0,
+                l,
+                format!("fallback: no candidate passed the filters; layer {l} as given"),
+            )
         }
-        (None, None) => return Err(Error::InvalidValue("no refusal-direction candidate passed the filters (induce > 0, KL below the limit); try more prompts or a higher --kl-max".into())),
+        (None, None) => return Err(no_candidate(&scores, opts.kl_max)),
     };
     let mut direction = cands[ci].clone();
     direction
@@ -352,6 +356,43 @@ pub fn select_refusal_direction(
         baseline_harmless: val.baseline_harmless,
         scores,
     })
+}
+
+/// The error when no candidate passes the filters, saying which filter dropped how many and how
+/// close the best came, so the user knows which knob to turn (a higher `--kl-max` helps only
+/// when some candidate induced refusal).
+fn no_candidate(scores: &[CandidateScore], kl_max: f64) -> Error {
+    let inducing: Vec<&CandidateScore> = scores.iter().filter(|s| s.induce > 0.0).collect();
+    let best_induce = scores
+        .iter()
+        .map(|s| s.induce)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let detail = if scores.is_empty() {
+        "no candidate could be scored (every difference in means was zero or not finite)"
+            .to_string()
+    } else if inducing.is_empty() {
+        format!(
+            "none of the {} candidates induced refusal on harmless prompts (best induce score \
+             {best_induce:.2}): this model's validation answers may not refuse; try more prompts",
+            scores.len()
+        )
+    } else {
+        let low = inducing
+            .iter()
+            .min_by(|a, b| a.kl.total_cmp(&b.kl))
+            .expect("non-empty");
+        format!(
+            "{} of {} candidates induced refusal but moved harmless answers too far (lowest KL \
+             {:.3} at layer {}, limit {kl_max}); a --kl-max above it would keep one",
+            inducing.len(),
+            scores.len(),
+            low.kl,
+            low.layer
+        )
+    };
+    Error::InvalidValue(format!(
+        "no refusal-direction candidate passed the filters (induce > 0, KL below the limit): {detail}"
+    ))
 }
 
 /// One refusal-direction extraction: the prompt sets (files or names, see [`PromptSet::load`]),
@@ -514,5 +555,48 @@ impl Selection {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn score(layer: usize, induce: f64, kl: f64) -> CandidateScore {
+        CandidateScore {
+            layer,
+            position: "last".into(),
+            norm: 1.0,
+            bypass: 0.0,
+            induce,
+            kl,
+            filtered: Some("filtered".into()),
+        }
+    }
+
+    #[test]
+    fn no_candidate_error_names_the_filter_that_dropped_them() {
+        let none = no_candidate(&[score(0, -1.5, 0.01), score(2, -0.25, 0.02)], 0.1).to_string();
+        assert!(
+            none.contains("none of the 2 candidates induced refusal")
+                && none.contains("best induce score -0.25"),
+            "{none}"
+        );
+        let kl = no_candidate(
+            &[score(0, -1.0, 0.01), score(4, 0.5, 0.7), score(6, 0.2, 0.4)],
+            0.1,
+        )
+        .to_string();
+        assert!(
+            kl.contains("2 of 3 candidates induced refusal")
+                && kl.contains("lowest KL 0.400 at layer 6, limit 0.1"),
+            "{kl}"
+        );
+        assert!(no_candidate(&[], 0.1)
+            .to_string()
+            .contains("could be scored"));
+        for e in [none, kl] {
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 }
