@@ -80,9 +80,8 @@ pub struct DriftOptions {
     /// Score every k-th layer when selecting the refusal direction.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
     pub layer_stride: usize,
-    /// Refusal selection drops candidates whose addition moves harmless next-token
-    /// distributions by more than this KL (as `pgate extract refusal --kl-max`); small models
-    /// may need more (Qwen2.5-Coder-0.5B selected nothing at 0.1).
+    /// Refusal selection drops candidates whose ablation moves harmless next-token
+    /// distributions by more than this KL (as `pgate extract refusal --kl-max`).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0.1))]
     pub kl_max: f64,
     /// Prompts whose activations are projected on the old version's directions.
