@@ -371,11 +371,7 @@ fn run_engine(
 #[pyfunction]
 #[pyo3(signature = (model, text, base = ".", toml = false))]
 pub fn plan_check(model: &PyModel, text: &str, base: &str, toml: bool) -> PyResult<String> {
-    let cfg = model.inner.config();
-    let mut b = persona_gate::directions::PlanBuilder::new();
-    b.plan_text(text, toml, std::path::Path::new(base), "plan")
-        .py_err()?;
-    let plan = b.finish(cfg.n_layers, cfg.d_model).py_err()?;
+    let plan = crate::plans::load(text, toml, std::path::Path::new(base), &model.inner).py_err()?;
     persona_gate::directions::compile_for(&plan, &model.inner).py_err()?;
     serde_json::to_string(&plan).map_err(json_err)
 }

@@ -12,17 +12,22 @@ use persona_gate::directions::{compile_for, PlanBuilder};
 use persona_gate::intervene::{CompiledPlan, InterventionPlan};
 use persona_gate::model::Model;
 
-/// The plan in `json`, checked against a model of `n_layers` x `d_model`. Relative direction
-/// files are read from the working directory.
-pub fn load(json: &str, n_layers: usize, d_model: usize) -> persona_gate::Result<InterventionPlan> {
+/// The plan in `text` (JSON, or TOML when `toml`), checked against `model`'s shape. Relative
+/// direction files are read from `base`.
+pub fn load(
+    text: &str,
+    toml: bool,
+    base: &Path,
+    model: &Model,
+) -> persona_gate::Result<InterventionPlan> {
+    let cfg = model.config();
     let mut b = PlanBuilder::new();
-    b.plan_text(json, false, Path::new("."), "plan")?;
-    b.finish(n_layers, d_model)
+    b.plan_text(text, toml, base, "plan")?;
+    b.finish(cfg.n_layers, cfg.d_model)
 }
 
-/// [`load`] compiled for `model`.
+/// The JSON plan in `json` (direction files relative to the working directory) compiled for
+/// `model`.
 pub fn compile(json: &str, model: &Model) -> persona_gate::Result<Arc<CompiledPlan>> {
-    let cfg = model.config();
-    let plan = load(json, cfg.n_layers, cfg.d_model)?;
-    compile_for(&plan, model)
+    compile_for(&load(json, false, Path::new("."), model)?, model)
 }
